@@ -1,0 +1,584 @@
+""" MobileOne for 112x112 face recognition
+
+`MobileOne: An Improved One millisecond Mobile Backbone` - https://arxiv.org/abs/2206.04040
+Origin: https://github.com/apple/ml-mobileone (Apple sample code licence), as implemented in timm's
+`timm/models/byobnet.py` (Apache-2.0), whose `MobileOneBlock` and ByobNet stage builder this file reuses.
+
+Differences from the paper / timm's `mobileone_s*`:
+* Stage 1 does not downsample, so a 112x112 aligned face crop goes 112 -> 56 (stem) -> 56 -> 28 -> 14 -> 7
+  (reduction 16, not 32). With stride 1 the first depthwise block of stage 1 gains MobileOne's BN skip branch.
+* The default head is MobileFaceNet's global depthwise conv ("GDC", https://arxiv.org/abs/1804.07573) instead of
+  global average pooling: a depthwise conv whose kernel covers the whole final map + BN, flatten, a linear
+  projection to the embedding (`embed_dim`, 512) and BatchNorm1d. `num_classes=0` (default) returns the embedding;
+  `num_classes=N` adds a linear classifier after it; `global_pool='avg'` gives timm's usual GAP + fc head.
+* `inference_mode=True` builds the reparameterized (fused) layout directly, with the same modules and state_dict
+  keys as `timm.utils.reparameterize_model(model)` / `model.reparameterize()`, so fused checkpoints load into it.
+  Fusion covers every branch of every block and every BatchNorm, the head's BN2d and BatchNorm1d included.
+* The GDC kernel is derived from `img_size` (default 112 -> 7x7). Any other input size is refused with a
+  ValueError naming the size the model was built for; build the model with `img_size=` to use another size.
+
+Hacked together by the timm-mobileone contributors.
+"""
+import logging
+import re
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple, Union
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, ConvNormAct, create_conv2d, get_device_dtype, to_2tuple
+from timm.layers import register_notrace_function
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import reparameterize_model
+from timm.models._features import feature_take_indices  # private helper, imported here only (timm>=1.0.20)
+from timm.models.byobnet import (
+    ByoModelCfg,
+    MobileOneBlock as _TimmMobileOneBlock,
+    _mobileone_bcfg,
+    create_byob_stages,
+    get_layer_fns,
+    update_block_kwargs,
+)
+
+__all__ = ['MobileOneBlock', 'GDCHead', 'MobileOne112']
+
+_logger = logging.getLogger(__name__)
+
+FACE_MEAN = (0.5, 0.5, 0.5)
+FACE_STD = (0.5, 0.5, 0.5)
+NUM_DOWNSAMPLES = 4  # stem, stages 2, 3 and 4 each halve the map (3x3 convs, padding 1)
+GDC_POOL = 'gdc'
+
+
+def feat_size_for(img_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    """Size of the final feature map (what the GDC kernel covers) for an input of `img_size`."""
+    size = []
+    for s in to_2tuple(img_size):
+        for _ in range(NUM_DOWNSAMPLES):
+            s = (s - 1) // 2 + 1  # 3x3 conv, stride 2, padding 1
+        size.append(s)
+    return size[0], size[1]
+
+
+class MobileOneBlock(_TimmMobileOneBlock):
+    """timm's MobileOneBlock, with an `inference_mode=True` layout that computes what the reparameterized one does.
+
+    timm (1.0.31) builds the inference-mode `reparam_conv` without padding, while `reparameterize()` copies the
+    branch convs' padding: the two layouts share keys but not outputs. Here both use the branch convs' padding.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 3,
+            stride: int = 1,
+            inference_mode: bool = False,
+            **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            in_chs: Input channels.
+            out_chs: Output channels.
+            kernel_size: Kernel size of the conv branches.
+            stride: Stride of the block.
+            inference_mode: Build the fused single-conv layout.
+            **kwargs: Remaining `timm.models.byobnet.MobileOneBlock` arguments.
+        """
+        super().__init__(in_chs, out_chs, kernel_size=kernel_size, stride=stride, inference_mode=inference_mode,
+                         **kwargs)
+        if inference_mode:
+            # the same padding rule as the branch convs (ConvNormAct -> create_conv2d), registered after attn/act
+            # as reparameterize() registers it, so both layouts list their state_dict keys in the same order
+            dd = get_device_dtype(self._modules.pop('reparam_conv'))
+            self.reparam_conv = create_conv2d(
+                in_chs, out_chs, kernel_size, stride=stride, groups=self.groups, bias=True, **dd)
+
+
+@register_notrace_function  # a leaf for timm's fx tracing (fx only autowraps names without a leading '_')
+def gdc_check_feat_size(x: torch.Tensor, feat_size: Tuple[int, int], img_size: Tuple[int, int]) -> torch.Tensor:
+    if x.shape[-2] != feat_size[0] or x.shape[-1] != feat_size[1]:
+        raise ValueError(
+            f'The GDC head was built for {img_size[0]}x{img_size[1]} input (a {feat_size[0]}x{feat_size[1]} '
+            f'feature map) but got a {x.shape[-2]}x{x.shape[-1]} map; resize the input to '
+            f'{img_size[0]}x{img_size[1]} or create the model with img_size=<your size>.')
+    return x
+
+
+class GDCHead(nn.Module):
+    """Global depthwise conv embedding head (MobileFaceNet), optional classifier.
+
+    Train-time: `conv_dw` (depthwise conv over the whole map + BN2d) -> flatten -> `proj` (linear, no bias) ->
+    `norm` (BatchNorm1d) = embedding -> dropout -> `fc`. Fused: `conv_dw` and `proj` are plain conv / linear with
+    bias, `norm` is Identity.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            embed_dim: int = 512,
+            num_classes: int = 0,
+            feat_size: Tuple[int, int] = (7, 7),
+            img_size: Tuple[int, int] = (112, 112),
+            drop_rate: float = 0.,
+            inference_mode: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            in_features: Channels of the final feature map.
+            embed_dim: Embedding size.
+            num_classes: Classifier outputs after the embedding (0: none).
+            feat_size: Final feature map size, the GDC kernel size.
+            img_size: Input size the model was built for (for error messages).
+            drop_rate: Dropout before the classifier.
+            inference_mode: Build the fused layout.
+        """
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.in_features = in_features
+        self.embed_dim = self.num_features = embed_dim
+        self.feat_size = tuple(feat_size)
+        self.img_size = tuple(img_size)
+        if inference_mode:
+            self.conv_dw = nn.Conv2d(in_features, in_features, self.feat_size, groups=in_features, bias=True, **dd)
+            self.proj = nn.Linear(in_features, embed_dim, bias=True, **dd)
+            self.norm = nn.Identity()
+        else:
+            self.conv_dw = ConvNormAct(
+                in_features, in_features, self.feat_size, padding=0, groups=in_features, apply_act=False, **dd)
+            self.proj = nn.Linear(in_features, embed_dim, bias=False, **dd)
+            self.norm = nn.BatchNorm1d(embed_dim, **dd)
+        self.flatten = nn.Flatten(1)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes: int) -> None:
+        """Replace the classifier after the embedding (0: none)."""
+        dd = get_device_dtype(self.proj)
+        self.fc = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = gdc_check_feat_size(x, self.feat_size, self.img_size)
+        x = self.flatten(self.conv_dw(x))
+        x = self.norm(self.proj(x))
+        if pre_logits:
+            return x
+        return self.fc(self.drop(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the BN2d into the GDC conv and the BatchNorm1d into the projection (eval-mode statistics)."""
+        if not isinstance(self.conv_dw, ConvNormAct):
+            return
+        conv, bn = self.conv_dw.conv, self.conv_dw.bn
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=True,
+                          **get_device_dtype(conv))
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
+        self.conv_dw = fused
+
+        norm = self.norm
+        weight, bias = fuse_linear_bn_weights(
+            self.proj.weight, self.proj.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
+        proj = nn.Linear(self.in_features, self.embed_dim, bias=True, **get_device_dtype(self.proj))
+        proj.weight.copy_(weight)
+        proj.bias.copy_(bias)
+        self.proj = proj
+        self.norm = nn.Identity()
+
+
+class MobileOne112(nn.Module):
+    """MobileOne backbone for 112x112 face crops with a GDC embedding head.
+
+    `forward()` returns the (B, embed_dim) embedding for `num_classes=0` (the face default), logits otherwise.
+    """
+
+    def __init__(
+            self,
+            cfg: ByoModelCfg,
+            num_classes: int = 0,
+            in_chans: int = 3,
+            global_pool: str = GDC_POOL,
+            embed_dim: int = 512,
+            img_size: Union[int, Tuple[int, int]] = 112,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            inference_mode: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            cfg: Architecture (a ByoModelCfg of MobileOne blocks, stage 1 at stride 1).
+            num_classes: Classifier outputs (0: return the embedding, or the pooled features without GDC).
+            in_chans: Input channels.
+            global_pool: 'gdc' (embedding head), a timm pool type ('avg', 'max', ...) or '' (no pooling).
+            embed_dim: Embedding size of the GDC head.
+            img_size: Input size; sets the GDC kernel (112 -> 7x7).
+            drop_rate: Dropout before the classifier.
+            drop_path_rate: Stochastic depth rate.
+            inference_mode: Build the reparameterized (fused) layout.
+        """
+        super().__init__()
+        _check_positive_int('in_chans', in_chans)
+        _check_positive_int('embed_dim', embed_dim)
+        _check_num_classes(num_classes)
+        _check_global_pool(global_pool, num_classes)
+        img_size = to_2tuple(img_size)
+        if any(not isinstance(s, int) or s < 16 for s in img_size):
+            raise ValueError(f'img_size must be an int or (h, w) of ints >= 16, got {img_size!r}')
+        dd = {'device': device, 'dtype': dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.img_size = img_size
+        self.feat_size = feat_size_for(img_size)
+        self.drop_rate = drop_rate
+        self.inference_mode = inference_mode
+        self.grad_checkpointing = False
+
+        stem_layers = get_layer_fns(cfg, allow_aa=False)
+        stage_layers = get_layer_fns(cfg)
+        # ByobNet's stem builder ignores block kwargs (no inference_mode), so the stem block is made here.
+        self.stem = MobileOneBlock(
+            in_chans, cfg.stem_chs, kernel_size=3, stride=2, inference_mode=inference_mode, layers=stem_layers, **dd)
+        stem_feat = dict(num_chs=cfg.stem_chs, reduction=2, module='stem')
+
+        def _block_kwargs(block_kwargs, block_cfg, model_cfg):
+            # timm replaces model-level block_kwargs by block-level ones, so inference_mode is set on every block here
+            update_block_kwargs(block_kwargs, block_cfg=block_cfg, model_cfg=model_cfg)
+            block_kwargs['inference_mode'] = inference_mode
+
+        self.stages, self.feature_info, _ = create_byob_stages(
+            cfg,
+            drop_path_rate,
+            output_stride=32,
+            stem_feat=stem_feat,
+            layers=stage_layers,
+            block_kwargs_fn=_block_kwargs,
+            **dd,
+        )
+        self.num_features = self.feature_info[-1]['num_chs']
+        self.global_pool = global_pool
+        self.head = self._create_head(num_classes, global_pool, **dd)
+        self.head_hidden_size = self.head.num_features
+        # Apple's checkpoints load through load_state_dict() too (timm's checkpoint_path= skips the filter fn)
+        self._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
+
+    def _create_head(self, num_classes: int, global_pool: str, device=None, dtype=None) -> nn.Module:
+        if global_pool == GDC_POOL:
+            return GDCHead(
+                self.num_features, self.embed_dim, num_classes, feat_size=self.feat_size, img_size=self.img_size,
+                drop_rate=self.drop_rate, inference_mode=self.inference_mode, device=device, dtype=dtype)
+        return ClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=self.drop_rate, device=device,
+            dtype=dtype)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [(r'^stages\.(\d+)\.(\d+)', None), (r'^head', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier; a new `global_pool` also replaces the head ('gdc' builds a fresh GDC head).
+
+        Args:
+            num_classes: Classifier outputs (0: none).
+            global_pool: 'gdc', a timm pool type, or '' (no pooling: 4-D output); None keeps the current one.
+        """
+        _check_num_classes(num_classes)
+        dd = get_device_dtype(self.stages)
+        if global_pool is None or global_pool == self.global_pool:
+            _check_global_pool(self.global_pool, num_classes)
+            if isinstance(self.head, GDCHead):
+                self.head.reset(num_classes)
+            else:
+                self.head.reset(num_classes, in_features=self.num_features, **dd)
+        else:
+            _check_global_pool(global_pool, num_classes)
+            self.global_pool = global_pool
+            self.head = self._create_head(num_classes, global_pool, **dd)
+            self.head.train(self.training)
+        self.num_classes = num_classes
+        self.head_hidden_size = self.head.num_features
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features, returning the outputs of the stages named by `indices` too.
+
+        Args:
+            x: Input images.
+            indices: Take the last n stages if int, all if None, the listed stages if a sequence.
+            norm: Unused (no final norm in this model).
+            stop_early: Stop after the last stage taken.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(x)
+        if torch.jit.is_scripting() or not stop_early:
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Remove the stages (and head) not needed for the intermediates named by `indices`."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+    @torch.jit.ignore
+    def reparameterize(self) -> None:
+        """Fuse every block and the head in place (as `timm.utils.reparameterize_model(model, inplace=True)`)."""
+        reparameterize_model(self, inplace=True)
+        self.inference_mode = True
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f'{name} must be a positive int, got {value!r}')
+
+
+def _check_num_classes(num_classes: Any) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f'num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}')
+
+
+def _check_global_pool(global_pool: Any, num_classes: int) -> None:
+    valid = (GDC_POOL, 'avg', 'max', 'avgmax', 'catavgmax', '')
+    if global_pool not in valid:
+        raise ValueError(f'global_pool must be one of {valid}, got {global_pool!r}')
+    if global_pool == '' and num_classes:
+        raise ValueError("global_pool='' (no pooling) needs num_classes=0")
+
+
+_APPLE_KEY_RULES = (
+    (r'^stage0\.', 'stem.'),
+    (r'^stage(\d+)\.', lambda m: f'stages.{int(m.group(1)) - 1}.'),
+    (r'\.rbr_conv\.', '.conv_kxk.'),
+    (r'\.rbr_scale\.', '.conv_scale.'),
+    (r'\.rbr_skip\.', '.identity.'),
+    (r'\.se\.reduce\.', '.attn.fc1.'),
+    (r'\.se\.expand\.', '.attn.fc2.'),
+    (r'^linear\.', 'head.fc.'),
+)
+
+
+def _remap_apple_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state_dict.items():
+        k = k[len('module.'):] if k.startswith('module.') else k
+        for pattern, repl in _APPLE_KEY_RULES:
+            k = re.sub(pattern, repl, k)
+        out[k] = v
+    return out
+
+
+def _is_imagenet_checkpoint(state_dict: Dict[str, torch.Tensor]) -> bool:
+    """An Apple (`stage0.`, `linear.`) or timm `mobileone_s*` ImageNet state dict, as opposed to one of ours."""
+    keys = state_dict.keys()
+    if any(k.startswith(('stage0.', 'module.stage0.', 'linear.')) for k in keys):
+        return True
+    return 'head.fc.weight' in keys and not any(k.startswith('head.conv_dw.') for k in keys)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Adapt an upstream ImageNet MobileOne state dict (Apple's keys, or timm's `mobileone_s*`) to `model`.
+
+    Apple keys are renamed to timm's; then what ImageNet weights lack starts from `model`'s own initialization:
+    the head unless it is `global_pool='avg'` with a classifier of the same shape, and the BN skip branch that
+    stage 1's first block gains at stride 1. Our own checkpoints pass through unchanged.
+    """
+    if not _is_imagenet_checkpoint(state_dict):
+        return state_dict
+    state_dict = _remap_apple_keys(state_dict)
+    own = model.state_dict()
+    fc_w = state_dict.get('head.fc.weight')
+    if fc_w is not None and (own.get('head.fc.weight') is None or own['head.fc.weight'].shape != fc_w.shape):
+        state_dict.pop('head.fc.weight', None)
+        state_dict.pop('head.fc.bias', None)
+    fresh = [k for k in own if k not in state_dict and (k.startswith('head.') or '.identity.' in k)]
+    for k in fresh:
+        state_dict[k] = own[k]
+    if fresh:
+        _logger.info(f'ImageNet MobileOne weights: {", ".join(fresh)} start from fresh initialization.')
+    return state_dict
+
+
+def _load_state_dict_pre_hook(module, state_dict, prefix, *args, **kwargs) -> None:
+    # Lets `model.load_state_dict(...)` and `create_model(..., checkpoint_path=...)` take Apple's checkpoints:
+    # timm's load_checkpoint does not apply the pretrained filter fn.
+    sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not _is_imagenet_checkpoint(sub):
+        return
+    adapted = checkpoint_filter_fn(sub, module)
+    for k in sub:
+        del state_dict[prefix + k]
+    for k, v in adapted.items():
+        state_dict[prefix + k] = v
+
+
+def _create_mobileone_112(variant: str, pretrained: bool = False, **kwargs) -> MobileOne112:
+    return build_model_with_cfg(
+        MobileOne112,
+        variant,
+        pretrained,
+        model_cfg=model_cfgs[variant],
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
+
+
+def _mobileone_112_cfg(
+        wf: Tuple[float, float, float, float],
+        se_blocks: Tuple[int, ...] = (),
+        num_conv_branches: int = 1,
+) -> ByoModelCfg:
+    """MobileOne as timm builds it (`_mobileone_bcfg`), with stage 1 at stride 1 and our inference-mode block."""
+    stages = _mobileone_bcfg(wf=wf, se_blocks=se_blocks, num_conv_branches=num_conv_branches)
+    stages = [[replace(b, type=partial(MobileOneBlock)) for b in s] for s in stages]
+    stages[0][0] = replace(stages[0][0], s=1)
+    return ByoModelCfg(blocks=tuple(tuple(s) for s in stages), stem_type='one', stem_chs=min(64, int(64 * wf[0])))
+
+
+# width multipliers per stage and branches as in the paper (Table 7) and apple/ml-mobileone's PARAMS
+model_cfgs = dict(
+    mobileone_112_s0=_mobileone_112_cfg(wf=(0.75, 1.0, 1.0, 2.0), num_conv_branches=4),
+    mobileone_112_s1=_mobileone_112_cfg(wf=(1.5, 1.5, 2.0, 2.5)),
+    mobileone_112_s2=_mobileone_112_cfg(wf=(1.5, 2.0, 2.5, 4.0)),
+    mobileone_112_s3=_mobileone_112_cfg(wf=(2.0, 2.5, 3.0, 4.0)),
+    mobileone_112_s4=_mobileone_112_cfg(wf=(3.0, 3.5, 3.5, 4.0), se_blocks=(0, 0, 5, 1)),
+)
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 0, 'input_size': (3, 112, 112), 'pool_size': (7, 7), 'fixed_input_size': True,
+        'crop_pct': 1.0, 'interpolation': 'bilinear', 'mean': FACE_MEAN, 'std': FACE_STD,
+        'first_conv': ('stem.conv_kxk.0.conv', 'stem.conv_scale.conv'), 'classifier': 'head.fc',
+        'paper_ids': 'arXiv:2206.04040', 'origin_url': 'https://github.com/apple/ml-mobileone',
+        **kwargs,
+    }
+
+
+def _apple_cfg(variant: str) -> Dict[str, Any]:
+    return _cfg(
+        hf_hub_id=f'timm/{variant}.apple_in1k',
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        # timm drops the classifier of any checkpoint whose cfg num_classes differs from the model's; the
+        # filter fn decides instead, keeping Apple's 1000-way fc for global_pool='avg', num_classes=1000.
+        classifier=None,
+        license='other',
+        notes=(
+            "Apple's ImageNet-1k MobileOne weights (Apple sample code licence) as timm hosts them, trained at "
+            "224x224 with ImageNet mean/std and a stride-2 stage 1. Stem and stages load; the GDC head (and the "
+            "stride-1 BN skip branch of stage 1's first block) start fresh: a fine-tuning init, not a face "
+            "model. With global_pool='avg', num_classes=1000 the ImageNet classifier loads too.",
+        ),
+    )
+
+
+# The untagged name resolves to `.untrained` (forced by '*', listed after the tag with weights, which timm would
+# otherwise put first): no face weights exist yet, and `pretrained=True` on the bare name must fail clearly rather
+# than return ImageNet weights under a random embedding head.
+default_cfgs = generate_default_cfgs({
+    k: v for i in range(5) for k, v in (
+        (f'mobileone_112_s{i}.apple_in1k', _apple_cfg(f'mobileone_s{i}')),
+        (f'mobileone_112_s{i}.untrained*', _cfg(license='apache-2.0')),
+    )
+})
+
+
+@register_model
+def mobileone_112_s0(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S0 (4 conv branches) for 112x112 faces, GDC embedding head."""
+    return _create_mobileone_112('mobileone_112_s0', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_s1(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S1 for 112x112 faces, GDC embedding head."""
+    return _create_mobileone_112('mobileone_112_s1', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_s2(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S2 for 112x112 faces, GDC embedding head."""
+    return _create_mobileone_112('mobileone_112_s2', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_s3(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S3 for 112x112 faces, GDC embedding head."""
+    return _create_mobileone_112('mobileone_112_s3', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_s4(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S4 (SE in the last 5 blocks of stage 3 and in stage 4) for 112x112 faces, GDC embedding head."""
+    return _create_mobileone_112('mobileone_112_s4', pretrained=pretrained, **kwargs)
