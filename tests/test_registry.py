@@ -1,0 +1,60 @@
+"""Registration with timm: names, pretrained cfgs, no clash with timm's own MobileOne."""
+import pytest
+
+import timm
+from timm.models import model_entrypoint, get_pretrained_cfg
+
+from conftest import MODEL_NAMES
+
+
+def test_five_variants_registered():
+    assert timm.list_models('mobileone_112_*') == [f'mobileone_112_s{i}' for i in range(5)]
+    assert MODEL_NAMES == timm.list_models('mobileone_112_*')
+    for name in MODEL_NAMES:
+        assert model_entrypoint(name).__module__ == 'timm_mobileone.mobileone_112'
+
+
+def test_no_clash_with_timm_mobileone():
+    for i in range(5):
+        assert model_entrypoint(f'mobileone_s{i}').__module__ == 'timm.models.byobnet'
+    assert set(timm.list_models(module='mobileone_112')) == set(MODEL_NAMES)
+
+
+@pytest.mark.parametrize('name', timm.list_models('mobileone_112_*', include_tags=True))
+def test_pretrained_cfg(name):
+    cfg = get_pretrained_cfg(name)
+    assert cfg.input_size == (3, 112, 112)
+    assert cfg.pool_size == (7, 7)
+    assert cfg.crop_pct == 1.0 and cfg.interpolation == 'bilinear'
+    assert cfg.num_classes == 0
+    assert cfg.license and cfg.paper_ids == 'arXiv:2206.04040' and cfg.origin_url
+    if cfg.hf_hub_id:
+        org, repo = cfg.hf_hub_id.split('/')
+        assert org and repo, 'hf_hub_id must be the full <org>/<repo>'
+
+
+def test_tags_and_defaults():
+    tags = timm.list_models('mobileone_112_*', include_tags=True)
+    # only weights that exist: Apple's ImageNet weights as timm hosts them; no invented face-weight ids
+    assert {t.split('.')[1] for t in tags} == {'apple_in1k', 'untrained'}
+    for i in range(5):
+        apple = get_pretrained_cfg(f'mobileone_112_s{i}.apple_in1k')
+        assert apple.hf_hub_id == f'timm/mobileone_s{i}.apple_in1k'
+        assert apple.license == 'other'
+        assert apple.mean == timm.data.IMAGENET_DEFAULT_MEAN  # what those weights were trained with
+        model = timm.create_model(f'mobileone_112_s{i}')
+        assert model.pretrained_cfg['tag'] == 'untrained'
+    assert set(timm.list_pretrained('mobileone_112_*')) == {f'mobileone_112_s{i}.apple_in1k' for i in range(5)}
+
+
+def test_face_preprocessing_from_cfg():
+    model = timm.create_model('mobileone_112_s1')
+    cfg = timm.data.resolve_model_data_config(model)
+    assert cfg['input_size'] == (3, 112, 112)
+    assert cfg['mean'] == (0.5, 0.5, 0.5) and cfg['std'] == (0.5, 0.5, 0.5)
+    assert cfg['crop_pct'] == 1.0 and cfg['interpolation'] == 'bilinear'
+
+
+def test_pretrained_without_weights_is_a_clear_error():
+    with pytest.raises(RuntimeError, match='No pretrained weights exist for mobileone_112_s1'):
+        timm.create_model('mobileone_112_s1', pretrained=True)

@@ -1,0 +1,40 @@
+"""`python -m timm_mobileone`: the zoo report."""
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+
+from timm_mobileone.__main__ import main
+from timm_mobileone.profile import count_macs, count_params
+
+
+def test_report_json(capsys):
+    result = main(['--json', '-m', 'mobileone_112_s0', '-m', 'mobileone_112_s1'])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(result))
+    rows = {r['model']: r for r in printed['models']}
+    assert set(rows) == {'mobileone_112_s0', 'mobileone_112_s1'}
+    s0 = rows['mobileone_112_s0']
+    assert s0['params_m'] == pytest.approx(count_params(timm.create_model('mobileone_112_s0')) / 1e6)
+    # S0 trains with 4 conv branches: fusion removes most of its parameters and MACs
+    assert s0['fused_params_m'] < s0['params_m'] / 2 and s0['fused_gmacs'] < s0['gmacs'] / 2
+    assert 0.2 < s0['fused_gmacs'] < 0.3
+    assert printed['versions']['timm'] == timm.__version__
+
+
+def test_count_macs_depthwise():
+    import torch.nn as nn
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    assert count_macs(conv, (8, 10, 10)) == 8 * 9 * 10 * 10
+
+
+def test_report_table_and_bad_model():
+    ok = subprocess.run([sys.executable, '-m', 'timm_mobileone', '-m', 'mobileone_112_s0'],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0
+    assert ok.stdout.startswith('| model |') and '| mobileone_112_s0 |' in ok.stdout
+    bad = subprocess.run([sys.executable, '-m', 'timm_mobileone', '-m', 'resnet50'], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count('\n') == 0 and 'unknown model' in bad.stderr and 'Traceback' not in bad.stderr
