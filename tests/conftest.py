@@ -27,3 +27,36 @@ def calibrate_bn(model: torch.nn.Module, steps: int = 3, batch_size: int = 8, dt
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+SHARED_DATA = __import__('pathlib').Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+SMALL_LFW = SHARED_DATA / 'small_lfw.bin'
+
+
+def jpeg_bytes(rng, size=(112, 112), quality=90) -> bytes:
+    """A smooth random RGB image, JPEG-encoded (smooth so that JPEG keeps it recognisable)."""
+    import io
+    import numpy as np
+    from PIL import Image
+    h, w = size
+    base = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3)).astype(np.uint8)
+    img = Image.fromarray(base).resize((w, h), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format='JPEG', quality=quality)
+    return buf.getvalue()
+
+
+def make_pack(path, num_pairs=20, style='array', size=(112, 112), seed=0, issame=None, protocol=4):
+    """Write an insightface-style .bin pack: `array` (newer: numpy uint8 arrays) or `bytes` (older) images."""
+    import pickle
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    bins = []
+    for _ in range(2 * num_pairs):
+        data = jpeg_bytes(rng, size)
+        bins.append(np.frombuffer(data, dtype=np.uint8).reshape(-1, 1).copy() if style == 'array' else data)
+    if issame is None:
+        issame = [bool(i % 2 == 0) for i in range(num_pairs)]
+    with open(path, 'wb') as f:
+        pickle.dump((bins, list(issame)), f, protocol=protocol)
+    return path

@@ -1,0 +1,311 @@
+"""Shared plumbing of the verification entry points: flags, model creation, embedding, the JSON result.
+
+Flags follow timm's validate.py. stdout carries exactly one JSON object; progress (tqdm, counting images) and
+status lines (logging) go to stderr. User mistakes exit with code 2 and one `error: ...` line, no traceback.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import _verification as V
+from ._data import PackError, PairImages, VerificationSet, collate_images, load_verification_set, read_embeddings
+
+_logger = logging.getLogger('eval')
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit code 2."""
+
+
+def build_parser(prog: str, description: str, default_targets: Sequence[str], multi: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('-m', '--model', default='mobileone_112_s0',
+                        help="timm model: a registry name (with optional .tag), 'hf-hub:ORG/NAME' or 'local-dir:DIR'")
+    parser.add_argument('--pretrained', action='store_true', help='load the pretrained weights of --model')
+    parser.add_argument('--checkpoint', default='', help='load this checkpoint (state dict) into the model')
+    parser.add_argument('--data', action='append', default=None, metavar='PATH',
+                        help='verification data: an insightface .bin pack, or a folder of aligned images with '
+                             'pairs.txt' + (' (repeatable)' if multi else ''))
+    parser.add_argument('--data-dir', default='',
+                        help=f'folder holding the packs named by --targets (default targets: {",".join(default_targets)})')
+    parser.add_argument('--targets', default=','.join(default_targets),
+                        help='comma-separated pack names looked up in --data-dir as NAME.bin')
+    parser.add_argument('--embeddings', action='append', default=None, metavar='E.npy',
+                        help='score precomputed (2N x D, interleaved pairs) embeddings instead of running a model; '
+                             'one per dataset, in --data order; labels come from the data')
+    parser.add_argument('-b', '--batch-size', type=int, default=64, help='images per forward pass')
+    parser.add_argument('-j', '--workers', type=int, default=1, help='DataLoader workers decoding JPEGs')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
+    parser.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 on CUDA)')
+    parser.add_argument('--no-flip', dest='flip', action='store_false',
+                        help='embed each image alone (default: image + horizontal flip, summed)')
+    parser.add_argument('--no-reparam', dest='reparam', action='store_false',
+                        help='evaluate the train-time form instead of the reparameterized (fused) one')
+    parser.add_argument('--channels-last', action='store_true', help='run the model in channels_last memory format')
+    parser.add_argument('--num-folds', type=int, default=10, help='cross-validation folds')
+    parser.add_argument('--results-file', default='', help='also write the JSON result to this file')
+    parser.add_argument('--save-embeddings', default='', metavar='PATH.npy',
+                        help='save the normalized 2N x D embeddings the metric saw (PATH_<dataset>.npy for several)')
+    parser.add_argument('--plot', default='', metavar='ROC.png', help='save a ROC plot with the TAR@FAR point')
+    parser.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
+    parser.add_argument('-v', '--verbose', action='store_true', help='log status lines at INFO level')
+    return parser
+
+
+def resolve_data(args, default_targets: Sequence[str], load_images: bool = True) -> List[VerificationSet]:
+    paths: List[Path] = [Path(p) for p in (args.data or [])]
+    if not paths:
+        if not args.data_dir:
+            raise UserError('give --data PATH (a .bin pack or an aligned folder) or --data-dir DIR')
+        data_dir = Path(args.data_dir)
+        if not data_dir.is_dir():
+            raise UserError(f'--data-dir {data_dir}: no such folder')
+        targets = [t.strip() for t in args.targets.split(',') if t.strip()]
+        paths = [data_dir / f'{t}.bin' for t in targets if (data_dir / f'{t}.bin').is_file()]
+        if not paths:
+            raise UserError(f'--data-dir {data_dir}: none of {", ".join(t + ".bin" for t in targets)} found')
+    return [load_verification_set(p) for p in paths]
+
+
+def create_model(args):
+    import timm
+    import timm_mobileone  # noqa: F401  (registers the mobileone_112 models)
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise UserError(f'--checkpoint {args.checkpoint}: no such file')
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or None)
+    except FileNotFoundError as e:
+        raise UserError(f'cannot load {args.checkpoint or args.model}: {e}') from None
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'cannot create model {args.model!r}: {first}') from None
+    model.eval()
+    if args.reparam:
+        model = timm.utils.reparameterize_model(model)
+    try:
+        model = model.to(args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f'--device {args.device}: {e}') from None
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@torch.no_grad()
+def embed(model, dataset: VerificationSet, data_cfg: Dict, args) -> Tuple[np.ndarray, Optional[np.ndarray], float]:
+    """Raw model outputs of every image (and of its horizontal flip): ((2N, D), (2N, D) or None, forward seconds)."""
+    from tqdm import tqdm
+    input_size = tuple(data_cfg['input_size'][-2:])
+    mean = torch.tensor(data_cfg['mean'], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(data_cfg['std'], dtype=torch.float32).view(1, 3, 1, 1)
+    loader = torch.utils.data.DataLoader(
+        PairImages(dataset, input_size), batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+        collate_fn=collate_images)
+    device = torch.device(args.device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == 'cpu' else torch.float16) \
+        if args.amp else nullcontext()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    raw, raw_flip = [], []
+    forward_s = 0.0
+    show = args.progress and sys.stderr.isatty()
+    bar = tqdm(total=len(dataset.images), desc=dataset.name, unit='img', disable=not show, file=sys.stderr)
+    try:
+        for _, images, errors in loader:
+            if errors:
+                raise PackError(errors[0])
+            # the cfg's normalization, in insightface's order: (x / 255 - mean) / std, float32
+            x = (images.float() / 255 - mean) / std
+            views = torch.cat([x, x.flip(3)]) if args.flip else x
+            views = views.to(device).contiguous(memory_format=memory_format)
+            t0 = time.perf_counter()
+            with amp:
+                out = model(views)
+            out = out.float().cpu().numpy()
+            forward_s += time.perf_counter() - t0
+            if out.ndim != 2:
+                raise UserError(f'model {args.model!r} returns a {out.ndim}-D output; verification needs (B, D) '
+                                f'embeddings (use num_classes=0 and a pooling head)')
+            n = len(images)
+            raw.append(out[:n])
+            if args.flip:
+                raw_flip.append(out[n:])
+            bar.update(n)
+    finally:
+        bar.close()
+    return np.concatenate(raw), (np.concatenate(raw_flip) if args.flip else None), forward_s
+
+
+def score(dataset: VerificationSet, embeddings: np.ndarray, num_folds: int) -> Dict:
+    if dataset.num_pairs < num_folds:
+        raise UserError(f'{dataset.source}: {dataset.num_pairs} pairs cannot make {num_folds} folds '
+                        f'(use --num-folds)')
+    return V.evaluate(embeddings, dataset.issame, num_folds=num_folds)
+
+
+def _rounded(x):
+    return None if x is None else round(float(x), 5)
+
+
+def dataset_result(dataset: VerificationSet, metrics: Dict, xnorm: Optional[float], seconds: float,
+                   images_per_s: Optional[float]) -> Dict:
+    return dict(
+        dataset=dataset.name,
+        data=dataset.source,
+        num_pairs=dataset.num_pairs,
+        accuracy=_rounded(metrics['accuracy']),
+        accuracy_std=_rounded(metrics['accuracy_std']),
+        accuracies=[_rounded(a) for a in metrics['accuracies']],
+        thresholds=[round(t, 5) for t in metrics['thresholds']],
+        tar_at_far=_rounded(metrics['tar_at_far']),
+        tar_at_far_std=_rounded(metrics['tar_at_far_std']),
+        far=_rounded(metrics['far']),
+        far_target=metrics['far_target'],
+        auc=_rounded(metrics['auc']),
+        xnorm=None if xnorm is None else round(xnorm, 5),
+        seconds=round(seconds, 3),
+        images_per_second=None if images_per_s is None else round(images_per_s, 1),
+    )
+
+
+def _versions() -> Dict[str, str]:
+    import timm
+    import timm_mobileone
+    return dict(timm_mobileone=timm_mobileone.__version__, timm=timm.__version__, torch=torch.__version__,
+                numpy=np.__version__)
+
+
+def _save_embeddings(path: str, name: str, embeddings: np.ndarray, several: bool) -> None:
+    out = Path(path)
+    if several:
+        out = out.with_name(f'{out.stem}_{name}{out.suffix or ".npy"}')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        np.save(f, embeddings)
+    os.replace(tmp, out)
+
+
+def _plot(path: str, curves: List[Tuple[str, Dict]]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError('--plot needs matplotlib (pip install matplotlib)') from None
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for name, m in curves:
+        ax.plot(m['fpr'], m['tpr'], label=f"{name} (acc {m['accuracy']:.4f})")
+        if m['tar_at_far'] is not None:
+            ax.scatter([m['far_target']], [m['tar_at_far']], marker='o', zorder=3)
+            ax.annotate(f"TAR {m['tar_at_far']:.4f} @ FAR {m['far_target']:g}", (m['far_target'], m['tar_at_far']),
+                        textcoords='offset points', xytext=(6, -12), fontsize=8)
+    ax.set_xscale('log')
+    ax.set_xlim(1e-4, 1)
+    ax.set_xlabel('false accept rate')
+    ax.set_ylabel('true accept rate')
+    ax.set_title('ROC (10-fold mean)')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(loc='lower right', fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args, datasets: List[VerificationSet]) -> Dict:
+    """Embed (or read) and score each dataset; the common part of the JSON result plus one entry per dataset."""
+    import timm
+    t_start = time.perf_counter()
+    results, curves = [], []
+    model = data_cfg = None
+    if args.embeddings:
+        if len(args.embeddings) != len(datasets):
+            raise UserError(f'{len(args.embeddings)} --embeddings files for {len(datasets)} datasets')
+    else:
+        model = create_model(args)
+        data_cfg = timm.data.resolve_model_data_config(model)
+    for i, ds in enumerate(datasets):
+        t0 = time.perf_counter()
+        if args.embeddings:
+            raw = read_embeddings(args.embeddings[i], ds.num_pairs)
+            embeddings, x_norm, images_per_s = V.l2_normalize(raw), V.xnorm(raw), None
+        else:
+            _logger.info(f'{ds.name}: embedding {len(ds.images)} images from {ds.source}')
+            raw, raw_flip, forward_s = embed(model, ds, data_cfg, args)
+            embeddings = V.combine_views(raw, raw_flip)
+            x_norm = V.xnorm(raw, raw_flip) if raw_flip is not None else V.xnorm(raw)
+            images_per_s = len(ds.images) / max(time.perf_counter() - t0, 1e-9)
+        metrics = score(ds, embeddings, args.num_folds)
+        if args.save_embeddings:
+            _save_embeddings(args.save_embeddings, ds.name, embeddings, len(datasets) > 1)
+        results.append(dataset_result(ds, metrics, x_norm, time.perf_counter() - t0, images_per_s))
+        curves.append((ds.name, metrics))
+        _logger.info(f"{ds.name}: accuracy {metrics['accuracy']:.5f} +- {metrics['accuracy_std']:.5f}")
+    if args.plot:
+        _plot(args.plot, curves)
+    common = dict(
+        model=args.model if not args.embeddings else None,
+        tag=(model.pretrained_cfg.get('tag') if model is not None else None),
+        checkpoint=args.checkpoint or None,
+        embeddings=args.embeddings or None,
+        flip=bool(args.flip and not args.embeddings),
+        reparam=bool(args.reparam and not args.embeddings),
+        input_size=list(data_cfg['input_size']) if data_cfg else None,
+        num_folds=args.num_folds,
+    )
+    return dict(common=common, results=results, seconds=round(time.perf_counter() - t_start, 3),
+                versions=_versions())
+
+
+def finish(result: Dict, args) -> Dict:
+    text = json.dumps(result)
+    if args.results_file:
+        out = Path(args.results_file)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + '.tmp')
+        tmp.write_text(text + '\n')
+        os.replace(tmp, out)
+    print(text)
+    return result
+
+
+def cli(fn: Callable[[Optional[List[str]]], Dict]) -> Callable[[Optional[List[str]]], Dict]:
+    """Wrap an entry point: user mistakes become one stderr line and exit code 2."""
+
+    def main(argv: Optional[List[str]] = None) -> Dict:
+        logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s', stream=sys.stderr)
+        try:
+            return fn(argv)
+        except (UserError, PackError) as e:
+            print(f'error: {e}', file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print('error: interrupted', file=sys.stderr)
+            raise SystemExit(130) from None
+
+    main.__doc__ = fn.__doc__
+    main.__name__ = 'main'
+    return main
+
+
+def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]):
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    if args.batch_size < 1:
+        parser.error('--batch-size must be >= 1')
+    if args.workers < 0:
+        parser.error('--workers must be >= 0')
+    if args.num_folds < 2:
+        parser.error('--num-folds must be >= 2')
+    return args

@@ -1,0 +1,251 @@
+"""Verification pairs: insightface `.bin` packs, aligned image folders with an LFW `pairs.txt`, embedding files.
+
+A `.bin` pack is a pickle of `(bins, issame_list)`: images 2i and 2i+1 form pair i; `bins` holds JPEG bytes (old
+packs: Python-2 pickles) or numpy uint8 arrays of the encoded JPEG (newer packs). A pickle can run code when it is
+loaded, so packs are read with an unpickler that builds only what packs hold (containers, bytes, bools, numpy
+arrays); anything else is refused before it runs.
+
+Images are decoded lazily, one batch at a time in DataLoader workers (`PairImages`), so memory stays flat as packs
+grow; they must already be aligned crops of the model's input size (others are refused, not resized: a silent resize
+of unaligned faces would report numbers for a different protocol).
+"""
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = ['PackError', 'VerificationSet', 'load_pack', 'load_pairs_folder', 'load_verification_set', 'PairImages',
+           'collate_images']
+
+
+class PackError(ValueError):
+    """A verification file that cannot be used: missing, malformed, unsafe or inconsistent (a user error)."""
+
+
+# What insightface packs contain. numpy's array pickles go through _reconstruct + ndarray.__setstate__, which only
+# copy bytes into a new array; `scalar` builds numpy bools and ints from raw bytes; `_codecs.encode` is how
+# protocol-2 pickles store bytes. Nothing here can call back into arbitrary code.
+_SAFE_GLOBALS = {
+    ('builtins', 'list'), ('builtins', 'tuple'), ('builtins', 'dict'), ('builtins', 'set'),
+    ('builtins', 'frozenset'), ('builtins', 'bytes'), ('builtins', 'bytearray'), ('builtins', 'bool'),
+    ('builtins', 'int'), ('builtins', 'float'), ('builtins', 'str'),
+    ('__builtin__', 'list'), ('__builtin__', 'tuple'), ('__builtin__', 'set'), ('__builtin__', 'bytearray'),
+    ('_codecs', 'encode'),
+    ('numpy', 'ndarray'), ('numpy', 'dtype'),
+    ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+}
+
+
+class _PackUnpickler(pickle.Unpickler):
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f'refusing to load {module}.{name}: verification packs hold only '
+                                         f'containers, bytes, bools and numpy arrays')
+        if module.startswith('numpy') and module.endswith('multiarray'):
+            try:
+                from numpy._core import multiarray  # numpy >= 2
+            except ImportError:  # pragma: no cover
+                from numpy.core import multiarray
+            return getattr(multiarray, name)
+        if module == '__builtin__':
+            module = 'builtins'
+        return super().find_class(module, name)
+
+
+@dataclass
+class VerificationSet:
+    """Pairs to verify: `images[2i]`, `images[2i+1]` form pair i, `issame[i]` says whether they match.
+
+    `images` holds encoded images (bytes or uint8 arrays) for packs, file paths for folders, or None when only the
+    labels were read (for `--embeddings`).
+    """
+    name: str
+    source: str
+    issame: np.ndarray
+    images: Optional[Sequence[Union[bytes, np.ndarray, str]]] = None
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.issame)
+
+
+def _unpickle(path: Path):
+    data = path.read_bytes()
+    if not data:
+        raise PackError(f'{path}: empty file, not an insightface .bin pack')
+    errors = (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+              OverflowError, MemoryError)
+    try:
+        try:
+            return _PackUnpickler(io.BytesIO(data)).load()
+        except UnicodeDecodeError:
+            # Python-2 packs store JPEGs as str: read them as bytes, as insightface does
+            return _PackUnpickler(io.BytesIO(data), encoding='bytes').load()
+    except pickle.UnpicklingError as e:
+        if 'refusing to load' in str(e):
+            raise PackError(f'{path}: {e}') from None
+        raise PackError(f'{path}: not an insightface .bin pack, or truncated ({e})') from None
+    except errors as e:
+        raise PackError(f'{path}: not an insightface .bin pack, or truncated ({type(e).__name__}: {e})') from None
+
+
+def load_pack(path: Union[str, Path], name: Optional[str] = None) -> VerificationSet:
+    """Read an insightface verification pack (`lfw.bin`, `cfp_fp.bin`, ...) without decoding its images."""
+    path = Path(path)
+    if not path.is_file():
+        raise PackError(f'{path}: no such file')
+    obj = _unpickle(path)
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise PackError(f'{path}: expected a pickle of (bins, issame_list), got {type(obj).__name__}')
+    bins, issame = obj
+    if not isinstance(bins, (list, tuple)) or not isinstance(issame, (list, tuple, np.ndarray)):
+        raise PackError(f'{path}: expected (bins, issame_list) as sequences')
+    if len(issame) == 0:
+        raise PackError(f'{path}: the pack holds no pairs')
+    if len(bins) % 2:
+        raise PackError(f'{path}: odd number of images ({len(bins)}); pairs need 2 images each')
+    if len(bins) != 2 * len(issame):
+        raise PackError(f'{path}: {len(bins)} images but {len(issame)} labels (need 2 images per label)')
+    for i, b in enumerate(bins):
+        if not (isinstance(b, (bytes, bytearray)) or (isinstance(b, np.ndarray) and b.dtype == np.uint8)):
+            raise PackError(f'{path}: image {i} is a {type(b).__name__}, not encoded image bytes')
+    try:
+        labels = np.array([bool(x) for x in issame], dtype=bool)
+    except (TypeError, ValueError):
+        raise PackError(f'{path}: issame_list must hold booleans') from None
+    return VerificationSet(name=name or path.stem, source=str(path), issame=labels, images=bins)
+
+
+_IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+
+
+def _find_image(root: Path, person: str, number: str, pairs_file: Path, line_no: int) -> str:
+    try:
+        n = int(number)
+    except ValueError:
+        raise PackError(f'{pairs_file}:{line_no}: image number {number!r} is not an integer') from None
+    stem = root / person / f'{person}_{n:04d}'
+    for ext in _IMAGE_EXTS:
+        candidate = stem.with_name(stem.name + ext)
+        if candidate.is_file():
+            return str(candidate)
+    raise PackError(f'{pairs_file}:{line_no}: no image {stem}.jpg (or .png, ...)')
+
+
+def load_pairs_folder(path: Union[str, Path], name: Optional[str] = None) -> VerificationSet:
+    """Aligned images in `<root>/<name>/<name>_<nnnn>.jpg` with an LFW-style `pairs.txt`.
+
+    `path` is the folder (holding `pairs.txt`) or the pairs file itself. The header line `folds pairs_per_fold`
+    (`10 300`) is optional; then `name n1 n2` lines (same person) or `name1 n1 name2 n2` lines (different people).
+    """
+    path = Path(path)
+    pairs_file = path / 'pairs.txt' if path.is_dir() else path
+    root = pairs_file.parent
+    if not pairs_file.is_file():
+        raise PackError(f'{pairs_file}: no such file (an aligned folder needs a pairs.txt)')
+    images: List[str] = []
+    issame: List[bool] = []
+    lines = pairs_file.read_text().splitlines()
+    for line_no, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if line_no == 1 and len(fields) == 2 and all(f.isdigit() for f in fields):
+            continue  # header: folds, pairs per fold
+        if len(fields) == 3:
+            images += [_find_image(root, fields[0], fields[1], pairs_file, line_no),
+                       _find_image(root, fields[0], fields[2], pairs_file, line_no)]
+            issame.append(True)
+        elif len(fields) == 4:
+            images += [_find_image(root, fields[0], fields[1], pairs_file, line_no),
+                       _find_image(root, fields[2], fields[3], pairs_file, line_no)]
+            issame.append(False)
+        else:
+            raise PackError(f'{pairs_file}:{line_no}: expected "name n1 n2" or "name1 n1 name2 n2", got {line!r}')
+    if not issame:
+        raise PackError(f'{pairs_file}: no pairs')
+    return VerificationSet(name=name or root.name, source=str(pairs_file), issame=np.array(issame), images=images)
+
+
+def load_verification_set(path: Union[str, Path]) -> VerificationSet:
+    """A `.bin` pack, or a folder / `pairs.txt` of aligned images."""
+    path = Path(path)
+    if path.is_dir() or path.name == 'pairs.txt' or path.suffix == '.txt':
+        return load_pairs_folder(path)
+    if not path.exists():
+        raise PackError(f'{path}: no such file')
+    return load_pack(path)
+
+
+class PairImages(torch.utils.data.Dataset):
+    """Decodes the images of a VerificationSet, one per item, to uint8 CHW RGB tensors (in DataLoader workers).
+
+    A decoding failure or a wrong size does not raise in the worker: the item carries the message, and
+    `collate_images` hands it to the main process, which raises a clean PackError naming the image.
+    """
+
+    def __init__(self, dataset: VerificationSet, input_size: Tuple[int, int]) -> None:
+        self.images = dataset.images
+        self.source = dataset.source
+        self.input_size = tuple(input_size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _decode(self, index: int) -> torch.Tensor:
+        # Pillow, not torchvision.io: torchvision 0.29 deprecates its image decoders
+        from PIL import Image
+        item = self.images[index]
+        if isinstance(item, str):
+            data = Path(item).read_bytes()
+        elif isinstance(item, np.ndarray):
+            data = item.tobytes()
+        else:
+            data = bytes(item)
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = np.asarray(img.convert('RGB'))
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+    def __getitem__(self, index: int) -> Tuple[int, torch.Tensor, str]:
+        h, w = self.input_size
+        try:
+            img = self._decode(index)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError / truncated are OSErrors
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return index, torch.zeros(3, h, w, dtype=torch.uint8), f'{self.source}: image {index} cannot be decoded ({msg})'
+        if tuple(img.shape[-2:]) != (h, w):
+            return index, torch.zeros(3, h, w, dtype=torch.uint8), (
+                f'{self.source}: image {index} is {img.shape[-1]}x{img.shape[-2]}, expected aligned {w}x{h} '
+                f'crops (images are not resized)')
+        return index, img, ''
+
+
+def collate_images(items):
+    indices = [i for i, _, _ in items]
+    errors = [e for _, _, e in items if e]
+    return indices, torch.stack([img for _, img, _ in items]), errors
+
+
+def read_embeddings(path: Union[str, Path], num_pairs: int) -> np.ndarray:
+    """A (2N, D) float array of interleaved pair embeddings from a `.npy` file (no pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PackError(f'{path}: no such file')
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise PackError(f'{path}: not a .npy array of embeddings ({e})') from None
+    if emb.ndim != 2 or not np.issubdtype(emb.dtype, np.number):
+        raise PackError(f'{path}: expected a 2-D numeric array (2N x D), got shape {emb.shape} of {emb.dtype}')
+    if emb.shape[0] != 2 * num_pairs:
+        raise PackError(f'{path}: {emb.shape[0]} embeddings for {num_pairs} pairs (need {2 * num_pairs})')
+    if not np.isfinite(emb).all():
+        raise PackError(f'{path}: embeddings hold NaN or inf')
+    return emb

@@ -1,0 +1,25 @@
+"""CFP-FP and CFP-FF verification: `python -m eval.cfp --model NAME --data-dir DIR` (or --data cfp_fp.bin ...).
+
+Evaluates every pack given with --data, or `cfp_fp.bin` and `cfp_ff.bin` found in --data-dir (both when both are
+there). Prints one JSON object whose `results` list holds one entry per pack.
+"""
+from typing import Dict, List, Optional
+
+from ._common import build_parser, cli, finish, parse, resolve_data, run
+
+TARGETS = ('cfp_fp', 'cfp_ff')
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    return parse(build_parser('python -m eval.cfp', __doc__.splitlines()[0], TARGETS, multi=True), argv)
+
+
+@cli
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = parse_args(argv)
+    out = run(args, resolve_data(args, TARGETS))
+    return finish(dict(out['common'], results=out['results'], seconds=out['seconds'], versions=out['versions']), args)
+
+
+if __name__ == '__main__':
+    main()

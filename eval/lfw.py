@@ -1,0 +1,31 @@
+"""LFW verification with insightface's 10-fold protocol: `python -m eval.lfw --model NAME --data lfw.bin`.
+
+--data takes insightface's `lfw.bin` or a folder of aligned LFW images with `pairs.txt`; --data-dir looks for
+`lfw.bin`. Prints one JSON object (model, dataset, num_pairs, accuracy, accuracy_std, thresholds, tar_at_far, auc,
+xnorm, ...).
+"""
+from typing import Dict, List, Optional
+
+from ._common import UserError, build_parser, cli, finish, parse, resolve_data, run
+
+TARGETS = ('lfw',)
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    return parse(build_parser('python -m eval.lfw', __doc__.splitlines()[0], TARGETS, multi=False), argv)
+
+
+@cli
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = parse_args(argv)
+    if args.data and len(args.data) > 1:
+        raise UserError('eval.lfw takes one --data; use python -m eval.verify for several')
+    datasets = resolve_data(args, TARGETS)
+    out = run(args, datasets)
+    result = dict(out['common'], **out['results'][0])
+    result.update(seconds=out['seconds'], versions=out['versions'])
+    return finish(result, args)
+
+
+if __name__ == '__main__':
+    main()
