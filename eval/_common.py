@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from timm_mobileone._io import atomic_write
+
 from . import _verification as V
 from ._data import PackError, PairImages, VerificationSet, collate_images, load_verification_set, read_embeddings
 
@@ -51,7 +53,8 @@ def build_parser(prog: str, description: str, default_targets: Sequence[str], mu
                         help='embed each image alone (default: image + horizontal flip, summed)')
     parser.add_argument('--no-reparam', dest='reparam', action='store_false',
                         help='evaluate the train-time form instead of the reparameterized (fused) one')
-    parser.add_argument('--channels-last', action='store_true', help='run the model in channels_last memory format')
+    parser.add_argument('--no-channels-last', dest='channels_last', action='store_false',
+                        help='keep NCHW memory format (default: channels_last, about 2x faster on CPU for S0)')
     parser.add_argument('--num-folds', type=int, default=10, help='cross-validation folds')
     parser.add_argument('--results-file', default='', help='also write the JSON result to this file')
     parser.add_argument('--save-embeddings', default='', metavar='PATH.npy',
@@ -115,34 +118,50 @@ def embed(model, dataset: VerificationSet, data_cfg: Dict, args) -> Tuple[np.nda
     amp = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == 'cpu' else torch.float16) \
         if args.amp else nullcontext()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    raw, raw_flip = [], []
+    total = len(dataset.images)
+    raw = raw_flip = inputs = None
+    done = 0
     forward_s = 0.0
     show = args.progress and sys.stderr.isatty()
-    bar = tqdm(total=len(dataset.images), desc=dataset.name, unit='img', disable=not show, file=sys.stderr)
+    bar = tqdm(total=total, desc=dataset.name, unit='img', disable=not show, file=sys.stderr)
     try:
         for _, images, errors in loader:
             if errors:
                 raise PackError(errors[0])
+            n = len(images)
+            if inputs is None:
+                # one input buffer, reused: fresh float copies of every batch fragment the heap when batches
+                # arrive from workers through shared memory (RSS grew by 1.5 GB over an LFW-size pack)
+                inputs = torch.empty((args.batch_size * (2 if args.flip else 1), *images.shape[1:]))
+                inputs = inputs.contiguous(memory_format=memory_format)
+            views = inputs[:2 * n] if args.flip else inputs[:n]
+            views[:n].copy_(images)
+            if args.flip:
+                views[n:].copy_(images.flip(3))
             # the cfg's normalization, in insightface's order: (x / 255 - mean) / std, float32
-            x = (images.float() / 255 - mean) / std
-            views = torch.cat([x, x.flip(3)]) if args.flip else x
-            views = views.to(device).contiguous(memory_format=memory_format)
+            views.div_(255).sub_(mean).div_(std)
+            views = views.to(device)
             t0 = time.perf_counter()
             with amp:
                 out = model(views)
-            out = out.float().cpu().numpy()
+            out = out.float().cpu()
             forward_s += time.perf_counter() - t0
             if out.ndim != 2:
                 raise UserError(f'model {args.model!r} returns a {out.ndim}-D output; verification needs (B, D) '
                                 f'embeddings (use num_classes=0 and a pooling head)')
-            n = len(images)
-            raw.append(out[:n])
+            if raw is None:
+                # preallocated and filled by copy: keeping numpy views of each batch's output fragments the heap
+                # (RSS grew by about a batch of inputs per batch, 1 GB over an LFW-size pack)
+                raw = np.empty((total, out.shape[1]), dtype=np.float32)
+                raw_flip = np.empty_like(raw) if args.flip else None
+            raw[done:done + n] = out[:n].numpy()
             if args.flip:
-                raw_flip.append(out[n:])
+                raw_flip[done:done + n] = out[n:].numpy()
+            done += n
             bar.update(n)
     finally:
         bar.close()
-    return np.concatenate(raw), (np.concatenate(raw_flip) if args.flip else None), forward_s
+    return raw, raw_flip, forward_s
 
 
 def score(dataset: VerificationSet, embeddings: np.ndarray, num_folds: int) -> Dict:
@@ -188,11 +207,7 @@ def _save_embeddings(path: str, name: str, embeddings: np.ndarray, several: bool
     out = Path(path)
     if several:
         out = out.with_name(f'{out.stem}_{name}{out.suffix or ".npy"}')
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        np.save(f, embeddings)
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: np.save(f, embeddings))
 
 
 def _plot(path: str, curves: List[Tuple[str, Dict]]) -> None:
@@ -270,11 +285,7 @@ def run(args, datasets: List[VerificationSet]) -> Dict:
 def finish(result: Dict, args) -> Dict:
     text = json.dumps(result)
     if args.results_file:
-        out = Path(args.results_file)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + '.tmp')
-        tmp.write_text(text + '\n')
-        os.replace(tmp, out)
+        atomic_write(args.results_file, lambda f: f.write((text + '\n').encode()))
     print(text)
     return result
 

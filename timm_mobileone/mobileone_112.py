@@ -21,20 +21,23 @@ Hacked together by the timm-mobileone contributors.
 """
 import logging
 import re
-from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Union
 from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from huggingface_hub.errors import EntryNotFoundError
+
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, ConvNormAct, create_conv2d, get_device_dtype, to_2tuple
 from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models import reparameterize_model
-from timm.models._features import feature_take_indices  # private helper, imported here only (timm>=1.0.20)
+from timm.models import reparameterize_model, resolve_pretrained_cfg
+from timm.models._features import feature_take_indices  # private helper, imported here only (timm>=1.0.31)
 from timm.models.byobnet import (
     ByoModelCfg,
     MobileOneBlock as _TimmMobileOneBlock,
@@ -482,16 +485,56 @@ def _load_state_dict_pre_hook(module, state_dict, prefix, *args, **kwargs) -> No
         state_dict[prefix + k] = v
 
 
+FUSED_WEIGHTS_NAME = 'model_fused.safetensors'
+
+
+def _fused_weights_overlay(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Point the pretrained source at the fused weights file, for `pretrained=True, inference_mode=True`.
+
+    Hub repos and local folders exported by `timm_mobileone.hub` hold `model_fused.safetensors` beside the
+    train-time `model.safetensors`; the fused model loads the former alone. An explicit `file=` is used as given.
+    """
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    if cfg.source == 'local-dir':
+        folder = Path(cfg.file)
+        fused = folder / FUSED_WEIGHTS_NAME
+        if not fused.is_file():
+            raise FileNotFoundError(
+                f'{folder} has no {FUSED_WEIGHTS_NAME}, which inference_mode=True loads: drop inference_mode to load '
+                f'the train-time weights and fuse them with timm.utils.reparameterize_model(model), or export the '
+                f'folder with `python -m timm_mobileone.hub export`.')
+        return dict(source='', file=str(fused))
+    if cfg.file or cfg.state_dict:
+        return {}
+    if cfg.hf_hub_id:
+        return dict(hf_hub_filename=FUSED_WEIGHTS_NAME)
+    raise RuntimeError(f'No fused weights exist for {variant}.{cfg.tag}: load it without inference_mode=True and '
+                       f'call model.reparameterize().')
+
+
 def _create_mobileone_112(variant: str, pretrained: bool = False, **kwargs) -> MobileOne112:
-    return build_model_with_cfg(
-        MobileOne112,
-        variant,
-        pretrained,
-        model_cfg=model_cfgs[variant],
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
-        **kwargs,
-    )
+    fused_source = pretrained and kwargs.get('inference_mode', False)
+    if fused_source:
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+        overlay.update(_fused_weights_overlay(variant, kwargs))
+        kwargs['pretrained_cfg_overlay'] = overlay
+    try:
+        return build_model_with_cfg(
+            MobileOne112,
+            variant,
+            pretrained,
+            model_cfg=model_cfgs[variant],
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+            **kwargs,
+        )
+    except EntryNotFoundError as e:
+        if not fused_source:
+            raise
+        raise RuntimeError(
+            f'{kwargs.get("pretrained_cfg_overlay", {}).get("hf_hub_filename", FUSED_WEIGHTS_NAME)} not found in the '
+            f'Hub repo of {variant}: drop inference_mode=True to load its train-time weights, then fuse them with '
+            f'timm.utils.reparameterize_model(model).') from e
 
 
 def _mobileone_112_cfg(

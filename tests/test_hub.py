@@ -1,0 +1,300 @@
+"""Hub folders: export -> load both forms through timm (local-dir:, hf-hub: via a loopback Hub), cards, push."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import timm
+from timm_mobileone import hub
+
+from conftest import calibrate_bn, rel_err
+from hub_server import HubServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A train-time S0 checkpoint with calibrated BN statistics, as safetensors."""
+    torch.manual_seed(0)
+    model = calibrate_bn(timm.create_model('mobileone_112_s0'))
+    path = tmp_path_factory.mktemp('ckpt') / 's0.safetensors'
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
+@pytest.fixture(scope='module')
+def exported(trained, tmp_path_factory):
+    _, ckpt = trained
+    out = tmp_path_factory.mktemp('export') / 'mobileone_112_s0.test_tag'
+    results = out.parent / 'lfw.json'
+    results.write_text(json.dumps(dict(
+        model='mobileone_112_s0', dataset='lfw', num_pairs=6000, accuracy=0.99517, accuracy_std=0.00361,
+        tar_at_far=0.981, far_target=0.001, flip=True, command='python -m eval.lfw --data lfw.bin')))
+    summary = hub.export('mobileone_112_s0', str(ckpt), 'test_tag', str(out), results=[str(results)],
+                         repo_id='testorg/mobileone_112_s0.test_tag')
+    return out, summary
+
+
+def test_export_writes_the_four_files(exported):
+    out, summary = exported
+    assert sorted(p.name for p in out.iterdir()) == sorted(hub.EXPORT_FILES)  # no temporary leftovers
+    assert summary['fusion_rel_err_float64'] <= 1e-8
+    # S0's 4 conv branches and scale/skip branches fold away: the fused file is about 3x smaller
+    assert summary['fused_params'] * 2.5 < summary['params']
+    assert summary['files']['model_fused.safetensors'] * 2.5 < summary['files']['model.safetensors']
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'mobileone_112_s0'
+    assert config['num_classes'] == 0 and config['num_features'] == 1024
+    assert config['pretrained_cfg']['tag'] == 'test_tag'
+    assert config['pretrained_cfg']['input_size'] == [3, 112, 112]
+    assert config['pretrained_cfg']['mean'] == [0.5, 0.5, 0.5]
+
+
+def test_card_parses_with_model_card(exported):
+    from huggingface_hub import ModelCard
+    out, _ = exported
+    card = ModelCard.load(out / 'README.md')
+    data = card.data.to_dict()
+    assert data['library_name'] == 'timm' and data['pipeline_tag'] == 'image-feature-extraction'
+    assert set(hub.CARD_TAGS) <= set(data['tags'])
+    assert data['license'] == 'apache-2.0'
+    results = data['model-index'][0]['results']
+    accuracy = [r for r in results if r['metrics'][0]['type'] == 'accuracy'][0]
+    assert accuracy['dataset']['type'] == 'lfw' and accuracy['metrics'][0]['value'] == 0.99517
+    text = card.text
+    order = [text.index(h) for h in ('# Model card for', '## Model Details', '## Model Usage', '## Model Comparison',
+                                     '## Citation')]
+    assert order == sorted(order)
+    assert 'import timm_mobileone' in text and 'python -m eval.lfw --data lfw.bin' in text
+    assert 'inference_mode=True' in text and 'reparameterize_model' in text
+
+
+def _embed(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_local_dir_loads_both_forms(exported, trained):
+    out, _ = exported
+    model, _ = trained
+    x = torch.randn(2, 3, 112, 112)
+    expected = _embed(model, x)
+    train = timm.create_model(f'local-dir:{out}', pretrained=True)
+    fused = timm.create_model(f'local-dir:{out}', pretrained=True, inference_mode=True)
+    assert any('conv_kxk' in k for k in train.state_dict())
+    assert not any('conv_kxk' in k for k in fused.state_dict())
+    assert rel_err(_embed(train, x), expected) == 0
+    assert rel_err(_embed(fused, x), expected) <= 1e-4
+    assert tuple(timm.data.resolve_model_data_config(fused)['mean']) == (0.5, 0.5, 0.5)
+
+
+def test_local_dir_without_fused_file_is_a_clear_error(exported, tmp_path):
+    out, _ = exported
+    partial = tmp_path / 'partial'
+    partial.mkdir()
+    for name in ('model.safetensors', 'config.json'):
+        (partial / name).write_bytes((out / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match='has no model_fused.safetensors'):
+        timm.create_model(f'local-dir:{partial}', pretrained=True, inference_mode=True)
+
+
+@pytest.fixture
+def hub_server(exported, tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+    out, _ = exported
+    with HubServer({'testorg/mobileone_112_s0.test_tag': out}) as server:
+        monkeypatch.setattr(constants, 'ENDPOINT', server.url)
+        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', server.url + '/{repo_id}/resolve/{revision}/{filename}')
+        monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hf_cache'))
+        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+        yield server
+
+
+def test_hf_hub_train_time_and_fused(hub_server, trained):
+    model, _ = trained
+    x = torch.randn(2, 3, 112, 112)
+    expected = _embed(model, x)
+
+    fused = timm.create_model('hf-hub:testorg/mobileone_112_s0.test_tag', pretrained=True, inference_mode=True)
+    assert rel_err(_embed(fused, x), expected) <= 1e-4
+    # the fused load fetches the config and the fused weights only
+    assert sorted(set(hub_server.files_fetched())) == ['config.json', 'model_fused.safetensors']
+
+    train = timm.create_model('hf-hub:testorg/mobileone_112_s0.test_tag', pretrained=True)
+    assert rel_err(_embed(train, x), expected) == 0
+    assert 'model.safetensors' in hub_server.files_fetched()
+
+
+def test_registry_tag_with_hub_id_loads_both_forms(hub_server, trained):
+    model, _ = trained
+    x = torch.randn(2, 3, 112, 112)
+    overlay = dict(hf_hub_id='testorg/mobileone_112_s0.test_tag')
+    fused = timm.create_model('mobileone_112_s0', pretrained=True, inference_mode=True, pretrained_cfg_overlay=overlay)
+    assert rel_err(_embed(fused, x), _embed(model, x)) <= 1e-4
+    assert 'model.safetensors' not in hub_server.files_fetched()
+    train = timm.create_model('mobileone_112_s0', pretrained=True, pretrained_cfg_overlay=overlay)
+    assert rel_err(_embed(train, x), _embed(model, x)) == 0
+
+
+def test_hub_repo_without_fused_file(hub_server, exported, tmp_path):
+    out, _ = exported
+    partial = tmp_path / 'partial'
+    partial.mkdir()
+    for name in ('model.safetensors', 'config.json'):
+        (partial / name).write_bytes((out / name).read_bytes())
+    hub_server.repos['testorg/partial'] = partial
+    with pytest.raises(RuntimeError, match='model_fused.safetensors not found'):
+        timm.create_model('hf-hub:testorg/partial', pretrained=True, inference_mode=True)
+
+
+def test_offline_with_nothing_cached(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'), HF_HUB_CACHE=str(tmp_path / 'hf' / 'hub'))
+    code = ("import timm, timm_mobileone\n"
+            "timm.create_model('hf-hub:testorg/mobileone_112_s0.test_tag', pretrained=True)")
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode != 0
+    assert 'offline' in proc.stderr.lower() or 'cannot find' in proc.stderr.lower()
+
+
+def test_real_hf_endpoint_env_var_in_a_fresh_process(exported, tmp_path):
+    """What users do: HF_ENDPOINT set before anything is imported, the library's own cache layout."""
+    out, _ = exported
+    with HubServer({'testorg/mobileone_112_s0.test_tag': out}) as server:
+        env = dict(os.environ, HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / 'hf'), HF_HUB_OFFLINE='0')
+        env.pop('HF_HUB_CACHE', None)
+        code = ("import timm, timm_mobileone, torch\n"
+                "m = timm.create_model('hf-hub:testorg/mobileone_112_s0.test_tag', pretrained=True, "
+                "inference_mode=True).eval()\n"
+                "print(tuple(m(torch.zeros(1, 3, 112, 112)).shape))")
+        proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == '(1, 512)'
+        assert (tmp_path / 'hf' / 'hub' / 'models--testorg--mobileone_112_s0.test_tag').is_dir()
+        assert set(server.files_fetched()) == {'config.json', 'model_fused.safetensors'}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: one clear line, exit code 2, nothing half-written
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, '-m', 'timm_mobileone.hub', *args], capture_output=True, text=True,
+                          cwd=REPO, env=env)
+
+
+def _assert_user_error(proc, match):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and match in lines[0] and 'Traceback' not in proc.stderr, proc.stderr
+
+
+def test_export_of_another_variant_is_refused(trained, tmp_path):
+    _, ckpt = trained
+    out = tmp_path / 'out'
+    proc = _cli('export', '--model', 'mobileone_112_s1', '--checkpoint', str(ckpt), '--tag', 't', '--out', str(out))
+    _assert_user_error(proc, 'does not fit mobileone_112_s1')
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+def test_export_of_a_corrupt_safetensors_is_refused(trained, tmp_path, damage):
+    _, ckpt = trained
+    bad = tmp_path / 'bad.safetensors'
+    data = ckpt.read_bytes()
+    bad.write_bytes(data[:len(data) // 3] if damage == 'truncated' else b'\x00' * 64)
+    out = tmp_path / 'out'
+    proc = _cli('export', '--model', 'mobileone_112_s0', '--checkpoint', str(bad), '--tag', 't', '--out', str(out))
+    _assert_user_error(proc, 'bad.safetensors: cannot be read')
+    assert not out.exists()
+
+
+def test_export_of_a_fused_checkpoint_is_refused(trained, tmp_path):
+    model, _ = trained
+    fused = tmp_path / 'fused.pth'
+    torch.save(timm.utils.reparameterize_model(model).state_dict(), fused)
+    proc = _cli('export', '--model', 'mobileone_112_s0', '--checkpoint', str(fused), '--tag', 't',
+                '--out', str(tmp_path / 'o'))
+    _assert_user_error(proc, 'already fused')
+
+
+def test_export_refuses_when_fusion_fails(trained, tmp_path):
+    model, _ = trained
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd['stages.1.0.conv_kxk.0.bn.running_var'].fill_(float('nan'))
+    ckpt = tmp_path / 'nan.pth'
+    torch.save(sd, ckpt)
+    out = tmp_path / 'out'
+    with pytest.raises(hub.HubError, match='refusing to export'):
+        hub.export('mobileone_112_s0', str(ckpt), 't', str(out))
+    assert not out.exists()  # nothing written, not even the folder
+
+
+def test_interrupted_export_leaves_no_final_file(trained, tmp_path, monkeypatch):
+    _, ckpt = trained
+    out = tmp_path / 'out'
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub, 'render_card', boom)
+    with pytest.raises(KeyboardInterrupt):
+        hub.export('mobileone_112_s0', str(ckpt), 't', str(out))
+    assert list(out.iterdir()) == []
+
+
+def test_push_without_token(exported, tmp_path):
+    out, _ = exported
+    env = {k: v for k, v in os.environ.items() if k not in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN')}
+    env['HF_HOME'] = str(tmp_path / 'empty_home')
+    proc = _cli('push', str(out), '--repo-id', 'testorg/x', env=env)
+    _assert_user_error(proc, 'no Hugging Face token')
+
+
+def test_push_checks_the_folder(tmp_path):
+    (tmp_path / 'config.json').write_text('{}')
+    _assert_user_error(_cli('push', str(tmp_path), '--repo-id', 'testorg/x'), 'missing model.safetensors')
+    _assert_user_error(_cli('push', str(tmp_path / 'nope'), '--repo-id', 'testorg/x'), 'no such folder')
+
+
+def test_push_uploads_the_folder(exported, monkeypatch):
+    """push drives huggingface_hub's HfApi: create the repo and branch, upload exactly the exported files."""
+    out, _ = exported
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None, **kwargs):
+            calls.append(('init', token))
+
+        def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
+            calls.append(('create_repo', repo_id, private))
+            return type('Url', (), {'repo_id': repo_id})()
+
+        def create_branch(self, repo_id, branch, exist_ok=False):
+            calls.append(('create_branch', branch))
+
+        def upload_folder(self, repo_id, folder_path, revision=None, commit_message='', allow_patterns=None):
+            calls.append(('upload_folder', repo_id, folder_path, revision, tuple(allow_patterns)))
+            return type('Info', (), {'commit_url': f'https://hub/{repo_id}/commit/1'})()
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
+    result = hub.push(str(out), 'testorg/m', private=True, revision='v1', token='hf_x')
+    assert calls == [('init', 'hf_x'), ('create_repo', 'testorg/m', True), ('create_branch', 'v1'),
+                     ('upload_folder', 'testorg/m', str(out), 'v1', hub.EXPORT_FILES)]
+    assert result['commit_url'].endswith('/commit/1')
+
+
+def test_card_command_writes_a_card(tmp_path, exported):
+    out_card = tmp_path / 'cards' / 'README.md'
+    result = hub.main(['card', '--model', 'mobileone_112_s0', '--tag', 'test_tag', '--out', str(out_card)])
+    assert result['card'] == str(out_card)
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(out_card)
+    assert card.data.library_name == 'timm'
+    assert 'No evaluation results were recorded' in card.text
