@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -16,12 +17,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from timm_mobileone._io import atomic_write
+from timm_mobileone._io import atomic_write, keep_freed_memory_for_reuse
 
 from . import _verification as V
 from ._data import PackError, PairImages, VerificationSet, collate_images, load_verification_set, read_embeddings
 
 _logger = logging.getLogger('eval')
+
+
+# Decoding workers pay off once the model's threads leave cores free: on the 2-core box a worker competing with the
+# model's 2 threads made an LFW-size eval 1.24x its forward passes, decoding in the main process 1.11x
+# (benchmarks/eval_speed.py, README).
+DEFAULT_WORKERS = max(0, min(4, (os.cpu_count() or 1) - 2))
 
 
 class UserError(Exception):
@@ -39,14 +46,15 @@ def build_parser(prog: str, description: str, default_targets: Sequence[str], mu
                         help='verification data: an insightface .bin pack, or a folder of aligned images with '
                              'pairs.txt' + (' (repeatable)' if multi else ''))
     parser.add_argument('--data-dir', default='',
-                        help=f'folder holding the packs named by --targets (default targets: {",".join(default_targets)})')
+                        help=f'folder holding the packs named by --targets (default: {",".join(default_targets)})')
     parser.add_argument('--targets', default=','.join(default_targets),
                         help='comma-separated pack names looked up in --data-dir as NAME.bin')
     parser.add_argument('--embeddings', action='append', default=None, metavar='E.npy',
                         help='score precomputed (2N x D, interleaved pairs) embeddings instead of running a model; '
                              'one per dataset, in --data order; labels come from the data')
     parser.add_argument('-b', '--batch-size', type=int, default=64, help='images per forward pass')
-    parser.add_argument('-j', '--workers', type=int, default=1, help='DataLoader workers decoding JPEGs')
+    parser.add_argument('-j', '--workers', type=int, default=DEFAULT_WORKERS,
+                        help='DataLoader worker processes decoding JPEGs (0: decode in the main process)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     parser.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 on CUDA)')
     parser.add_argument('--no-flip', dest='flip', action='store_false',
@@ -277,6 +285,7 @@ def run(args, datasets: List[VerificationSet]) -> Dict:
         reparam=bool(args.reparam and not args.embeddings),
         input_size=list(data_cfg['input_size']) if data_cfg else None,
         num_folds=args.num_folds,
+        command=args.command,
     )
     return dict(common=common, results=results, seconds=round(time.perf_counter() - t_start, 3),
                 versions=_versions())
@@ -295,6 +304,7 @@ def cli(fn: Callable[[Optional[List[str]]], Dict]) -> Callable[[Optional[List[st
 
     def main(argv: Optional[List[str]] = None) -> Dict:
         logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s', stream=sys.stderr)
+        keep_freed_memory_for_reuse()
         try:
             return fn(argv)
         except (UserError, PackError) as e:
@@ -311,6 +321,7 @@ def cli(fn: Callable[[Optional[List[str]]], Dict]) -> Callable[[Optional[List[st
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]):
     args = parser.parse_args(argv)
+    args.command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
     if args.verbose:
         logging.getLogger().setLevel(logging.INFO)
     if args.batch_size < 1:

@@ -219,7 +219,8 @@ class PairImages(torch.utils.data.Dataset):
             img = self._decode(index)
         except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError / truncated are OSErrors
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return index, torch.zeros(3, h, w, dtype=torch.uint8), f'{self.source}: image {index} cannot be decoded ({msg})'
+            blank = torch.zeros(3, h, w, dtype=torch.uint8)
+            return index, blank, f'{self.source}: image {index} cannot be decoded ({msg})'
         if tuple(img.shape[-2:]) != (h, w):
             return index, torch.zeros(3, h, w, dtype=torch.uint8), (
                 f'{self.source}: image {index} is {img.shape[-1]}x{img.shape[-2]}, expected aligned {w}x{h} '

@@ -18,7 +18,8 @@ def _to_apple_keys(state_dict):
         k = re.sub(r'^stem\.', 'stage0.', k)
         k = re.sub(r'^stages\.(\d+)\.', lambda m: f'stage{int(m.group(1)) + 1}.', k)
         k = k.replace('.conv_kxk.', '.rbr_conv.').replace('.conv_scale.', '.rbr_scale.')
-        k = k.replace('.identity.', '.rbr_skip.').replace('.attn.fc1.', '.se.reduce.').replace('.attn.fc2.', '.se.expand.')
+        k = k.replace('.identity.', '.rbr_skip.')
+        k = k.replace('.attn.fc1.', '.se.reduce.').replace('.attn.fc2.', '.se.expand.')
         k = re.sub(r'^head\.fc\.', 'linear.', k)
         out[k] = v
     return out

@@ -20,7 +20,7 @@ COMMON = ['--model', 'mobileone_112_s0', '--batch-size', '16', '--workers', '0',
 KEYS = {'model': str, 'checkpoint': (str, type(None)), 'dataset': str, 'num_pairs': int, 'flip': bool,
         'accuracy': float, 'accuracy_std': float, 'thresholds': list, 'tar_at_far': (float, type(None)),
         'auc': (float, type(None)), 'xnorm': float, 'seconds': float, 'versions': dict, 'reparam': bool,
-        'input_size': list, 'tag': str}
+        'input_size': list, 'tag': str, 'command': str}
 
 
 @pytest.fixture(scope='module')
@@ -52,6 +52,22 @@ def test_lfw_json_keys_and_types(pack, checkpoint, capsys, tmp_path):
     assert printed['num_pairs'] == 25 and printed['dataset'] == 'lfw' and printed['flip'] and printed['reparam']
     assert len(printed['thresholds']) == 10 and 0 <= printed['accuracy'] <= 1
     assert printed['input_size'] == [3, 112, 112] and printed['tag'] == 'untrained'
+    assert printed['command'].startswith('python -m eval.lfw --model mobileone_112_s0')
+
+
+def test_results_file_on_a_device_is_written_in_place(pack, checkpoint, tmp_path):
+    """--results-file /dev/stdout or a FIFO must be written, not replaced by a renamed temporary file."""
+    import os
+    import threading
+    fifo = tmp_path / 'results.fifo'
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo).read()))
+    reader.start()
+    lfw.main(COMMON + ['--checkpoint', str(checkpoint), '--data', str(pack), '--results-file', str(fifo)])
+    reader.join(timeout=30)
+    assert fifo.is_fifo()
+    assert json.loads(received[0])['dataset'] == 'lfw'
 
 
 def test_embeddings_follow_the_protocol(pack, checkpoint, tmp_path):

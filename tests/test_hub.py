@@ -110,7 +110,8 @@ def hub_server(exported, tmp_path, monkeypatch):
     out, _ = exported
     with HubServer({'testorg/mobileone_112_s0.test_tag': out}) as server:
         monkeypatch.setattr(constants, 'ENDPOINT', server.url)
-        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', server.url + '/{repo_id}/resolve/{revision}/{filename}')
+        template = server.url + '/{repo_id}/resolve/{revision}/{filename}'
+        monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', template)
         monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'hf_cache'))
         monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
         yield server

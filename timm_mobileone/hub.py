@@ -2,7 +2,7 @@
 
     python -m timm_mobileone.hub export --model mobileone_112_s1 --checkpoint CKPT --tag TAG --out DIR \
         [--results lfw.json ...]
-    python -m timm_mobileone.hub card --model mobileone_112_s1 --tag TAG --repo-id ORG/NAME [--results ...] --out README.md
+    python -m timm_mobileone.hub card --model mobileone_112_s1 --tag TAG --repo-id ORG/NAME [--results ...]
     python -m timm_mobileone.hub push DIR --repo-id ORG/NAME [--private] [--revision REV]
 
 An exported folder is one Hub repo: `model.safetensors` (train-time form, the file timm loads by default),
@@ -105,7 +105,8 @@ def infer_model_args(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
 
 def load_train_time_model(model_name: str, checkpoint: str, **model_args) -> torch.nn.Module:
     if model_name not in timm.list_models('mobileone_112_*'):
-        raise HubError(f'--model {model_name}: not a mobileone_112 model ({", ".join(timm.list_models("mobileone_112_*"))})')
+        names = ', '.join(timm.list_models('mobileone_112_*'))
+        raise HubError(f'--model {model_name}: not a mobileone_112 model ({names})')
     state_dict = read_checkpoint(checkpoint)
     if any('reparam_conv' in k for k in state_dict):
         raise HubError(f'--checkpoint {checkpoint}: already fused (reparam_conv weights); export needs the '
