@@ -60,7 +60,7 @@ def forward_only(args) -> dict:
     import torch
     import timm
     import timm_mobileone  # noqa: F401
-    from eval._data import PairImages, load_pack
+    from timm_mobileone.data import PairImages, load_pack
     from timm_mobileone._io import keep_freed_memory_for_reuse
     keep_freed_memory_for_reuse()  # as the eval CLI does: both sides run under the same allocator setting
     torch.set_flush_denormal(True)

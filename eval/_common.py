@@ -20,7 +20,8 @@ import torch
 from timm_mobileone._io import atomic_write, keep_freed_memory_for_reuse
 
 from . import _verification as V
-from ._data import PackError, PairImages, VerificationSet, collate_images, load_verification_set, read_embeddings
+from timm_mobileone.data import (
+    PackError, PairImages, VerificationSet, collate_images, load_verification_set, read_embeddings)
 
 _logger = logging.getLogger('eval')
 
@@ -41,6 +42,9 @@ def build_parser(prog: str, description: str, default_targets: Sequence[str], mu
     parser.add_argument('-m', '--model', default='mobileone_112_s0',
                         help="timm model: a registry name (with optional .tag), 'hf-hub:ORG/NAME' or 'local-dir:DIR'")
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained weights of --model')
+    parser.add_argument('--onnx', default='', metavar='MODEL.onnx',
+                        help='run this ONNX model (FP32 or INT8, from timm_mobileone.export) in ONNX Runtime instead; '
+                             "--model then only supplies the preprocessing cfg")
     parser.add_argument('--checkpoint', default='', help='load this checkpoint (state dict) into the model')
     parser.add_argument('--data', action='append', default=None, metavar='PATH',
                         help='verification data: an insightface .bin pack, or a folder of aligned images with '
@@ -88,9 +92,39 @@ def resolve_data(args, default_targets: Sequence[str], load_images: bool = True)
     return [load_verification_set(p) for p in paths]
 
 
+class OnnxModel:
+    """An ONNX Runtime session called like a model: (B, C, H, W) tensor in, (B, D) tensor out."""
+
+    def __init__(self, path: str, pretrained_cfg: Dict):
+        from timm_mobileone.export import ort_session
+        self.session = ort_session(path)
+        self.input_name = self.session.get_inputs()[0].name
+        batch = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) else None
+        self.pretrained_cfg = pretrained_cfg
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        step = self.fixed_batch or len(x)
+        outs = [self.session.run(None, {self.input_name: x[i:i + step]})[0] for i in range(0, len(x), step)]
+        return torch.from_numpy(np.concatenate(outs))
+
+
 def create_model(args):
     import timm
     import timm_mobileone  # noqa: F401  (registers the mobileone_112 models)
+    if args.onnx:
+        if not Path(args.onnx).is_file():
+            raise UserError(f'--onnx {args.onnx}: no such file')
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise UserError('--onnx needs onnxruntime (pip install onnxruntime)') from None
+        try:
+            cfg = timm.create_model(args.model).pretrained_cfg
+            return OnnxModel(args.onnx, cfg)
+        except RuntimeError as e:
+            raise UserError(f'--onnx {args.onnx}: {str(e).strip().splitlines()[0]}') from None
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise UserError(f'--checkpoint {args.checkpoint}: no such file')
     try:
@@ -256,7 +290,11 @@ def run(args, datasets: List[VerificationSet]) -> Dict:
             raise UserError(f'{len(args.embeddings)} --embeddings files for {len(datasets)} datasets')
     else:
         model = create_model(args)
-        data_cfg = timm.data.resolve_model_data_config(model)
+        if isinstance(model, OnnxModel):
+            args.channels_last = False
+            data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)
+        else:
+            data_cfg = timm.data.resolve_model_data_config(model)
     for i, ds in enumerate(datasets):
         t0 = time.perf_counter()
         if args.embeddings:
@@ -279,10 +317,11 @@ def run(args, datasets: List[VerificationSet]) -> Dict:
     common = dict(
         model=args.model if not args.embeddings else None,
         tag=(model.pretrained_cfg.get('tag') if model is not None else None),
+        onnx=args.onnx or None,
         checkpoint=args.checkpoint or None,
         embeddings=args.embeddings or None,
         flip=bool(args.flip and not args.embeddings),
-        reparam=bool(args.reparam and not args.embeddings),
+        reparam=bool(args.reparam and not args.embeddings and not args.onnx),
         input_size=list(data_cfg['input_size']) if data_cfg else None,
         num_folds=args.num_folds,
         command=args.command,

@@ -29,8 +29,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-SHARED_DATA = __import__('pathlib').Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+def _shared_data():
+    """The project's shared test data: $TIMM_MOBILEONE_SHARED_DATA, or shared/data beside (or in) the checkout."""
+    import os
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [os.environ.get('TIMM_MOBILEONE_SHARED_DATA'), repo.parent / 'shared' / 'data',
+                  repo / 'shared' / 'data']
+    for c in candidates:
+        if c and (Path(c) / 'small_lfw.bin').is_file():
+            return Path(c)
+    return repo.parent / 'shared' / 'data'
+
+
+SHARED_DATA = _shared_data()
 SMALL_LFW = SHARED_DATA / 'small_lfw.bin'
+needs_small_lfw = pytest.mark.skipif(not SMALL_LFW.is_file(), reason=f'{SMALL_LFW} not found (shared test data)')
 
 
 def jpeg_bytes(rng, size=(112, 112), quality=90) -> bytes:

@@ -13,7 +13,7 @@ import timm
 from eval import cfp, lfw, verify
 from eval import _verification as V
 
-from conftest import SMALL_LFW, make_pack
+from conftest import SMALL_LFW, needs_small_lfw, make_pack
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ['--model', 'mobileone_112_s0', '--batch-size', '16', '--workers', '0', '--no-progress']
@@ -121,6 +121,7 @@ def test_cfp_finds_both_packs_in_data_dir(checkpoint, tmp_path):
     assert [r['dataset'] for r in result['results']] == ['cfp_fp', 'cfp_ff']
 
 
+@needs_small_lfw
 def test_small_lfw_end_to_end(capsys):
     result = lfw.main(COMMON + ['--data', str(SMALL_LFW)])
     assert result['num_pairs'] == 10
@@ -131,6 +132,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True, cwd=REPO)
 
 
+@needs_small_lfw
 @pytest.mark.parametrize('argv, match', [
     (['eval.lfw', '--data', 'missing.bin'], 'missing.bin: no such file'),
     (['eval.lfw', '--model', 'not_a_model', '--data', str(SMALL_LFW)], "cannot create model 'not_a_model'"),

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval._data import PackError, PairImages, load_pack, load_pairs_folder, load_verification_set, read_embeddings
+from timm_mobileone.data import (
+    PackError, PairImages, load_pack, load_pairs_folder, load_verification_set, read_embeddings)
 
-from conftest import SMALL_LFW, jpeg_bytes, make_pack
+from conftest import SMALL_LFW, needs_small_lfw, jpeg_bytes, make_pack
 
 
 def _decode_all(ds, size=(112, 112)):
@@ -16,6 +17,7 @@ def _decode_all(ds, size=(112, 112)):
     return [data[i] for i in range(len(data))]
 
 
+@needs_small_lfw
 def test_small_lfw_pack_loads_and_decodes():
     ds = load_pack(SMALL_LFW)
     assert ds.num_pairs == 10 and ds.issame.all() and len(ds.images) == 20

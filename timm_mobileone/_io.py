@@ -21,6 +21,9 @@ def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], None]) -> 
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

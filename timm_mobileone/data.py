@@ -1,5 +1,8 @@
 """Verification pairs: insightface `.bin` packs, aligned image folders with an LFW `pairs.txt`, embedding files.
 
+In the package (not in `eval/`) because the eval CLIs, INT8 calibration (`timm_mobileone.export`) and training
+validation all read the same packs.
+
 A `.bin` pack is a pickle of `(bins, issame_list)`: images 2i and 2i+1 form pair i; `bins` holds JPEG bytes (old
 packs: Python-2 pickles) or numpy uint8 arrays of the encoded JPEG (newer packs). A pickle can run code when it is
 loaded, so packs are read with an unpickler that builds only what packs hold (containers, bytes, bools, numpy

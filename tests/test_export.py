@@ -1,0 +1,154 @@
+"""ONNX export of the fused form, INT8 quantization, and the verification eval on the ONNX artifacts."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import timm
+from eval import lfw
+from timm_mobileone import export
+
+from conftest import make_pack
+
+onnx = pytest.importorskip('onnx')
+ort = pytest.importorskip('onnxruntime')
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def pack(tmp_path_factory):
+    return make_pack(tmp_path_factory.mktemp('packs') / 'faces.bin', num_pairs=20, seed=5)
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory, pack):
+    """S0 with BN statistics calibrated on images like the pack's (as training would leave them)."""
+    torch.manual_seed(0)
+    images = export.load_face_images(str(make_pack(tmp_path_factory.mktemp('calib') / 'bn.bin', num_pairs=16,
+                                                   seed=9)), (3, 112, 112), (0.5,) * 3, (0.5,) * 3, 32)
+    model = timm.create_model('mobileone_112_s0').train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.from_numpy(images))
+    path = tmp_path_factory.mktemp('ckpt') / 's0.pth'
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def exported(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp('onnx') / 's0.onnx'
+    result = export.main(['--model', 'mobileone_112_s0', '--checkpoint', str(checkpoint), '--onnx', str(out),
+                          '--dynamic-batch'])
+    return out, result
+
+
+@pytest.fixture(scope='module')
+def quantized(pack, tmp_path_factory):
+    """INT8 of a fresh-init S0 (no trained weights exist here). Random weights with data-calibrated BN statistics
+    make a chaotic network whose INT8 cosine is ~0.46 whatever the calibration: not a property of trained models."""
+    out = tmp_path_factory.mktemp('onnx') / 's0_fresh.onnx'
+    result = export.main(['--model', 'mobileone_112_s0', '--onnx', str(out), '--int8', '--calib', str(pack),
+                          '--calib-images', '24', '--heldout-images', '16'])
+    return out, result
+
+
+def _node_ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_fused_graph_holds_only_plain_ops(exported):
+    path, result = exported
+    ops = _node_ops(path)
+    assert 'BatchNormalization' not in ops and 'Add' not in ops and 'Sum' not in ops
+    assert set(ops) <= export.ALLOWED_OPS
+    assert ops.count('Conv') == 1 + 2 * 21 + 1  # stem, one conv per block, the GDC conv
+    assert result['ort_rel_err'] <= 1e-4
+
+
+def test_onnx_runtime_matches_pytorch_with_dynamic_batch(exported, checkpoint):
+    path, _ = exported
+    fused = timm.utils.reparameterize_model(
+        timm.create_model('mobileone_112_s0', checkpoint_path=str(checkpoint)).eval())
+    x = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        ref = fused(x).numpy()
+    got = export.ort_run(export.ort_session(str(path)), x.numpy())
+    assert got.shape == (3, 512)
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
+
+
+def test_s4_graph_has_only_the_se_ops_extra(tmp_path):
+    out = tmp_path / 's4.onnx'
+    result = export.main(['--model', 'mobileone_112_s4', '--onnx', str(out)])
+    ops = set(_node_ops(out))
+    assert {'Sigmoid', 'Mul'} <= ops and 'BatchNormalization' not in ops and 'Add' not in ops
+    assert ops <= export.ALLOWED_OPS and result['ort_rel_err'] <= 1e-4
+
+
+def test_int8_model_is_quantized_and_close(quantized):
+    _, result = quantized
+    q = result['int8']
+    assert Path(q['onnx']).is_file()
+    assert 'QuantizeLinear' in q['ops'] and 'DequantizeLinear' in q['ops']
+    # per-channel weights: the weight DequantizeLinear nodes carry one scale per output channel
+    model = onnx.load(q['onnx'])
+    inits = {i.name: i for i in model.graph.initializer}
+    per_channel = [n for n in model.graph.node if n.op_type == 'DequantizeLinear' and n.input[1] in inits
+                   and len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1]
+    assert per_channel
+    assert q['heldout_images'] == 16 and q['calib_images'] == 24
+    assert q['cosine_mean'] >= 0.99 and q['cosine_min'] >= 0.98  # on held-out images
+    assert q['latency_ms_int8'] > 0 and q['latency_ratio'] > 0
+
+
+def test_eval_on_onnx_artifacts_matches_pytorch(exported, quantized, checkpoint, pack, capsys):
+    path, _ = exported
+    common = ['--data', str(pack), '--workers', '0', '--no-progress', '--batch-size', '8']
+    torch_run = lfw.main(common + ['--checkpoint', str(checkpoint)])
+    onnx_run = lfw.main(common + ['--onnx', str(path)])
+    assert onnx_run['onnx'] == str(path) and onnx_run['reparam'] is False
+    assert onnx_run['accuracy'] == torch_run['accuracy']
+    assert onnx_run['xnorm'] == pytest.approx(torch_run['xnorm'], rel=1e-4)
+    int8_run = lfw.main(common + ['--onnx', quantized[1]['int8']['onnx']])
+    assert int8_run['num_pairs'] == 20
+
+
+def test_fixed_batch_onnx_runs_image_by_image(tmp_path, checkpoint, pack):
+    out = tmp_path / 'fixed.onnx'
+    export.main(['--model', 'mobileone_112_s0', '--checkpoint', str(checkpoint), '--onnx', str(out)])
+    run = lfw.main(['--data', str(pack), '--workers', '0', '--no-progress', '--onnx', str(out)])
+    assert run['num_pairs'] == 20
+
+
+@pytest.mark.parametrize('argv, match', [
+    (['--model', 'mobileone_112_s0', '--onnx', 'x.onnx', '--int8'], '--int8 needs --calib'),
+    (['--model', 'mobileone_112_s0', '--onnx', 'x.onnx', '--int8', '--calib', 'nope/'], 'no such file or folder'),
+    (['--model', 'nope', '--onnx', 'x.onnx'], "cannot create model 'nope'"),
+    (['--model', 'mobileone_112_s0', '--checkpoint', 'no.pth', '--onnx', 'x.onnx'], 'no.pth: no such file'),
+])
+def test_export_user_errors(argv, match, tmp_path):
+    proc = subprocess.run([sys.executable, '-m', 'timm_mobileone.export', *argv], capture_output=True, text=True,
+                          cwd=tmp_path, env={**__import__('os').environ, 'PYTHONPATH': str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith('[torch.onnx]')]
+    assert len(lines) == 1 and match in lines[0] and 'Traceback' not in proc.stderr
+    assert proc.stdout == ''
+
+
+def test_eval_onnx_missing_file_exits_2(tmp_path, pack):
+    proc = subprocess.run([sys.executable, '-m', 'eval.lfw', '--data', str(pack), '--onnx', str(tmp_path / 'x.onnx')],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and 'x.onnx: no such file' in proc.stderr
+
+
+def test_export_json_is_the_only_stdout(tmp_path):
+    proc = subprocess.run([sys.executable, '-m', 'timm_mobileone.export', '--model', 'mobileone_112_s0', '--onnx',
+                           str(tmp_path / 'a.onnx')], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result['ops'] == ['Conv', 'Gemm', 'Relu', 'Reshape']

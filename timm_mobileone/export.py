@@ -1,0 +1,256 @@
+"""ONNX export of the fused (reparameterized) form, with an optional INT8 (QDQ) model calibrated on face crops.
+
+    python -m timm_mobileone.export --model mobileone_112_s0 --checkpoint CKPT --onnx s0.onnx [--opset 18]
+        [--dynamic-batch] [--int8 --calib lfw.bin|DIR [--int8-onnx s0_int8.onnx]]
+
+The exported graph holds only Conv, Relu, the SE ops of S4 (ReduceMean, Sigmoid, Mul), Reshape/Flatten and Gemm:
+no BatchNormalization, no Add of branches (checked on every export). ONNX Runtime's output is compared with the
+PyTorch fused model's (relative error <= 1e-4), else the export fails.
+
+`--int8` writes a statically quantized model (onnxruntime.quantization: QDQ format, per-channel int8 weights, uint8
+activations, MinMax calibration by default) calibrated on aligned face images from a folder or an insightface
+`.bin` pack, and reports the cosine similarity of INT8 vs FP32 embeddings on held-out images (images never seen by
+the calibration) and the latency ratio at batch 1. stdout carries one JSON object; user mistakes exit with code 2.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import timm
+from timm.utils import reparameterize_model
+
+from ._io import atomic_write
+
+_logger = logging.getLogger(__name__)
+
+ALLOWED_OPS = {'Conv', 'Relu', 'Flatten', 'Reshape', 'Gemm', 'MatMul',  # every variant
+               'GlobalAveragePool', 'ReduceMean', 'Sigmoid', 'Mul'}  # the SE blocks of S4
+ORT_TOLERANCE = 1e-4
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+
+
+class ExportError(Exception):
+    """A user mistake or an export that fails its checks: one line, exit code 2."""
+
+
+def onnx_ops(path: str) -> List[str]:
+    import onnx
+    return sorted({n.op_type for n in onnx.load(path, load_external_data=False).graph.node})
+
+
+def export_onnx(model: torch.nn.Module, path: str, opset: int = 18, dynamic_batch: bool = False) -> None:
+    """torch.onnx's exporter on the fused model; its progress lines go to stderr (stdout is the JSON result)."""
+    input_size = tuple(model.pretrained_cfg['input_size'])
+    x = torch.randn(1, *input_size)
+    kwargs: Dict[str, Any] = dict(dynamo=True, opset_version=opset, input_names=['input'], output_names=['output'],
+                                  external_data=False)  # one self-contained file (these models are small)
+    if dynamic_batch:
+        kwargs['dynamic_shapes'] = {'x': {0: torch.export.Dim('batch', min=1, max=4096)}}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_file = Path(tmp) / out.name
+        with contextlib.redirect_stdout(sys.stderr):
+            torch.onnx.export(model.eval(), (x,), str(tmp_file), **kwargs)
+        atomic_write(out, lambda f: f.write(tmp_file.read_bytes()))
+
+
+def ort_session(path: str, threads: int = 0):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(path, sess_options=opts, providers=['CPUExecutionProvider'])
+
+
+def ort_run(session, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def load_face_images(source: str, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                     limit: int) -> np.ndarray:
+    """Up to `limit` aligned face crops from a folder (recursively) or an insightface pack, normalized, NCHW."""
+    from .data import PackError, PairImages, VerificationSet, load_pack
+    path = Path(source)
+    h, w = input_size[-2:]
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob('*') if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise ExportError(f'--calib {source}: no images ({", ".join(IMAGE_EXTS)}) in the folder')
+        dataset = VerificationSet(name=path.name, source=str(path), issame=np.zeros(0, bool), images=files)
+    elif path.is_file():
+        try:
+            dataset = load_pack(path)
+        except PackError as e:
+            raise ExportError(str(e)) from None
+    else:
+        raise ExportError(f'--calib {source}: no such file or folder')
+    reader = PairImages(dataset, (h, w))
+    out = []
+    for i in range(min(limit, len(reader))):
+        _, img, err = reader[i]
+        if err:
+            raise ExportError(err)
+        out.append(img.numpy())
+    x = np.stack(out).astype(np.float32)
+    mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return (x / 255 - mean) / std
+
+
+def _median_latency(session, x: np.ndarray, repeats: int = 20) -> float:
+    ort_run(session, x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ort_run(session, x)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def quantize_int8(fp32_path: str, int8_path: str, calib: np.ndarray, method: str = 'minmax') -> None:
+    """Static QDQ quantization: per-channel int8 weights, uint8 activations, calibrated on `calib` images."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, images: np.ndarray, name: str):
+            self.batches = iter([{name: images[i:i + 1]} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    methods = dict(minmax=CalibrationMethod.MinMax, percentile=CalibrationMethod.Percentile,
+                   entropy=CalibrationMethod.Entropy)
+    input_name = ort_session(fp32_path).get_inputs()[0].name
+    out = Path(int8_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        pre = Path(tmp) / 'pre.onnx'
+        quant_pre_process(fp32_path, str(pre), skip_symbolic_shape=True)
+        q = Path(tmp) / out.name
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_static(str(pre), str(q), Reader(calib, input_name), quant_format=QuantFormat.QDQ,
+                            per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                            calibrate_method=methods[method])
+        atomic_write(out, lambda f: f.write(q.read_bytes()))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.sum(a * b, axis=1)
+
+
+def create_fused(args) -> torch.nn.Module:
+    import timm_mobileone  # noqa: F401  (registers the models)
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise ExportError(f'--checkpoint {args.checkpoint}: no such file')
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or None)
+    except (RuntimeError, ValueError, OSError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f'cannot create model {args.model!r}: {first}') from None
+    return reparameterize_model(model.eval())
+
+
+def run(args) -> Dict[str, Any]:
+    fused = create_fused(args)
+    cfg = timm.data.resolve_model_data_config(fused)
+    export_onnx(fused, args.onnx, args.opset, args.dynamic_batch)
+    ops = onnx_ops(args.onnx)
+    bad = sorted(set(ops) - ALLOWED_OPS)
+    if bad:
+        raise ExportError(f'{args.onnx}: the fused graph holds {", ".join(bad)} (expected only '
+                          f'{", ".join(sorted(ALLOWED_OPS))}); reparameterization is incomplete')
+    session = ort_session(args.onnx)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2 if args.dynamic_batch else 1, *cfg['input_size']), generator=g)
+    with torch.no_grad():
+        ref = fused(x).numpy()
+    got = ort_run(session, x.numpy())
+    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+    if not err <= ORT_TOLERANCE:
+        raise ExportError(f'{args.onnx}: ONNX Runtime output differs from PyTorch (relative error {err:.3g})')
+    result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint or None, onnx=args.onnx,
+                                  opset=args.opset, dynamic_batch=args.dynamic_batch, ops=ops,
+                                  ort_rel_err=err, input_size=list(cfg['input_size']))
+    if args.int8:
+        if not args.calib:
+            raise ExportError('--int8 needs --calib DIR_OR_PACK (aligned face images)')
+        images = load_face_images(args.calib, cfg['input_size'], cfg['mean'], cfg['std'],
+                                  args.calib_images + args.heldout_images)
+        if len(images) <= args.calib_images:
+            raise ExportError(f'--calib {args.calib}: {len(images)} images; need more than --calib-images '
+                              f'({args.calib_images}) to keep some held out')
+        calib, heldout = images[:args.calib_images], images[args.calib_images:]
+        int8_path = args.int8_onnx or str(Path(args.onnx).with_name(Path(args.onnx).stem + '_int8.onnx'))
+        quantize_int8(args.onnx, int8_path, calib, args.calib_method)
+        q_session = ort_session(int8_path)
+        fp32 = np.concatenate([ort_run(session, heldout[i:i + 1]) for i in range(len(heldout))])
+        int8 = np.concatenate([ort_run(q_session, heldout[i:i + 1]) for i in range(len(heldout))])
+        cos = cosine(int8, fp32)
+        lat_fp32 = _median_latency(session, heldout[:1])
+        lat_int8 = _median_latency(q_session, heldout[:1])
+        result['int8'] = dict(
+            onnx=int8_path, calib=args.calib, calib_images=len(calib), heldout_images=len(heldout),
+            calib_method=args.calib_method, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+            latency_ms_fp32=lat_fp32 * 1e3, latency_ms_int8=lat_int8 * 1e3, latency_ratio=lat_int8 / lat_fp32,
+            ops=onnx_ops(int8_path))
+    return result
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='python -m timm_mobileone.export', description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('-m', '--model', required=True,
+                        help="model: registry name (with .tag), 'hf-hub:ORG/NAME' or 'local-dir:DIR'")
+    parser.add_argument('--pretrained', action='store_true', help='load the pretrained weights of --model')
+    parser.add_argument('--checkpoint', default='', help='train-time checkpoint to load before fusing')
+    parser.add_argument('--onnx', required=True, help='output ONNX file (the fused FP32 model)')
+    parser.add_argument('--opset', type=int, default=18, help='ONNX opset')
+    parser.add_argument('--dynamic-batch', action='store_true', help='export with a dynamic batch dimension')
+    parser.add_argument('--int8', action='store_true', help='also write a statically quantized INT8 (QDQ) model')
+    parser.add_argument('--int8-onnx', default='', help='INT8 output file (default: <onnx stem>_int8.onnx)')
+    parser.add_argument('--calib', default='', help='aligned face images for calibration: a folder or a .bin pack')
+    parser.add_argument('--calib-images', type=int, default=200, help='images used to calibrate')
+    parser.add_argument('--heldout-images', type=int, default=100, help='further images to compare INT8 vs FP32')
+    parser.add_argument('--calib-method', default='minmax', choices=('minmax', 'percentile', 'entropy'),
+                        help='activation range calibration')
+    args = parser.parse_args(argv)
+    if args.calib_images < 1 or args.heldout_images < 1:
+        parser.error('--calib-images and --heldout-images must be >= 1')
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print('error: ONNX export needs onnx and onnxruntime: pip install "timm-mobileone[onnx]"', file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        result = run(args)
+    except ExportError as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(2) from None
+    result['command'] = 'python -m timm_mobileone.export ' + shlex.join(sys.argv[1:] if argv is None else argv)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == '__main__':
+    main()
