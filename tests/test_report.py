@@ -7,11 +7,12 @@ import pytest
 import timm
 
 from timm_mobileone.__main__ import main
+from timm_mobileone.peers import MobileFaceNet
 from timm_mobileone.profile import count_macs, count_params
 
 
-def test_report_json(capsys):
-    result = main(['--json', '-m', 'mobileone_112_s0', '-m', 'mobileone_112_s1'])
+def test_report_sizes_json(capsys):
+    result = main(['--json', '--sizes-only', '-m', 'mobileone_112_s0', '-m', 'mobileone_112_s1'])
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(result))
     rows = {r['model']: r for r in printed['models']}
@@ -24,6 +25,26 @@ def test_report_json(capsys):
     assert printed['versions']['timm'] == timm.__version__
 
 
+def test_report_timing_and_fusion_error(capsys):
+    pytest.importorskip('onnxruntime')
+    result = main(['--json', '-m', 'mobileone_112_s0', '--peer', 'mobilefacenet', '--repeats', '2',
+                   '--batch-size', '4', '--no-progress'])
+    rows = {r['model']: r for r in result['models']}
+    s0 = rows['mobileone_112_s0']
+    assert s0['fusion_rel_err_f64'] <= 1e-8
+    for form in ('train_eager', 'fused_eager', 'fused_ort'):
+        assert s0[f'{form}_latency_ms'] > 0 and s0[f'{form}_per_image_ms'] > 0
+    assert rows['mobilefacenet']['kind'] == 'peer' and rows['mobilefacenet']['fused_ort_latency_ms'] > 0
+
+
+def test_mobilefacenet_reference_matches_the_paper():
+    model = MobileFaceNet().eval()
+    assert count_params(model) == pytest.approx(0.99e6, rel=0.02)  # the paper's 0.99M (PReLU slopes included)
+    assert count_macs(model, (3, 112, 112)) == pytest.approx(0.221e9, rel=0.02)
+    assert any(isinstance(m, __import__('torch').nn.PReLU) for m in model.modules())
+    assert model(__import__('torch').zeros(2, 3, 112, 112)).shape == (2, 128)
+
+
 def test_count_macs_depthwise():
     import torch.nn as nn
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
@@ -31,7 +52,7 @@ def test_count_macs_depthwise():
 
 
 def test_report_table_and_bad_model():
-    ok = subprocess.run([sys.executable, '-m', 'timm_mobileone', '-m', 'mobileone_112_s0'],
+    ok = subprocess.run([sys.executable, '-m', 'timm_mobileone', '--sizes-only', '-m', 'mobileone_112_s0'],
                         capture_output=True, text=True)
     assert ok.returncode == 0
     assert ok.stdout.startswith('| model |') and '| mobileone_112_s0 |' in ok.stdout

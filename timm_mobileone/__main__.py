@@ -1,63 +1,242 @@
-"""The zoo report: `python -m timm_mobileone` prints every mobileone_112 variant's size and compute.
+"""The zoo report: `python -m timm_mobileone` prints every mobileone_112 variant's size, fusion error and CPU speed.
 
-Params and GMACs of the train-time (multi-branch) and fused (reparameterized) forms at the pretrained cfg's input
-size (112x112). Needs no data and no network. `--json` prints one JSON object instead of the table.
+For each variant at the pretrained cfg's input size (112x112): params and GMACs of the train-time (multi-branch)
+and fused (reparameterized) forms; the max relative error of fused vs train-time in float64 on a batch after
+calibrating BN statistics (random-init S4 is chaotic in float32); CPU latency at batch 1 and time per image at
+batch 64 (medians of repeated runs) for the train-time form in PyTorch eager, the fused form in eager, and the
+fused form in ONNX Runtime (when onnxruntime is installed). `--peers` adds the same rows for mobile backbones
+people use at 112x112. Random weights with calibrated BN statistics and flush-to-zero denormals: fresh-init
+MobileOne activations explode, and exploding or denormal values distort timings. No data, no network.
+`--json` prints one JSON object instead of the table; `--plot` saves latency vs GMACs.
 """
 import argparse
+import copy
 import json
-import logging
 import sys
-from typing import Dict, List, Optional
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 import timm
+from timm.utils import reparameterize_model
 
 from . import __version__
-from .profile import profile_model
-
-_logger = logging.getLogger('timm_mobileone')
+from ._io import keep_freed_memory_for_reuse
+from .profile import count_macs, count_params
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    from .peers import PEERS
     parser = argparse.ArgumentParser(
         prog='python -m timm_mobileone', description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('-m', '--model', action='append', default=None, metavar='NAME',
                         help='variant to report (repeatable); default: all mobileone_112_* models')
+    parser.add_argument('--peers', action='store_true', help=f'add the peers: {", ".join(PEERS)}')
+    parser.add_argument('--peer', action='append', default=[], choices=sorted(PEERS), help='add one peer (repeatable)')
+    parser.add_argument('--sizes-only', action='store_true', help='params and GMACs only: no timing, no fusion check')
+    parser.add_argument('--repeats', type=int, default=15, help='timed runs per measurement (median reported)')
+    parser.add_argument('-b', '--batch-size', type=int, default=64, help='batch for the per-image throughput time')
+    parser.add_argument('--threads', type=int, default=0, help='torch / ORT intra-op threads (0: library default)')
+    parser.add_argument('--no-onnx', dest='onnx', action='store_false', help='skip the ONNX Runtime column')
+    parser.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
+    parser.add_argument('--plot', default='', metavar='PNG', help='save a latency (batch 1) vs GMACs plot')
     parser.add_argument('--json', action='store_true', help='print one JSON object instead of a markdown table')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.batch_size < 1:
+        parser.error('--repeats and --batch-size must be >= 1')
+    return args
 
 
-def _table(rows: List[Dict]) -> str:
-    lines = [
-        '| model | params (M) train-time | params (M) fused | GMACs train-time | GMACs fused | input |',
-        '|---|---:|---:|---:|---:|---|',
-    ]
+@torch.no_grad()
+def _calibrate(model: torch.nn.Module, input_size, dtype=torch.float32, steps: int = 3, batch: int = 8):
+    model.train()
+    for _ in range(steps):
+        model(torch.randn((batch, *input_size), dtype=dtype))
+    return model.eval()
+
+
+@torch.no_grad()
+def fusion_rel_err(model: torch.nn.Module, input_size) -> float:
+    """float64 max relative error of the fused copy vs `model` (already BN-calibrated)."""
+    ref = copy.deepcopy(model).double().eval()
+    x = torch.randn((4, *input_size), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a, b = ref(x), reparameterize_model(ref)(x)
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def _median_s(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+@torch.no_grad()
+def time_eager(model: torch.nn.Module, input_size, batch_size: int, repeats: int) -> Dict[str, float]:
+    """Median batch-1 latency (ms) and per-image time at `batch_size` (ms), channels_last (faster on CPU)."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    x1 = torch.randn((1, *input_size)).contiguous(memory_format=torch.channels_last)
+    xb = torch.randn((batch_size, *input_size)).contiguous(memory_format=torch.channels_last)
+    return dict(latency_ms=_median_s(lambda: model(x1), repeats) * 1e3,
+                per_image_ms=_median_s(lambda: model(xb), max(3, repeats // 3)) * 1e3 / batch_size)
+
+
+def time_onnx(model: torch.nn.Module, input_size, batch_size: int, repeats: int, threads: int) -> Dict[str, Any]:
+    from .export import export_onnx, ort_run, ort_session
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / 'model.onnx')
+        model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', {}), input_size=tuple(input_size))
+        export_onnx(model, path, dynamic_batch=True)
+        session = ort_session(path, threads)
+        x1 = np.random.randn(1, *input_size).astype(np.float32)
+        xb = np.random.randn(batch_size, *input_size).astype(np.float32)
+        return dict(latency_ms=_median_s(lambda: ort_run(session, x1), repeats) * 1e3,
+                    per_image_ms=_median_s(lambda: ort_run(session, xb), max(3, repeats // 3)) * 1e3 / batch_size)
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def report_row(name: str, model: torch.nn.Module, args, kind: str, bar=None) -> Dict[str, Any]:
+    input_size = tuple(model.pretrained_cfg['input_size'])
+    torch.manual_seed(0)
+    _calibrate(model, input_size)
+    fused = reparameterize_model(model)
+    row: Dict[str, Any] = dict(
+        model=name, kind=kind, input_size=input_size,
+        params_m=count_params(model) / 1e6, gmacs=count_macs(model, input_size) / 1e9,
+        fused_params_m=count_params(fused) / 1e6, fused_gmacs=count_macs(fused, input_size) / 1e9,
+    )
+    if args.sizes_only:
+        return row
+    try:
+        row['fusion_rel_err_f64'] = fusion_rel_err(model, input_size)
+    except RuntimeError as e:  # some peers' reparameterization builds float32 tensors whatever the model's dtype
+        print(f'warning: {name}: no float64 fusion check ({str(e).strip().splitlines()[0][:200]})', file=sys.stderr)
+        row['fusion_rel_err_f64'] = None
+    for form, m in (('train_eager', model), ('fused_eager', fused)):
+        t = time_eager(copy.deepcopy(m), input_size, args.batch_size, args.repeats)
+        row[f'{form}_latency_ms'], row[f'{form}_per_image_ms'] = t['latency_ms'], t['per_image_ms']
+        if bar is not None:
+            bar.update(1)
+    if args.onnx:
+        try:
+            t = time_onnx(copy.deepcopy(fused), input_size, args.batch_size, args.repeats, args.threads)
+            row['fused_ort_latency_ms'], row['fused_ort_per_image_ms'] = t['latency_ms'], t['per_image_ms']
+        except Exception as e:  # an exporter gap in a peer must not end the report
+            print(f'warning: {name}: ONNX export failed ({str(e).strip().splitlines()[0][:200]})', file=sys.stderr)
+            row['fused_ort_latency_ms'] = row['fused_ort_per_image_ms'] = None
+        if bar is not None:
+            bar.update(1)
+    return row
+
+
+def _fmt(v, spec):
+    return '' if v is None else format(v, spec)
+
+
+def table(rows: List[Dict[str, Any]]) -> str:
+    timed = 'train_eager_latency_ms' in rows[0]
+    head = '| model | params (M) train / fused | GMACs train / fused |'
+    sep = '|---|---:|---:|'
+    if timed:
+        head += (' fused vs train rel. err (f64) | batch 1 latency (ms): train eager / fused eager / fused ORT |'
+                 ' per image at batch B (ms): train eager / fused eager / fused ORT |')
+        sep += '---:|---:|---:|'
+    lines = [head, sep]
     for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['params_m']:.2f} | {r['fused_params_m']:.2f} | {r['gmacs']:.3f} "
-            f"| {r['fused_gmacs']:.3f} | {r['input_size'][1]}x{r['input_size'][2]} |")
+        line = (f"| {r['model']} | {r['params_m']:.2f} / {r['fused_params_m']:.2f} "
+                f"| {r['gmacs']:.3f} / {r['fused_gmacs']:.3f} |")
+        if timed:
+            line += (f" {_fmt(r['fusion_rel_err_f64'], '.1e')} | {r['train_eager_latency_ms']:.2f} / "
+                     f"{r['fused_eager_latency_ms']:.2f} / {_fmt(r.get('fused_ort_latency_ms'), '.2f')} | "
+                     f"{r['train_eager_per_image_ms']:.2f} / {r['fused_eager_per_image_ms']:.2f} / "
+                     f"{_fmt(r.get('fused_ort_per_image_ms'), '.2f')} |")
+        lines.append(line)
     return '\n'.join(lines)
+
+
+def plot(rows: List[Dict[str, Any]], path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, marker in (('train_eager_latency_ms', 'train-time, eager', 'o'),
+                               ('fused_eager_latency_ms', 'fused, eager', 's'),
+                               ('fused_ort_latency_ms', 'fused, ONNX Runtime', '^')):
+        pts = [(r['fused_gmacs'] if 'fused' in key else r['gmacs'], r.get(key), r['model']) for r in rows
+               if r.get(key) is not None]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+        if key == 'fused_ort_latency_ms':
+            for x, y, name in pts:
+                ax.annotate(name.replace('mobileone_112_', ''), (x, y), textcoords='offset points', xytext=(4, 3),
+                            fontsize=7)
+    ax.set_xlabel('GMACs at 112x112')
+    ax.set_ylabel('CPU latency, batch 1 (ms)')
+    ax.set_yscale('log')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title('mobileone_112 and peers: latency vs compute')
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
+    from .peers import PEERS, create_peer
     available = timm.list_models('mobileone_112_*')
     names = args.model or available
     unknown = [n for n in names if n not in available]
     if unknown:
         print(f'error: unknown model(s) {", ".join(unknown)}; choose from {", ".join(available)}', file=sys.stderr)
         raise SystemExit(2)
+    peers = list(PEERS) if args.peers else list(dict.fromkeys(args.peer))
+    if args.onnx and not args.sizes_only and not _onnx_available():
+        print('warning: onnx/onnxruntime/onnxscript not installed: no ONNX Runtime column', file=sys.stderr)
+        args.onnx = False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    keep_freed_memory_for_reuse()
+    from tqdm import tqdm
+    steps = 0 if args.sizes_only else (len(names) + len(peers)) * (3 if args.onnx else 2)
+    bar = tqdm(total=steps, desc='zoo', unit='form', file=sys.stderr,
+               disable=not (args.progress and steps and sys.stderr.isatty()))
     rows = []
-    for name in names:
-        model = timm.create_model(name)
-        input_size = tuple(model.pretrained_cfg['input_size'])
-        rows.append(dict(model=name, input_size=input_size, **profile_model(model, input_size)))
+    with bar:
+        for name in names:
+            bar.set_postfix_str(name)
+            rows.append(report_row(name, timm.create_model(name), args, 'mobileone_112', bar))
+        for name in peers:
+            bar.set_postfix_str(name)
+            model = create_peer(name)
+            # peers run at the face crop size, whatever their own cfg says
+            model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', {}), input_size=(3, 112, 112))
+            rows.append(report_row(name, model, args, 'peer', bar))
     result = dict(
-        models=rows,
+        models=rows, batch_size=args.batch_size, repeats=args.repeats,
+        threads=torch.get_num_threads(),
         versions=dict(timm_mobileone=__version__, timm=timm.__version__, torch=torch.__version__),
     )
-    print(json.dumps(result) if args.json else _table(rows))
+    if args.plot and not args.sizes_only:
+        plot(rows, args.plot)
+    print(json.dumps(result) if args.json else table(rows))
     return result
 
 
