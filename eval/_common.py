@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from timm_mobileone._io import atomic_write, keep_freed_memory_for_reuse
+from timm_mobileone._io import ModelLoadError, atomic_write, create_model_checked, keep_freed_memory_for_reuse
 
 from . import _verification as V
 from timm_mobileone.data import (
@@ -125,15 +125,10 @@ def create_model(args):
             return OnnxModel(args.onnx, cfg)
         except RuntimeError as e:
             raise UserError(f'--onnx {args.onnx}: {str(e).strip().splitlines()[0]}') from None
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise UserError(f'--checkpoint {args.checkpoint}: no such file')
     try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or None)
-    except FileNotFoundError as e:
-        raise UserError(f'cannot load {args.checkpoint or args.model}: {e}') from None
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'cannot create model {args.model!r}: {first}') from None
+        model = create_model_checked(args.model, args.pretrained, args.checkpoint)
+    except ModelLoadError as e:
+        raise UserError(str(e)) from None
     model.eval()
     if args.reparam:
         model = timm.utils.reparameterize_model(model)

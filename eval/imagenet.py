@@ -18,6 +18,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from timm_mobileone._io import ModelLoadError, create_model_checked
+
 from ._common import DEFAULT_WORKERS, UserError, _versions, cli, finish
 
 IMG_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.JPEG')
@@ -53,20 +55,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def _create_model(args):
-    import timm
-    import timm_mobileone  # noqa: F401
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise UserError(f'--checkpoint {args.checkpoint}: no such file')
+    from timm.utils import reparameterize_model
     kwargs = {k: v for k, v in dict(num_classes=args.num_classes, global_pool=args.global_pool).items()
               if v is not None}
     try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or None,
-                                  **kwargs)
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'cannot create model {args.model!r}: {first}') from None
-    model.eval()
-    return timm.utils.reparameterize_model(model) if args.reparam else model
+        model = create_model_checked(args.model, args.pretrained, args.checkpoint, **kwargs).eval()
+    except ModelLoadError as e:
+        raise UserError(str(e)) from None
+    return reparameterize_model(model) if args.reparam else model
 
 
 def _check_data_dir(args) -> None:

@@ -51,3 +51,20 @@ def keep_freed_memory_for_reuse() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+class ModelLoadError(Exception):
+    """A model the user named cannot be created or loaded (one line, for the CLIs' `error:` output)."""
+
+
+def create_model_checked(model_name: str, pretrained: bool = False, checkpoint: str = '', **kwargs):
+    """`timm.create_model` for the CLIs: a missing checkpoint, unknown name or unusable weights raise one line."""
+    import timm
+    from . import mobileone_112  # noqa: F401  (registers the models)
+    if checkpoint and not Path(checkpoint).is_file():
+        raise ModelLoadError(f'--checkpoint {checkpoint}: no such file')
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint or None, **kwargs)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f'cannot create model {model_name!r}: {first}') from None

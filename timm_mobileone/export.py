@@ -29,7 +29,7 @@ import torch
 import timm
 from timm.utils import reparameterize_model
 
-from ._io import atomic_write
+from ._io import ModelLoadError, atomic_write, create_model_checked
 
 _logger = logging.getLogger(__name__)
 
@@ -154,14 +154,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def create_fused(args) -> torch.nn.Module:
-    import timm_mobileone  # noqa: F401  (registers the models)
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise ExportError(f'--checkpoint {args.checkpoint}: no such file')
     try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or None)
-    except (RuntimeError, ValueError, OSError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f'cannot create model {args.model!r}: {first}') from None
+        model = create_model_checked(args.model, args.pretrained, args.checkpoint)
+    except ModelLoadError as e:
+        raise ExportError(str(e)) from None
     return reparameterize_model(model.eval())
 
 
