@@ -1,0 +1,153 @@
+"""insightface RecordIO packs (`train.rec` + `train.idx`) read without mxnet (unmaintained).
+
+Each record: uint32 magic 0xced7230a, uint32 length word (low 29 bits: length, high 3 bits: continuation flag
+0 whole / 1 first / 2 middle / 3 last part), the payload, zero padding to 4 bytes. A record split into parts had
+the magic word at the split points; joining the parts puts it back. The payload starts with a `<IfQQ` header
+(flag, label, id, id2); when flag > 0, `flag` float32 labels follow, then the encoded image. Record 0 (flag > 0)
+holds the range of image keys in its first two labels: images are keys 1 .. label[0] - 1.
+"""
+import struct
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+
+MAGIC = 0xced7230a
+_HEADER = struct.Struct('<IfQQ')
+_LENGTH_MASK = (1 << 29) - 1
+
+
+class RecordIOError(ValueError):
+    """A malformed or missing RecordIO file (a user error)."""
+
+
+class Record(NamedTuple):
+    flag: int
+    label: Union[float, np.ndarray]
+    id: int
+    id2: int
+    data: bytes
+
+
+def unpack(payload: bytes) -> Record:
+    """Split a record payload into its header, labels and image bytes (mxnet.recordio.unpack)."""
+    if len(payload) < _HEADER.size:
+        raise RecordIOError(f'record of {len(payload)} bytes is shorter than its {_HEADER.size}-byte header')
+    flag, label, id1, id2 = _HEADER.unpack_from(payload)
+    data = payload[_HEADER.size:]
+    if flag > 0:
+        labels = np.frombuffer(data[:4 * flag], dtype=np.float32).copy()
+        return Record(flag, labels, id1, id2, data[4 * flag:])
+    return Record(flag, label, id1, id2, data)
+
+
+def pack(flag: int, label, id1: int, id2: int, data: bytes) -> bytes:
+    """A record payload (mxnet.recordio.pack): with `flag` > 0, `label` is a sequence of `flag` floats."""
+    if flag > 0:
+        labels = np.asarray(label, dtype=np.float32).reshape(-1)
+        if len(labels) != flag:
+            raise ValueError(f'flag {flag} needs {flag} labels, got {len(labels)}')
+        return _HEADER.pack(flag, 0.0, id1, id2) + labels.tobytes() + data
+    return _HEADER.pack(0, float(label), id1, id2) + data
+
+
+class RecordIOReader:
+    """Random access to an indexed RecordIO file: `reader.read(key)` -> Record."""
+
+    def __init__(self, rec_path: Union[str, Path], idx_path: Optional[Union[str, Path]] = None) -> None:
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path) if idx_path else self.rec_path.with_suffix('.idx')
+        if not self.rec_path.is_file():
+            raise RecordIOError(f'{self.rec_path}: no such file')
+        if not self.idx_path.is_file():
+            raise RecordIOError(f'{self.idx_path}: no such file (a .rec pack needs its .idx index)')
+        self.offsets: Dict[int, int] = {}
+        for line_no, line in enumerate(self.idx_path.read_text().splitlines(), start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                self.offsets[int(fields[0])] = int(fields[1])
+            except (ValueError, IndexError):
+                raise RecordIOError(f'{self.idx_path}:{line_no}: expected "key<TAB>offset", got {line!r}') from None
+        self._file = None
+
+    def __getstate__(self):  # DataLoader workers reopen the file
+        state = dict(self.__dict__)
+        state['_file'] = None
+        return state
+
+    def _read_part(self, f, offset: int) -> Tuple[int, bytes, int]:
+        f.seek(offset)
+        head = f.read(8)
+        if len(head) < 8:
+            raise RecordIOError(f'{self.rec_path}: truncated record at offset {offset}')
+        magic, word = struct.unpack('<II', head)
+        if magic != MAGIC:
+            raise RecordIOError(f'{self.rec_path}: bad magic 0x{magic:08x} at offset {offset} '
+                                f'(expected 0x{MAGIC:08x})')
+        cflag, length = word >> 29, word & _LENGTH_MASK
+        data = f.read(length)
+        if len(data) < length:
+            raise RecordIOError(f'{self.rec_path}: truncated record at offset {offset}')
+        return cflag, data, offset + 8 + ((length + 3) & ~3)
+
+    def read_at(self, offset: int) -> bytes:
+        """The payload of the record starting at `offset`, its parts joined."""
+        if self._file is None:
+            self._file = open(self.rec_path, 'rb')
+        cflag, data, nxt = self._read_part(self._file, offset)
+        if cflag == 0:
+            return data
+        if cflag != 1:
+            raise RecordIOError(f'{self.rec_path}: record at offset {offset} starts with continuation flag {cflag}')
+        parts = [data]
+        while True:
+            cflag, data, nxt = self._read_part(self._file, nxt)
+            parts.append(data)
+            if cflag == 3:
+                return struct.pack('<I', MAGIC).join(parts)
+            if cflag != 2:
+                raise RecordIOError(f'{self.rec_path}: broken multi-part record at offset {offset}')
+
+    def read(self, key: int) -> Record:
+        if key not in self.offsets:
+            raise RecordIOError(f'{self.idx_path}: no record {key}')
+        return unpack(self.read_at(self.offsets[key]))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def image_keys(reader: RecordIOReader) -> List[int]:
+    """The image keys of an insightface pack: from record 0's label range, else every indexed key."""
+    if 0 in reader.offsets:
+        head = reader.read(0)
+        if head.flag > 0:
+            return list(range(1, int(head.label[0])))
+    return sorted(reader.offsets)
+
+
+def write_records(rec_path: Union[str, Path], payloads: List[bytes], max_part: int = _LENGTH_MASK) -> None:
+    """Write payloads as an indexed RecordIO file (`.rec` + `.idx`, keys 0..n-1).
+
+    A payload holding the magic word is split there into parts, as mxnet's writer does. `max_part` only exists so
+    that tests can exercise other splits.
+    """
+    rec_path = Path(rec_path)
+    magic = struct.pack('<I', MAGIC)
+    index = []
+    with open(rec_path, 'wb') as f:
+        for key, payload in enumerate(payloads):
+            index.append(f'{key}\t{f.tell()}\n')
+            parts = payload.split(magic)
+            for i, part in enumerate(parts):
+                cflag = 0 if len(parts) == 1 else (1 if i == 0 else (3 if i == len(parts) - 1 else 2))
+                if len(part) > max_part:
+                    raise ValueError('record part too long')
+                f.write(struct.pack('<II', MAGIC, (cflag << 29) | len(part)))
+                f.write(part)
+                f.write(b'\x00' * ((4 - len(part) % 4) % 4))
+    rec_path.with_suffix('.idx').write_text(''.join(index))
