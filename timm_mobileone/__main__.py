@@ -14,7 +14,6 @@ import copy
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -25,7 +24,7 @@ from timm.utils import reparameterize_model
 
 from . import __version__
 from ._io import keep_freed_memory_for_reuse
-from .profile import count_macs, count_params
+from .profile import count_macs, count_params, fusion_error, median_seconds
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -60,32 +59,13 @@ def _calibrate(model: torch.nn.Module, input_size, dtype=torch.float32, steps: i
 
 
 @torch.no_grad()
-def fusion_rel_err(model: torch.nn.Module, input_size) -> float:
-    """float64 max relative error of the fused copy vs `model` (already BN-calibrated)."""
-    ref = copy.deepcopy(model).double().eval()
-    x = torch.randn((4, *input_size), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    a, b = ref(x), reparameterize_model(ref)(x)
-    return ((a - b).abs().max() / a.abs().max()).item()
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-@torch.no_grad()
 def time_eager(model: torch.nn.Module, input_size, batch_size: int, repeats: int) -> Dict[str, float]:
     """Median batch-1 latency (ms) and per-image time at `batch_size` (ms), channels_last (faster on CPU)."""
     model = model.eval().to(memory_format=torch.channels_last)
     x1 = torch.randn((1, *input_size)).contiguous(memory_format=torch.channels_last)
     xb = torch.randn((batch_size, *input_size)).contiguous(memory_format=torch.channels_last)
-    return dict(latency_ms=_median_s(lambda: model(x1), repeats) * 1e3,
-                per_image_ms=_median_s(lambda: model(xb), max(3, repeats // 3)) * 1e3 / batch_size)
+    return dict(latency_ms=median_seconds(lambda: model(x1), repeats) * 1e3,
+                per_image_ms=median_seconds(lambda: model(xb), max(3, repeats // 3)) * 1e3 / batch_size)
 
 
 def time_onnx(model: torch.nn.Module, input_size, batch_size: int, repeats: int, threads: int) -> Dict[str, Any]:
@@ -97,8 +77,8 @@ def time_onnx(model: torch.nn.Module, input_size, batch_size: int, repeats: int,
         session = ort_session(path, threads)
         x1 = np.random.randn(1, *input_size).astype(np.float32)
         xb = np.random.randn(batch_size, *input_size).astype(np.float32)
-        return dict(latency_ms=_median_s(lambda: ort_run(session, x1), repeats) * 1e3,
-                    per_image_ms=_median_s(lambda: ort_run(session, xb), max(3, repeats // 3)) * 1e3 / batch_size)
+        return dict(latency_ms=median_seconds(lambda: ort_run(session, x1), repeats) * 1e3,
+                    per_image_ms=median_seconds(lambda: ort_run(session, xb), max(3, repeats // 3)) * 1e3 / batch_size)
 
 
 def _onnx_available() -> bool:
@@ -124,7 +104,7 @@ def report_row(name: str, model: torch.nn.Module, args, kind: str, bar=None) -> 
     if args.sizes_only:
         return row
     try:
-        row['fusion_rel_err_f64'] = fusion_rel_err(model, input_size)
+        row['fusion_rel_err_f64'] = fusion_error(model, torch.float64)
     except RuntimeError as e:  # some peers' reparameterization builds float32 tensors whatever the model's dtype
         print(f'warning: {name}: no float64 fusion check ({str(e).strip().splitlines()[0][:200]})', file=sys.stderr)
         row['fusion_rel_err_f64'] = None

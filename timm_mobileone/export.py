@@ -19,7 +19,6 @@ import logging
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -30,6 +29,7 @@ import timm
 from timm.utils import reparameterize_model
 
 from ._io import ModelLoadError, atomic_write, create_model_checked
+from .profile import median_seconds
 
 _logger = logging.getLogger(__name__)
 
@@ -106,16 +106,6 @@ def load_face_images(source: str, input_size: Sequence[int], mean: Sequence[floa
     mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
     return (x / 255 - mean) / std
-
-
-def _median_latency(session, x: np.ndarray, repeats: int = 20) -> float:
-    ort_run(session, x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ort_run(session, x)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def quantize_int8(fp32_path: str, int8_path: str, calib: np.ndarray, method: str = 'minmax') -> None:
@@ -197,8 +187,8 @@ def run(args) -> Dict[str, Any]:
         fp32 = np.concatenate([ort_run(session, heldout[i:i + 1]) for i in range(len(heldout))])
         int8 = np.concatenate([ort_run(q_session, heldout[i:i + 1]) for i in range(len(heldout))])
         cos = cosine(int8, fp32)
-        lat_fp32 = _median_latency(session, heldout[:1])
-        lat_int8 = _median_latency(q_session, heldout[:1])
+        lat_fp32 = median_seconds(lambda: ort_run(session, heldout[:1]), 20)
+        lat_int8 = median_seconds(lambda: ort_run(q_session, heldout[:1]), 20)
         result['int8'] = dict(
             onnx=int8_path, calib=args.calib, calib_images=len(calib), heldout_images=len(heldout),
             calib_method=args.calib_method, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),

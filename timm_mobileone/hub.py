@@ -15,7 +15,6 @@ temporary name first, then renamed: an interrupted export leaves no half-written
 User mistakes print one `error: ...` line on stderr and exit with code 2. stdout carries one JSON object.
 """
 import argparse
-import copy
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from timm.utils import reparameterize_model
 
 from . import __version__
 from ._io import atomic_write
-from .profile import count_macs, count_params
+from .profile import count_macs, count_params, fusion_error
 
 _logger = logging.getLogger(__name__)
 
@@ -134,20 +133,6 @@ def _load_checked(model_name: str, checkpoint: str, **model_args) -> torch.nn.Mo
         what = f'{detail.group(1)}: {detail.group(2)}' if detail else _first_line(e)
         raise HubError(f'--checkpoint {checkpoint} does not fit {model_name} ({what}); is it a checkpoint of '
                        f'another variant?') from None
-
-
-@torch.no_grad()
-def fusion_error(model: torch.nn.Module, dtype: torch.dtype = torch.float64, batch_size: int = 4,
-                 seed: int = 0) -> float:
-    """Max relative error of the fused copy vs `model` (eval mode, its own BN statistics) on a random batch."""
-    ref = copy.deepcopy(model).to(dtype).eval()
-    fused = reparameterize_model(ref)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch_size, *model.pretrained_cfg['input_size']), generator=g, dtype=dtype)
-    a, b = ref(x), fused(x)
-    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
-        return float('inf')
-    return ((a - b).abs().max() / a.abs().max().clamp_min(torch.finfo(dtype).tiny)).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
-"""Model size and compute: parameters and multiply-accumulates of the train-time and fused forms."""
-from typing import Dict, Tuple
+"""Model measurements: parameters, multiply-accumulates, fusion error and median timings."""
+import copy
+import time
+from typing import Callable, Dict, Tuple
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -35,3 +39,31 @@ def profile_model(model: nn.Module, input_size: Tuple[int, int, int] = (3, 112, 
         fused_params_m=count_params(fused) / 1e6,
         fused_gmacs=count_macs(fused, input_size) / 1e9,
     )
+
+
+@torch.no_grad()
+def fusion_error(model: nn.Module, dtype: torch.dtype = torch.float64, batch_size: int = 4, seed: int = 0) -> float:
+    """Max relative error of the fused copy vs `model` (eval mode, its own BN statistics) on a random batch.
+
+    Computed on a copy in `dtype`: float64 shows whether a gap is rounding (~1e-15) or a fusion bug (1e-3 or more).
+    Non-finite outputs give inf.
+    """
+    ref = copy.deepcopy(model).to(dtype).eval()
+    fused = reparameterize_model(ref)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch_size, *model.pretrained_cfg['input_size']), generator=g, dtype=dtype)
+    a, b = ref(x), fused(x)
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        return float('inf')
+    return ((a - b).abs().max() / a.abs().max().clamp_min(torch.finfo(dtype).tiny)).item()
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
