@@ -13,7 +13,7 @@ import timm
 from eval import cfp, lfw, verify
 from eval import _verification as V
 
-from conftest import SMALL_LFW, needs_small_lfw, make_pack
+from conftest import SMALL_LFW, calibrate_bn, make_pack, needs_small_lfw
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ['--model', 'mobileone_112_s0', '--batch-size', '16', '--workers', '0', '--no-progress']
@@ -32,10 +32,7 @@ def pack(tmp_path_factory):
 def checkpoint(tmp_path_factory):
     """A train-time S0 with calibrated BN statistics, so that its embeddings are well conditioned."""
     torch.manual_seed(0)
-    model = timm.create_model('mobileone_112_s0').train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, 112, 112))
+    model = calibrate_bn(timm.create_model('mobileone_112_s0'))
     path = tmp_path_factory.mktemp('ckpt') / 's0.pth'
     torch.save(model.state_dict(), path)
     return path

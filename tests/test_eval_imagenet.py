@@ -11,6 +11,8 @@ from PIL import Image
 import timm
 from eval import imagenet
 
+from conftest import calibrate_bn
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ('cat', 'dog', 'fox', 'owl', 'yak', 'zebu')
 
@@ -30,10 +32,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = timm.create_model('mobileone_112_s0', global_pool='avg', num_classes=len(CLASSES)).train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, 112, 112))
+    model = calibrate_bn(timm.create_model('mobileone_112_s0', global_pool='avg', num_classes=len(CLASSES)))
     path = tmp_path_factory.mktemp('ckpt') / 'cls.pth'
     torch.save(model.state_dict(), path)
     return path
