@@ -274,17 +274,22 @@ def _plot(path: str, curves: List[Tuple[str, Dict]]) -> None:
     plt.close(fig)
 
 
-def run(args, datasets: List[VerificationSet]) -> Dict:
-    """Embed (or read) and score each dataset; the common part of the JSON result plus one entry per dataset."""
+def run(args, datasets: List[VerificationSet], model: Optional[torch.nn.Module] = None) -> Dict:
+    """Embed (or read) and score each dataset; the common part of the JSON result plus one entry per dataset.
+
+    `model`: an already built model in eval mode, on `args.device` (training validation passes its fused copy);
+    otherwise the model is created from the flags.
+    """
     import timm
     t_start = time.perf_counter()
     results, curves = [], []
-    model = data_cfg = None
+    data_cfg = None
     if args.embeddings:
         if len(args.embeddings) != len(datasets):
             raise UserError(f'{len(args.embeddings)} --embeddings files for {len(datasets)} datasets')
+        model = None
     else:
-        model = create_model(args)
+        model = create_model(args) if model is None else model
         if isinstance(model, OnnxModel):
             args.channels_last = False
             data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)

@@ -15,14 +15,17 @@ def parse_args(argv: Optional[List[str]] = None):
     return parse(build_parser('python -m eval.verify', __doc__.splitlines()[0], TARGETS, multi=True), argv)
 
 
+def summarize(out: Dict) -> Dict:
+    """The eval.verify JSON object from `run`'s output: common keys, `results`, `mean_accuracy`."""
+    accs = [r['accuracy'] for r in out['results']]
+    return dict(out['common'], results=out['results'], mean_accuracy=round(sum(accs) / len(accs), 5),
+                seconds=out['seconds'], versions=out['versions'])
+
+
 @cli
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
-    out = run(args, resolve_data(args, TARGETS))
-    accs = [r['accuracy'] for r in out['results']]
-    result = dict(out['common'], results=out['results'], mean_accuracy=round(sum(accs) / len(accs), 5),
-                  seconds=out['seconds'], versions=out['versions'])
-    return finish(result, args)
+    return finish(summarize(run(args, resolve_data(args, TARGETS))), args)
 
 
 if __name__ == '__main__':

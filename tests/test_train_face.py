@@ -1,0 +1,327 @@
+"""python -m train.face: a real (tiny) run on generated RecordIO and ImageFolder data, resume after a crash,
+torchrun on gloo, and the bad-input contract (one line, exit code 2)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train import face
+from train.data import ImageFolderDataset, RecordIODataset, ResumableSampler, open_dataset
+from train.margin import MarginHead
+
+from conftest import identity_images, make_pack, write_image_folder, write_rec_pack
+
+REPO = Path(__file__).resolve().parents[1]
+# ArcFace s=64 m=0.5 on 8 identities x 16 images: 5 epochs of batch 16 = 40 steps (batch 8 is too noisy for the
+# BatchNorms to show a falling loss that soon); validation every epoch
+RUN_FLAGS = ['--epochs', '5', '-b', '16', '--lr', '0.01', '--warmup-epochs', '0.25', '--log-interval', '1',
+             '--seed', '3']
+# resume: 16 identities x 4 images, 2 epochs of batch 8; EMA, drop path and partial-FC sampling all draw on (or
+# carry) state that a checkpoint must restore
+RESUME_FLAGS = ['--epochs', '2', '-b', '8', '--lr', '0.01', '--log-interval', '1', '--checkpoint-every', '4',
+                '--model-ema', '--model-ema-decay', '0.9', '--drop-path', '0.05', '--sample-rate', '0.75',
+                '--seed', '3']
+
+
+@pytest.fixture(scope='module')
+def samples():
+    return identity_images(identities=8, per_identity=8, seed=0)
+
+
+@pytest.fixture(scope='module')
+def rec_pack(tmp_path_factory):
+    return write_rec_pack(tmp_path_factory.mktemp('rec') / 'faces', identity_images(8, 16, seed=0))
+
+
+@pytest.fixture(scope='module')
+def val_pack(tmp_path_factory):
+    return make_pack(tmp_path_factory.mktemp('val') / 'tiny_val.bin', num_pairs=20)
+
+
+def _rows(out: Path):
+    return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def run_a(tmp_path_factory, rec_pack, val_pack):
+    """An uninterrupted 40-step run with validation and export (in process, decoding in the main process)."""
+    out = tmp_path_factory.mktemp('run') / 'a'
+    summary = face.main(['--data', str(rec_pack), '--output', str(out), '--val', str(val_pack), '-j', '0',
+                         '--tag', 'synthetic_arcface', *RUN_FLAGS])
+    return out, summary
+
+
+def test_loss_falls_and_schedules_follow_the_recipe(run_a):
+    out, summary = run_a
+    assert summary['steps'] == summary['total_steps'] == 40 and summary['num_classes'] == 8
+    rows = [r for r in _rows(out) if 'loss' in r]
+    assert [r['step'] for r in rows] == list(range(1, 41))
+    losses = np.array([r['loss'] for r in rows])
+    assert np.isfinite(losses).all()
+    assert losses[-8:].mean() < 0.5 * losses[:8].mean(), losses.round(1)  # measured: 0.09-0.19 over 3 seeds
+    # weight decay: cosine from 1e-4 to 1e-5 over the run; row k reports the value used by update k (index k-1)
+    for r in rows:
+        expected = 1e-5 + 0.5 * (1e-4 - 1e-5) * (1 + math.cos(math.pi * (r['step'] - 1) / 40))
+        assert r['weight_decay'] == pytest.approx(expected, rel=1e-9)
+    assert rows[0]['weight_decay'] == pytest.approx(1e-4) and rows[-1]['weight_decay'] < 1.02e-5
+    # lr: linear warmup over a quarter epoch (2 steps) to the peak, then cosine down towards 0
+    lrs = [r['lr'] for r in rows]
+    assert lrs[:3] == pytest.approx([0.0, 0.005, 0.01])
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[-1] < 0.001
+    val = [r for r in _rows(out) if 'val' in r]
+    assert [r['step'] for r in val] == [8, 16, 24, 32, 40] and all('tiny_val' in r['val'] for r in val)
+
+
+def test_no_weight_decay_on_norm_and_bias_parameters():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    args = face.parse_args(['--data', 'x', '--output', 'y'])
+    opt = face.build_optimizer(model, args)
+    face.set_weight_decay(opt, 3e-5)
+    decay = {id(p) for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    assert decay == {id(model[0].weight), id(model[3].weight)}
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults['momentum'] == 0.9 and not opt.defaults['nesterov']
+    assert all(g['weight_decay'] in (0.0, 3e-5) for g in opt.param_groups)
+
+
+def test_best_checkpoint_and_export_load_in_both_forms(run_a):
+    import timm
+    import timm_mobileone  # noqa: F401
+    from safetensors.torch import load_file
+    out, summary = run_a
+    best = json.loads((out / 'best.json').read_text())
+    assert best['step'] == summary['best']['step'] and best['results'][0]['dataset'] == 'tiny_val'
+    assert best['command'].startswith('python -m eval.verify') and str(out / 'best.safetensors') in best['command']
+    hub = out / 'hub'
+    assert sorted(p.name for p in hub.iterdir()) == ['README.md', 'config.json', 'model.safetensors',
+                                                      'model_fused.safetensors']
+    assert summary['export']['tag'] == 'synthetic_arcface' and summary['export']['results'] == 1
+    card = (hub / 'README.md').read_text()
+    assert 'tiny_val' in card and 'python -m train.face' in card
+    ref = timm.create_model('mobileone_112_s0')
+    ref.load_state_dict(load_file(str(out / 'best.safetensors')))
+    x = torch.randn(4, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref.eval()(x)
+        train_time = timm.create_model(f'local-dir:{hub}', pretrained=True).eval()(x)
+        fused = timm.create_model(f'local-dir:{hub}', pretrained=True, inference_mode=True).eval()(x)
+    assert torch.equal(train_time, expected)
+    assert ((fused - expected).abs().max() / expected.abs().max()).item() < 1e-4
+
+
+@pytest.fixture(scope='module')
+def resume_pack(tmp_path_factory):
+    return write_rec_pack(tmp_path_factory.mktemp('rec16') / 'faces', identity_images(16, 4, seed=1))
+
+
+def test_crash_then_resume_matches_the_uninterrupted_run(resume_pack, val_pack, tmp_path):
+    """SIGKILL mid-run (decoding in a worker), then --resume: nothing but the steps since the last checkpoint is
+    lost, and every loss after it equals the uninterrupted run's (decoding in the main process)."""
+    out_a, out = tmp_path / 'a', tmp_path / 'b'
+    face.main(['--data', str(resume_pack), '--output', str(out_a), '--val', str(val_pack), '-j', '0',
+               '--no-export', *RESUME_FLAGS])
+    cmd = [sys.executable, '-m', 'train.face', '--data', str(resume_pack), '--output', str(out), '--val',
+           str(val_pack), '-j', '1', '--no-export', *RESUME_FLAGS]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            log = out / 'log.jsonl'
+            steps = [r.get('step', 0) for r in _rows(out)] if log.is_file() else []
+            if steps and max(steps) >= 6:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    state = json.loads((out / 'last.json').read_text())
+    killed_at = max(r.get('step', 0) for r in _rows(out))
+    assert 4 <= state['step'] <= killed_at < 16
+    assert (out / state['checkpoint']).is_file()
+    summary = face.main(['--data', str(resume_pack), '--output', str(out), '--val', str(val_pack), '-j', '1',
+                         '--no-export', '--resume', *RESUME_FLAGS])
+    assert summary['steps'] == 16
+    a = {r['step']: r['loss'] for r in _rows(out_a) if 'loss' in r}
+    b = {r['step']: r['loss'] for r in _rows(out) if 'loss' in r}
+    assert sorted(b) == list(range(1, 17))  # the lost steps were logged again, once
+    for step in range(state['step'] + 1, 17):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+    from safetensors.torch import load_file
+    final_a, final_b = load_file(str(out_a / 'checkpoint-00000016.safetensors')), \
+        load_file(str(out / 'checkpoint-00000016.safetensors'))
+    for key in ('model.head.proj.weight', 'ema.head.proj.weight', 'head.weight'):
+        torch.testing.assert_close(final_b[key], final_a[key], rtol=1e-5, atol=1e-7)
+    assert sorted(p.name for p in out.glob('checkpoint-*')) == ['checkpoint-00000016.safetensors']
+
+
+def test_torchrun_two_processes_on_gloo_from_an_image_folder(tmp_path, samples, val_pack):
+    folder = write_image_folder(tmp_path / 'folder', samples)
+    out = tmp_path / 'ddp'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    common = ['--data', str(folder), '--output', str(out), '--epochs', '1', '-b', '4', '--lr', '0.01',
+              '--log-interval', '2', '-j', '0', '--no-export']
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2',
+                           '-m', 'train.face', *common, '--val', str(val_pack)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0 prints the summary
+    assert summary['world_size'] == 2 and summary['num_classes'] == 8
+    assert summary['total_steps'] == 8  # 64 images / (2 processes x 4)
+    rows = [r for r in _rows(out) if 'loss' in r]
+    assert [r['step'] for r in rows] == [2, 4, 6, 8] and all(math.isfinite(r['loss']) for r in rows)
+    assert json.loads((out / 'last.json').read_text())['run']['world_size'] == 2
+    # the run's world size is part of its schedule: a single process cannot resume it
+    single = subprocess.run([sys.executable, '-m', 'train.face', *common, '--resume'], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 2
+    assert single.stderr.strip().splitlines()[-1].startswith("error: --resume:") and 'world_size=2' in single.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# datasets, sampler, partial FC
+
+
+def test_rec_and_folder_datasets_agree(tmp_path, samples):
+    rec = RecordIODataset(write_rec_pack(tmp_path / 'r', samples) / 'train.rec', flip=False)
+    folder = ImageFolderDataset(write_image_folder(tmp_path / 'f', samples), flip=False)
+    assert len(rec) == len(folder) == 64 and rec.num_classes == folder.num_classes == 8
+    for i in (0, 17, 63):
+        img_r, label_r, err_r = rec[i]
+        img_f, label_f, err_f = folder[i]
+        assert err_r == err_f == '' and label_r == label_f == samples[i][0]
+        assert img_r.dtype == torch.uint8 and img_r.shape == (3, 112, 112) and torch.equal(img_r, img_f)
+
+
+def test_num_classes_from_property_header_or_labels(tmp_path, samples):
+    assert RecordIODataset(write_rec_pack(tmp_path / 'a', samples[:24]) / 'train.rec').num_classes == 3
+    no_property = write_rec_pack(tmp_path / 'b', samples[:24], property_file=False)
+    assert RecordIODataset(no_property / 'train.rec').num_classes == 3  # header's identity key range
+    bare = write_rec_pack(tmp_path / 'c', samples[:24], property_file=False, header=False)
+    ds = RecordIODataset(bare / 'train.rec')
+    assert ds.num_classes == 3 and len(ds) == 24  # no header: every indexed record is an image
+
+
+def test_flip_depends_on_seed_epoch_and_index_only(tmp_path, samples):
+    ds = open_dataset(write_rec_pack(tmp_path / 'r', samples), (112, 112), flip=True, seed=5)
+    plain = open_dataset(tmp_path / 'r', (112, 112), flip=False)
+    flips = [torch.equal(ds[i][0], plain[i][0].flip(2)) for i in range(16)]
+    assert 3 < sum(flips) < 13 and flips == [torch.equal(ds[i][0], plain[i][0].flip(2)) for i in range(16)]
+    ds.set_epoch(1)
+    assert flips != [torch.equal(ds[i][0], plain[i][0].flip(2)) for i in range(16)]
+
+
+def test_resumable_sampler_skips_what_was_consumed():
+    data = list(range(37))
+    for rank in (0, 1):
+        full = ResumableSampler(data, num_replicas=2, rank=rank, seed=7)
+        full.set_epoch(3)
+        part = ResumableSampler(data, num_replicas=2, rank=rank, seed=7)
+        part.set_epoch(3, start=8)
+        assert list(part) == list(full)[8:] and len(part) == len(full) - 8
+    a, b = ResumableSampler(data, 2, 0, seed=7), ResumableSampler(data, 2, 1, seed=7)
+    assert not set(a) & set(b)  # replicas see disjoint samples
+
+
+def test_partial_fc_samples_the_batch_classes_plus_random_others():
+    torch.manual_seed(0)
+    head = MarginHead(16, 100, sample_rate=0.1)
+    labels = torch.tensor([3, 97, 3, 50])
+    emb = torch.randn(4, 16)
+    logits, targets = head(emb, labels)
+    assert logits.shape == (4, 10)
+    index, remapped = head.sample(labels)
+    assert {3, 50, 97} <= set(index.tolist()) and len(index) == 10
+    torch.manual_seed(1)
+    logits, targets = head(emb, labels)
+    torch.manual_seed(1)
+    index, _ = head.sample(labels)
+    assert torch.equal(index[targets], labels)  # the remapped labels point at the true classes
+    full = MarginHead(16, 100, sample_rate=0.1).eval()
+    assert full(emb, labels)[0].shape == (4, 100)  # eval mode scores every centre
+    logits.sum().backward()
+    untouched = torch.ones(100, dtype=torch.bool)
+    untouched[index] = False
+    assert head.weight.grad[untouched].abs().sum() == 0 and head.weight.grad[index].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input: one line, exit code 2, nothing lost
+
+
+def _main_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        face.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith('error: ') and 'Traceback' not in '\n'.join(err)
+    return err[-1]
+
+
+def _quick(data, out):
+    return ['--data', str(data), '--output', str(out), '--epochs', '1', '-b', '8', '-j', '0', '--no-export']
+
+
+def test_bad_magic_names_its_offset(tmp_path, samples, capsys):
+    pack = write_rec_pack(tmp_path / 'r', samples)
+    offset = int((pack / 'train.idx').read_text().splitlines()[5].split('\t')[1])
+    raw = bytearray((pack / 'train.rec').read_bytes())
+    raw[offset:offset + 4] = b'\xde\xad\xbe\xef'
+    (pack / 'train.rec').write_bytes(bytes(raw))
+    line = _main_error(capsys, _quick(pack, tmp_path / 'out'))
+    assert f'bad magic 0xefbeadde at offset {offset}' in line
+
+
+def test_label_outside_the_identity_range(tmp_path, samples, capsys):
+    pack = write_rec_pack(tmp_path / 'r', samples)
+    (pack / 'property').write_text('6,112,112')  # labels 6 and 7 are out of range
+    line = _main_error(capsys, _quick(pack, tmp_path / 'out'))
+    assert 'outside the identity range 0..5' in line and 'record' in line and 'offset' in line
+
+
+def test_missing_idx_and_empty_folder(tmp_path, samples, capsys):
+    pack = write_rec_pack(tmp_path / 'r', samples)
+    (pack / 'train.idx').unlink()
+    assert 'train.idx: no such file' in _main_error(capsys, _quick(pack, tmp_path / 'o1'))
+    (tmp_path / 'empty' / 'someone').mkdir(parents=True)
+    assert 'no images found' in _main_error(capsys, _quick(tmp_path / 'empty', tmp_path / 'o2'))
+    assert 'no such folder' in _main_error(capsys, _quick(tmp_path / 'nowhere', tmp_path / 'o3'))
+
+
+def test_wrong_image_size_and_bad_val_pack(tmp_path, capsys):
+    small = identity_images(identities=2, per_identity=4, size=(96, 96))
+    pack = write_rec_pack(tmp_path / 'r', small)
+    assert 'is 96x96, expected aligned 112x112' in _main_error(capsys, _quick(pack, tmp_path / 'o1'))
+    good = write_rec_pack(tmp_path / 'g', identity_images(identities=2, per_identity=4))
+    (tmp_path / 'bad.bin').write_bytes(b'not a pickle')
+    line = _main_error(capsys, _quick(good, tmp_path / 'o2') + ['--val', str(tmp_path / 'bad.bin')])
+    assert 'bad.bin' in line and 'not an insightface .bin pack' in line
+
+
+def test_an_existing_run_is_never_overwritten(run_a, rec_pack, capsys):
+    out, _ = run_a
+    before = (out / 'last.json').read_bytes()
+    line = _main_error(capsys, _quick(rec_pack, out))
+    assert 'holds a run' in line and '--resume' in line
+    line = _main_error(capsys, ['--data', str(rec_pack), '--output', str(out), '--resume', '-j', '0',
+                                *RUN_FLAGS[:-2], '--seed', '4'])
+    assert 'seed=3' in line  # a resumed run keeps its flags
+    assert (out / 'last.json').read_bytes() == before
+    assert '--resume: no last.json' in _main_error(capsys, _quick(rec_pack, out.parent / 'fresh') + ['--resume'])
+
+
+def test_cli_subprocess_prints_one_line(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    proc = subprocess.run([sys.executable, '-m', 'train.face', '--data', str(tmp_path / 'empty'), '--output',
+                           str(tmp_path / 'out')], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr.strip().splitlines() == [f'error: {tmp_path / "empty"}: no images found (expected one '
+                                                f'folder per identity with .jpg/.png files)']

@@ -1,0 +1,186 @@
+"""Training images: insightface RecordIO packs and ImageFolder trees, decoded in DataLoader workers.
+
+Both datasets hand out `(uint8 CHW image, label, error)`; normalization runs on the training device, after the
+batch arrives (as timm's prefetcher does), so workers only decode and flip. A record that cannot be used (corrupt
+JPEG, wrong size, label outside the identity range) does not raise inside the worker, where the error would come
+back as a multi-line traceback: the item carries one line, and the training loop stops with it (exit code 2).
+
+Horizontal flips are drawn from a generator seeded by (seed, epoch, index), not from the worker's RNG, so the same
+sample gets the same flip whether the epoch ran straight through or was resumed from a checkpoint mid-way.
+"""
+import io
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from .recordio import RecordIOError, RecordIOReader, image_keys
+
+__all__ = ['FaceDataError', 'RecordIODataset', 'ImageFolderDataset', 'open_dataset', 'ResumableSampler',
+           'collate']
+
+
+class FaceDataError(ValueError):
+    """Training data that cannot be used (a user error: one line, exit code 2)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class _FaceImages(Dataset):
+    """Shared decode + flip; subclasses supply `_load(index) -> (encoded bytes, label, where)`."""
+
+    def __init__(self, num_classes: int, input_size: Tuple[int, int], flip: bool, seed: int) -> None:
+        self.num_classes = num_classes
+        self.input_size = tuple(input_size)
+        self.flip = flip
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _load(self, index: int) -> Tuple[bytes, float, str]:
+        raise NotImplementedError
+
+    def _flip(self, index: int) -> bool:
+        return self.flip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, str]:
+        from PIL import Image  # Pillow, not torchvision.io: torchvision 0.29 deprecates its image decoders
+        h, w = self.input_size
+        blank = torch.zeros(3, h, w, dtype=torch.uint8)
+        try:
+            data, label, where = self._load(index)
+        except (RecordIOError, FaceDataError) as e:
+            return blank, 0, str(e)
+        if label != int(label) or not 0 <= label < self.num_classes:
+            return blank, 0, (f'{where}: label {label:g} is outside the identity range 0..{self.num_classes - 1} '
+                              f'(num_classes {self.num_classes}; set --num-classes if the pack\'s count is wrong)')
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                rgb = np.array(img.convert('RGB'))  # a writable copy for torch.from_numpy
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError / truncated are OSErrors
+            return blank, 0, f'{where}: image cannot be decoded ({_first_line(e)})'
+        if rgb.shape[:2] != (h, w):
+            return blank, 0, (f'{where}: image is {rgb.shape[1]}x{rgb.shape[0]}, expected aligned {w}x{h} crops '
+                              f'(training images are not resized)')
+        if self._flip(index):
+            rgb = np.ascontiguousarray(rgb[:, ::-1])
+        return torch.from_numpy(rgb).permute(2, 0, 1), int(label), ''
+
+
+class RecordIODataset(_FaceImages):
+    """An insightface `train.rec` + `train.idx` pack (MS1MV3, Glint360K, WebFace as insightface ships them).
+
+    The identity count comes from `num_classes`, else the pack's `property` file (`num_classes,h,w`), else the
+    header record's identity key range, else a scan of every label (small packs only).
+    """
+
+    def __init__(self, rec_path: Union[str, Path], input_size: Tuple[int, int] = (112, 112), flip: bool = True,
+                 seed: int = 0, num_classes: Optional[int] = None) -> None:
+        self.reader = RecordIOReader(rec_path)
+        try:
+            self.keys = image_keys(self.reader)
+        except RecordIOError as e:
+            raise FaceDataError(str(e)) from None
+        if not self.keys:
+            raise FaceDataError(f'{rec_path}: the pack holds no images')
+        missing = [k for k in self.keys[:1] + self.keys[-1:] if k not in self.reader.offsets]
+        if missing:
+            raise FaceDataError(f'{self.reader.idx_path}: the header announces images 1..{self.keys[-1]} but '
+                                f'record {missing[0]} is not indexed')
+        super().__init__(num_classes or self._count_classes(), input_size, flip, seed)
+
+    def _count_classes(self) -> int:
+        prop = self.reader.rec_path.with_name('property')
+        if prop.is_file():
+            try:
+                return int(prop.read_text().split(',')[0])
+            except ValueError:
+                raise FaceDataError(f'{prop}: expected "num_classes,height,width"') from None
+        try:
+            head = self.reader.read(0) if 0 in self.reader.offsets else None
+            if head is not None and head.flag > 0 and len(head.label) >= 2 and head.label[1] > head.label[0]:
+                return int(head.label[1] - head.label[0])  # identity records follow the images
+            labels = [self.reader.read(k).label for k in self.keys]
+        except RecordIOError as e:
+            raise FaceDataError(str(e)) from None
+        return int(max(float(np.asarray(x).reshape(-1)[0]) for x in labels)) + 1
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _load(self, index: int) -> Tuple[bytes, float, str]:
+        key = self.keys[index]
+        rec = self.reader.read(key)
+        label = float(np.asarray(rec.label).reshape(-1)[0])
+        return rec.data, label, f'{self.reader.rec_path} record {key} (offset {self.reader.offsets[key]})'
+
+
+class ImageFolderDataset(_FaceImages):
+    """One folder per identity (`root/<identity>/<image>`), as timm's folder reader finds them."""
+
+    def __init__(self, root: Union[str, Path], input_size: Tuple[int, int] = (112, 112), flip: bool = True,
+                 seed: int = 0, num_classes: Optional[int] = None) -> None:
+        from timm.data.readers.reader_image_folder import find_images_and_targets
+        self.samples, self.class_to_idx = find_images_and_targets(str(root))
+        if not self.samples:
+            raise FaceDataError(f'{root}: no images found (expected one folder per identity with .jpg/.png files)')
+        super().__init__(num_classes or len(self.class_to_idx), input_size, flip, seed)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> Tuple[bytes, float, str]:
+        path, label = self.samples[index]
+        try:
+            return Path(path).read_bytes(), float(label), path
+        except OSError as e:
+            raise FaceDataError(f'{path}: cannot be read ({e.strerror})') from None
+
+
+def open_dataset(path: Union[str, Path], input_size: Tuple[int, int], flip: bool = True, seed: int = 0,
+                 num_classes: Optional[int] = None) -> _FaceImages:
+    """A RecordIO pack (a `.rec` file, or a folder holding `train.rec`) or an ImageFolder tree."""
+    p = Path(path)
+    try:
+        if p.suffix == '.rec' or (p.is_dir() and (p / 'train.rec').is_file()):
+            return RecordIODataset(p if p.suffix == '.rec' else p / 'train.rec', input_size, flip, seed, num_classes)
+        if p.is_dir():
+            return ImageFolderDataset(p, input_size, flip, seed, num_classes)
+    except RecordIOError as e:
+        raise FaceDataError(str(e)) from None
+    raise FaceDataError(f'--data {path}: no such folder or .rec file (give a folder with train.rec + train.idx, '
+                        f'a .rec file, or an ImageFolder tree)')
+
+
+class ResumableSampler(DistributedSampler):
+    """timm/torch's DistributedSampler that can start an epoch part-way (`set_epoch(epoch, start=k)` skips the
+    first k samples of this replica), so a resumed run sees the batches the interrupted one would have seen."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        indices: List[int] = list(super().__iter__())
+        return iter(indices[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def collate(items: Sequence[Tuple[torch.Tensor, int, str]]) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    images = torch.stack([img for img, _, _ in items])
+    labels = torch.tensor([label for _, label, _ in items], dtype=torch.long)
+    return images, labels, [e for _, _, e in items if e]

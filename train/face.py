@@ -1,0 +1,631 @@
+"""Face-recognition training: from a dataset to a Hub folder, `python -m train.face`.
+
+    python -m train.face --model mobileone_112_s0 --data ms1m-retinaface-t1/ --loss arcface --epochs 20 \
+        --batch-size 128 --lr 0.1 --output runs/s0 --val lfw.bin cfp_fp.bin agedb_30.bin
+    torchrun --nproc-per-node=8 -m train.face ...                 # DistributedDataParallel, one process per GPU
+    python -m train.face ... --output runs/s0 --resume            # continue from runs/s0/last.json
+
+Data: an insightface RecordIO pack (a folder with `train.rec` + `train.idx`, or the `.rec` file) read without mxnet,
+or an ImageFolder tree (one folder per identity). Images must be aligned crops of the model's input size.
+Recipe: margin head (ArcFace s=64 m=0.5 or CosFace s=64 m=0.4; `--sample-rate` for partial FC) on the model's
+embedding; SGD with momentum 0.9 (or AdamW); linear warmup then cosine or polynomial decay of the learning rate
+(timm's schedulers, updated every step); weight decay annealed by cosine from `--weight-decay` to
+`--weight-decay-end` (the MobileOne paper's schedule), none on norm and bias parameters; optional EMA of the
+weights; AMP on GPUs; gradient clipping. `--batch-size` and `--lr` are per process and global as given: with N
+processes the global batch is N x batch-size, and the learning rate is not rescaled.
+
+Validation runs on a reparameterized (fused) copy with eval.verify's protocol and code, every `--val-every` steps
+and at the end; the best mean accuracy keeps `best.safetensors` (train-time state dict) and `best.json` (the
+eval.verify result, whose `command` reproduces it). At the end the best checkpoint goes through
+`timm_mobileone.hub export` into `OUTPUT/hub`, ready for `python -m timm_mobileone.hub push`.
+
+Checkpoints: `checkpoint-<step>.safetensors` (model, margin head, EMA, optimizer buffers, RNG states) and
+`last.json` (step, schedule, optimizer hyperparameters, scaler, best so far, the run's flags), which names the
+weights file and is written last, atomically: a crash at any moment leaves `last.json` pointing at a complete
+checkpoint, and loses only the steps since. Logs: one line per `--log-interval` steps on stderr and in
+`OUTPUT/log.jsonl`; stdout carries one JSON summary. User mistakes: one `error:` line, exit code 2.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm_mobileone._io import ModelLoadError, atomic_write, create_model_checked, keep_freed_memory_for_reuse
+
+from .data import FaceDataError, ResumableSampler, collate, open_dataset
+from .margin import MarginHead
+from .recordio import RecordIOError
+
+_logger = logging.getLogger('train')
+
+STATE_NAME = 'last.json'
+BEST_WEIGHTS = 'best.safetensors'
+BEST_RESULT = 'best.json'
+LOG_NAME = 'log.jsonl'
+# flags that shape the run: a resumed run must use the values it was started with
+RUN_DEFINING = ('model', 'loss', 'margin', 'scale', 'sample_rate', 'epochs', 'batch_size', 'lr', 'opt', 'sched',
+                'warmup_epochs', 'warmup_lr', 'min_lr', 'poly_power', 'weight_decay', 'weight_decay_end',
+                'model_ema', 'model_ema_decay', 'num_classes', 'seed', 'world_size', 'drop_path')
+
+
+class UserError(Exception):
+    """A mistake in the command line or the data: one `error:` line, exit code 2."""
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog='python -m train.face', description=__doc__.splitlines()[0],
+                                formatter_class=fmt)
+    p.add_argument('-m', '--model', default='mobileone_112_s0', help='mobileone_112_s0 ... s4 (or another timm '
+                   'model returning embeddings)')
+    p.add_argument('--pretrained', action='store_true', help='start from the pretrained weights of --model')
+    p.add_argument('--initial-checkpoint', default='', help='start from this state dict')
+    p.add_argument('--data', required=True, help='a folder with train.rec + train.idx (insightface RecordIO), a '
+                   '.rec file, or an ImageFolder tree (one folder per identity)')
+    p.add_argument('--num-classes', type=int, default=None,
+                   help='identities (default: the pack\'s property file or header, or the ImageFolder\'s folders)')
+    p.add_argument('--loss', default='arcface', choices=('arcface', 'cosface'), help='margin loss')
+    p.add_argument('--margin', type=float, default=None, help='margin m (default: 0.5 arcface, 0.4 cosface)')
+    p.add_argument('--scale', type=float, default=64.0, help='logit scale s')
+    p.add_argument('--sample-rate', type=float, default=1.0,
+                   help='partial FC: fraction of class centres scored per step (batch classes always included)')
+    p.add_argument('--epochs', type=int, default=20, help='epochs')
+    p.add_argument('-b', '--batch-size', type=int, default=128, help='images per step and process')
+    p.add_argument('--opt', default='sgd', choices=('sgd', 'adamw'), help='optimizer (sgd: momentum, no nesterov)')
+    p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    p.add_argument('--lr', type=float, default=0.1, help='peak learning rate')
+    p.add_argument('--sched', default='cosine', choices=('cosine', 'poly'), help='learning-rate decay after warmup')
+    p.add_argument('--poly-power', type=float, default=2.0, help='power of the poly schedule')
+    p.add_argument('--min-lr', type=float, default=0.0, help='learning rate at the end of training')
+    p.add_argument('--warmup-epochs', type=float, default=1.0, help='linear warmup length (may be fractional)')
+    p.add_argument('--warmup-lr', type=float, default=0.0, help='learning rate at step 0 of the warmup')
+    p.add_argument('--weight-decay', type=float, default=1e-4, help='weight decay at step 0 (not on norm/bias)')
+    p.add_argument('--weight-decay-end', type=float, default=1e-5, help='weight decay at the end (cosine anneal)')
+    p.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value')
+    p.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (validated and exported)')
+    p.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay per step')
+    p.add_argument('--drop-path', type=float, default=0.0, help='drop path rate')
+    p.add_argument('--amp', action='store_true', help='mixed precision (CUDA: float16 with a grad scaler, or '
+                   '--amp-dtype bfloat16; CPU: bfloat16)')
+    p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='AMP dtype on CUDA')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    p.add_argument('--grad-checkpointing', action='store_true', help='recompute activations in backward')
+    p.add_argument('--sync-bn', action='store_true', help='synchronize BatchNorm statistics across processes')
+    p.add_argument('--val', nargs='+', default=[], metavar='PACK',
+                   help='verification packs (.bin) or aligned folders with pairs.txt for validation')
+    p.add_argument('--val-every', type=int, default=0, help='validate every N steps (0: at each epoch end)')
+    p.add_argument('--val-batch-size', type=int, default=128, help='validation batch size')
+    p.add_argument('--checkpoint-every', type=int, default=0, help='checkpoint every N steps (0: each epoch end)')
+    p.add_argument('--output', required=True, help='run folder (checkpoints, logs, best weights, hub export)')
+    p.add_argument('--resume', action='store_true', help='continue the run in --output from its last checkpoint')
+    p.add_argument('--tag', default='', help='pretrained tag of the exported weights (default: <data>_<loss>)')
+    p.add_argument('--no-export', dest='export', action='store_false', help='skip the hub export at the end')
+    p.add_argument('-j', '--workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help='DataLoader processes decoding images per training process')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
+    p.add_argument('--seed', type=int, default=42, help='random seed')
+    p.add_argument('--log-interval', type=int, default=50, help='log every N steps')
+    args = p.parse_args(argv)
+    args.command = f"{p.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+    for name in ('epochs', 'batch_size', 'log_interval', 'val_batch_size'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name.replace("_", "-")} must be >= 1')
+    for name in ('workers', 'val_every', 'checkpoint_every'):
+        if getattr(args, name) < 0:
+            p.error(f'--{name.replace("_", "-")} must be >= 0')
+    if not 0.0 < args.sample_rate <= 1.0:
+        p.error('--sample-rate must be in (0, 1]')
+    if args.num_classes is not None and args.num_classes < 2:
+        p.error('--num-classes must be >= 2')
+    if args.tag and not re.fullmatch(r'[a-z0-9][a-z0-9_]*', args.tag):
+        p.error('--tag: use lowercase letters, digits and _ (e.g. ms1mv3_arcface)')
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model, optimizer, schedules
+
+
+class FaceTrainModel(nn.Module):
+    """Backbone + margin head; `forward(images, labels)` returns the mean cross-entropy of the margin logits.
+
+    One module so that DistributedDataParallel wraps both (the margin head is replicated on every process).
+    The head runs in float32 outside autocast: normalized cosines times s=64 need the precision.
+    """
+
+    def __init__(self, backbone: nn.Module, head: MarginHead, amp: Any = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.amp = amp
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self.amp if self.amp is not None else nullcontext():
+            embeddings = self.backbone(images)
+        logits, targets = self.head(embeddings.float(), labels)
+        return F.cross_entropy(logits, targets)
+
+
+def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """timm's decay / no-decay parameter groups (norm and bias parameters get none) under SGD or AdamW.
+
+    Built directly rather than with timm's create_optimizer_v2, whose 'sgd' is Nesterov SGD; the recipe (and
+    insightface) uses plain momentum SGD.
+    """
+    from timm.optim import param_groups_weight_decay
+    groups = param_groups_weight_decay(model, weight_decay=args.weight_decay)
+    for g in groups:
+        g['anneal_weight_decay'] = g['weight_decay'] > 0
+    if args.opt == 'sgd':
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, args, total_steps: int, warmup_steps: int):
+    """timm's step-based warmup + cosine / poly scheduler; `step_update(step)` sets the lr of every group."""
+    from timm.scheduler import CosineLRScheduler, PolyLRScheduler
+    common = dict(t_initial=max(1, total_steps - warmup_steps), lr_min=args.min_lr, warmup_t=warmup_steps,
+                  warmup_lr_init=args.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    if args.sched == 'poly':
+        return PolyLRScheduler(optimizer, power=args.poly_power, **common)
+    return CosineLRScheduler(optimizer, **common)
+
+
+def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """Cosine anneal from `start` at step 0 to `end` at `total_steps`.
+
+    Written here because timm's schedulers apply one floor to every param group, which would give the no-decay
+    groups a weight decay of `end`.
+    """
+    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
+    for g in optimizer.param_groups:
+        if g.get('anneal_weight_decay'):
+            g['weight_decay'] = value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer):
+    """Split an optimizer state dict into tensors (for safetensors) and the JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors, other = {}, {}
+    for idx, state in sd['state'].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f'optimizer.{idx}.{name}'] = value
+            else:
+                other.setdefault(str(idx), {})[name] = value
+    return tensors, dict(param_groups=sd['param_groups'], state=other)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor], saved: Dict) -> None:
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith('optimizer.'):
+            _, idx, name = key.split('.', 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, values in saved['state'].items():
+        state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict(dict(state=state, param_groups=saved['param_groups']))
+
+
+def _prefixed(prefix: str, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {f'{prefix}.{k}': v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def _strip(prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + '.')}
+
+
+def save_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    from safetensors.torch import save
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata or {})
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _json_write(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=1)
+    atomic_write(path, lambda f: f.write((text + '\n').encode()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+class _Dist:
+    """torchrun's environment: rank, world size, the device of this process."""
+
+    def __init__(self, device: str) -> None:
+        self.world_size = int(os.environ.get('WORLD_SIZE', '1'))
+        self.rank = int(os.environ.get('RANK', '0'))
+        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        dev = torch.device(device)
+        if dev.type == 'cuda':
+            if not torch.cuda.is_available():
+                raise UserError(f'--device {device}: CUDA is not available on this machine')
+            dev = torch.device('cuda', local_rank if self.world_size > 1 else (dev.index or 0))
+            torch.cuda.set_device(dev)
+        self.device = dev
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+        self.main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == 'cuda' else 'cpu')
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def gather(self, obj: Any) -> List[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _default_tag(data: str, loss: str) -> str:
+    p = Path(data)
+    name = p.parent.name if p.suffix == '.rec' else p.name
+    slug = re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_') or 'custom'
+    return f'{slug}_{loss}' if slug[0].isalnum() else f'custom_{loss}'
+
+
+class Trainer:
+    """One training process: builds everything from the flags, runs the steps, validates, checkpoints."""
+
+    def __init__(self, args, world: _Dist) -> None:
+        import timm
+        from timm.utils import ModelEmaV3
+        self.args = args
+        self.world = world
+        self.device = world.device
+        self.out = Path(args.output)
+        self._check_output()
+        torch.manual_seed(args.seed)  # the same initial weights on every process (DDP broadcasts rank 0's anyway)
+        try:
+            self.backbone = create_model_checked(args.model, args.pretrained, args.initial_checkpoint,
+                                                 num_classes=0, drop_path_rate=args.drop_path or None)
+        except ModelLoadError as e:
+            raise UserError(str(e)) from None
+        self.data_cfg = timm.data.resolve_model_data_config(self.backbone)
+        input_size = tuple(self.data_cfg['input_size'][-2:])
+        self.dataset = open_dataset(args.data, input_size, flip=True, seed=args.seed, num_classes=args.num_classes)
+        self.num_classes = self.dataset.num_classes
+        if self.num_classes < 2:
+            raise UserError(f'--data {args.data}: {self.num_classes} identity; a margin loss needs at least 2')
+        with torch.no_grad():  # in eval mode: the probe must not touch the BN statistics
+            embed_dim = self.backbone.eval()(torch.zeros(1, 3, *input_size)).shape[-1]
+        self.backbone.train()
+        self.head = MarginHead(embed_dim, self.num_classes, kind=args.loss, s=args.scale, m=args.margin,
+                               sample_rate=args.sample_rate)
+        if args.grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.memory_format = memory_format
+        self.amp, self.scaler = self._amp()
+        self.net = FaceTrainModel(self.backbone, self.head, self.amp).to(self.device, memory_format=memory_format)
+        if args.sync_bn and world.world_size > 1:
+            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+            self.backbone, self.head = self.net.backbone, self.net.head
+        self.ddp = self.net
+        if world.world_size > 1:
+            ids = [self.device.index] if self.device.type == 'cuda' else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        self.ema = ModelEmaV3(self.backbone, decay=args.model_ema_decay) if args.model_ema else None
+        self.optimizer = build_optimizer(self.net, args)
+        self.sampler = ResumableSampler(self.dataset, num_replicas=world.world_size, rank=world.rank, seed=args.seed)
+        self.steps_per_epoch = self.sampler.num_samples // args.batch_size
+        if self.steps_per_epoch < 1:
+            raise UserError(f'--data {args.data}: {len(self.dataset)} images make no full batch of '
+                            f'{args.batch_size} x {world.world_size} processes (lower --batch-size)')
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.warmup_steps = min(self.total_steps - 1, round(args.warmup_epochs * self.steps_per_epoch))
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, args, self.total_steps, max(self.warmup_steps, 0))
+        self.step = 0
+        self.best: Optional[Dict[str, Any]] = None
+        self.val_sets = self._load_val_sets() if world.main else []
+        self.mean = torch.tensor(self.data_cfg['mean'], device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(self.data_cfg['std'], device=self.device).view(1, 3, 1, 1) * 255
+        if args.resume:
+            self._resume()
+
+    # -- setup helpers
+
+    def _check_output(self) -> None:
+        state = self.out / STATE_NAME
+        if state.is_file() and not self.args.resume:
+            raise UserError(f'--output {self.out} holds a run ({STATE_NAME}); pass --resume to continue it, or choose '
+                            f'another --output')
+        if self.args.resume and not state.is_file():
+            raise UserError(f'--resume: no {STATE_NAME} in {self.out} (no checkpoint to continue from)')
+        if self.world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.world.barrier()
+
+    def _amp(self):
+        if not self.args.amp:
+            return None, None
+        if self.device.type == 'cuda':
+            dtype = torch.float16 if self.args.amp_dtype == 'float16' else torch.bfloat16
+            scaler = torch.amp.GradScaler('cuda') if dtype == torch.float16 else None
+            return torch.autocast('cuda', dtype=dtype), scaler
+        return torch.autocast(self.device.type, dtype=torch.bfloat16), None
+
+    def _load_val_sets(self):
+        from timm_mobileone.data import PackError, load_verification_set
+        try:
+            return [load_verification_set(p) for p in self.args.val]
+        except PackError as e:
+            raise UserError(f'--val {e}') from None
+
+    # -- checkpoints
+
+    def _run_config(self) -> Dict[str, Any]:
+        cfg = {k: getattr(self.args, k) for k in RUN_DEFINING if k not in ('world_size', 'num_classes')}
+        return dict(cfg, world_size=self.world.world_size, num_classes=self.num_classes)
+
+    def save_checkpoint(self) -> None:
+        rng = self.world.gather(dict(cpu=torch.get_rng_state(),
+                                     cuda=torch.cuda.get_rng_state() if self.device.type == 'cuda' else None))
+        if not self.world.main:
+            return
+        tensors = dict(_prefixed('model', self.backbone.state_dict()), **_prefixed('head', self.head.state_dict()))
+        if self.ema is not None:
+            tensors.update(_prefixed('ema', self.ema.module.state_dict()))
+        opt_tensors, opt_rest = _optimizer_tensors(self.optimizer)
+        tensors.update(opt_tensors)
+        for r, state in enumerate(rng):
+            tensors[f'rng.cpu.{r}'] = state['cpu']
+            if state['cuda'] is not None:
+                tensors[f'rng.cuda.{r}'] = state['cuda']
+        name = f'checkpoint-{self.step:08d}.safetensors'
+        save_safetensors(self.out / name, tensors, metadata=dict(step=str(self.step)))
+        state = dict(
+            step=self.step, epoch=self.step // self.steps_per_epoch, total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch, checkpoint=name, run=self._run_config(),
+            lr_scheduler=self.lr_scheduler.state_dict(), optimizer=opt_rest,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            best=self.best, command=self.args.command, data=self.args.data, time=time.time())
+        _json_write(self.out / STATE_NAME, state)  # the commit point: last.json names a complete checkpoint
+        for old in self.out.glob('checkpoint-*.safetensors'):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        _logger.info(f'step {self.step}: checkpoint {self.out / name}')
+
+    def _resume(self) -> None:
+        from safetensors.torch import load_file
+        try:
+            state = json.loads((self.out / STATE_NAME).read_text())
+            tensors = load_file(str(self.out / state['checkpoint']), device='cpu')
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f'--resume: cannot read the checkpoint in {self.out} ({e})') from None
+        saved, now = state['run'], self._run_config()
+        changed = [k for k in saved if k in now and saved[k] != now[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f'--resume: {self.out} was started with {k}={saved[k]!r}, now {now[k]!r}; a resumed '
+                            f'run keeps its flags (start a new --output to change them)')
+        self.backbone.load_state_dict(_strip('model', tensors))
+        self.head.load_state_dict(_strip('head', tensors))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(_strip('ema', tensors))
+        _load_optimizer(self.optimizer, tensors, state['optimizer'])
+        self.lr_scheduler.load_state_dict(state['lr_scheduler'])
+        if self.scaler is not None and state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
+        torch.set_rng_state(tensors[f'rng.cpu.{self.world.rank}'])
+        if self.device.type == 'cuda' and f'rng.cuda.{self.world.rank}' in tensors:
+            torch.cuda.set_rng_state(tensors[f'rng.cuda.{self.world.rank}'])
+        self.step = state['step']
+        self.best = state.get('best')
+        if self.world.main:
+            self._truncate_log(self.step)
+        _logger.info(f'resumed {self.out} at step {self.step}/{self.total_steps}')
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log rows past the checkpoint (steps a crash lost): the resumed run logs them again."""
+        log = self.out / LOG_NAME
+        if log.is_file():
+            rows = [line for line in log.read_text().splitlines() if line.strip()]
+            keep = [line for line in rows if json.loads(line).get('step', 0) <= step]
+            atomic_write(log, lambda f: f.write(''.join(line + '\n' for line in keep).encode()))
+
+    def _log(self, row: Dict[str, Any]) -> None:
+        if self.world.main:
+            with open(self.out / LOG_NAME, 'a') as f:
+                f.write(json.dumps(row) + '\n')
+
+    # -- validation
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.backbone
+
+    def validate(self) -> Optional[Dict[str, Any]]:
+        """eval.verify on a fused copy of the (EMA) weights; keeps the best. Main process only."""
+        from timm.utils import reparameterize_model
+        from eval._common import run
+        from eval.verify import parse_args as verify_args, summarize
+        if not self.val_sets:
+            return None
+        argv = ['--model', self.args.model, '--checkpoint', str(self.out / BEST_WEIGHTS), '-b',
+                str(self.args.val_batch_size), '-j', '0', '--device', str(self.device), '--no-progress']
+        for p in self.args.val:
+            argv += ['--data', p]
+        model = self.eval_model()
+        was_training = model.training
+        fused = reparameterize_model(model.eval()).to(memory_format=torch.channels_last)
+        model.train(was_training)
+        result = summarize(run(verify_args(argv), self.val_sets, model=fused))
+        accs = {r['dataset']: r['accuracy'] for r in result['results']}
+        is_best = self.best is None or result['mean_accuracy'] > self.best['mean_accuracy']
+        self._log(dict(step=self.step, val=accs, mean_accuracy=result['mean_accuracy'], best=is_best))
+        _logger.info(f'step {self.step}: validation {json.dumps(accs)} mean {result["mean_accuracy"]:.5f}'
+                     f'{" (best)" if is_best else ""}')
+        if is_best:
+            save_safetensors(self.out / BEST_WEIGHTS, model.state_dict(), metadata=dict(step=str(self.step)))
+            _json_write(self.out / BEST_RESULT, dict(result, step=self.step))
+            self.best = dict(step=self.step, mean_accuracy=result['mean_accuracy'])
+        return result
+
+    # -- training
+
+    def _loader(self, epoch: int, start: int):
+        self.sampler.set_epoch(epoch, start * self.args.batch_size)
+        self.dataset.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(self.args.seed + epoch)  # worker seeds: not from the global RNG
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.args.batch_size, sampler=self.sampler, num_workers=self.args.workers,
+            collate_fn=collate, pin_memory=self.device.type == 'cuda', drop_last=True, generator=gen)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+        self.lr_scheduler.step_update(self.step)
+        wd = weight_decay_at(self.step, self.total_steps, self.args.weight_decay, self.args.weight_decay_end)
+        set_weight_decay(self.optimizer, wd)
+        images = images.to(self.device, non_blocking=True).float()
+        images = images.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        loss = self.ddp(images, labels)
+        if not torch.isfinite(loss):
+            last = json.loads((self.out / STATE_NAME).read_text())['step'] if (self.out / STATE_NAME).is_file() else 0
+            raise UserError(f'loss is {loss.item()} at step {self.step}; lower --lr or add --clip-grad (the last '
+                            f'checkpoint, step {last}, is kept for --resume)')
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.args.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), self.args.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.args.clip_grad:
+                grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), self.args.clip_grad)
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.backbone, step=self.step)
+        return dict(loss=loss.item(), lr=self.optimizer.param_groups[0]['lr'], weight_decay=wd,
+                    grad_norm=None if grad_norm is None else float(grad_norm))
+
+    def fit(self) -> Dict[str, Any]:
+        args, t_start = self.args, time.perf_counter()
+        val_every = args.val_every or self.steps_per_epoch
+        ckpt_every = args.checkpoint_every or self.steps_per_epoch
+        first_loss = last_loss = None
+        t_log, seen = time.perf_counter(), 0
+        self.net.train()
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            for images, labels, errors in self._loader(epoch, start):
+                if errors:
+                    raise UserError(errors[0])
+                stats = self.train_step(images, labels)
+                self.step += 1
+                seen += len(images) * self.world.world_size
+                first_loss = stats['loss'] if first_loss is None else first_loss
+                if self.step % args.log_interval == 0 or self.step == self.total_steps:
+                    loss = self.world.mean(stats['loss'])
+                    last_loss = loss
+                    elapsed = time.perf_counter() - t_log
+                    row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, loss=loss, lr=stats['lr'],
+                               weight_decay=stats['weight_decay'], grad_norm=stats['grad_norm'],
+                               images_per_second=seen / max(elapsed, 1e-9))
+                    self._log(row)
+                    _logger.info(f"step {self.step}/{self.total_steps} epoch {row['epoch']:.2f} loss {loss:.4f} "
+                                 f"lr {stats['lr']:.3g} wd {stats['weight_decay']:.3g} "
+                                 f"{row['images_per_second']:.1f} img/s")
+                    t_log, seen = time.perf_counter(), 0
+                if self.step % val_every == 0 or self.step == self.total_steps:
+                    if self.world.main:
+                        self.validate()
+                    self.world.barrier()
+                    t_log = time.perf_counter()
+                if self.step % ckpt_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                    self.world.barrier()
+                if self.step >= self.total_steps:
+                    break
+        summary = dict(
+            model=args.model, data=args.data, num_images=len(self.dataset), num_classes=self.num_classes,
+            world_size=self.world.world_size, steps=self.step, total_steps=self.total_steps, epochs=args.epochs,
+            first_loss=first_loss, last_loss=last_loss, best=self.best, output=str(self.out),
+            seconds=round(time.perf_counter() - t_start, 3), command=args.command)
+        if self.world.main:
+            summary['export'] = self.export() if args.export else None
+        return summary
+
+    def export(self) -> Dict[str, Any]:
+        """The best weights (or the final ones without --val) through timm_mobileone.hub export into OUTPUT/hub."""
+        from timm_mobileone.hub import HubError, export
+        best = self.out / BEST_WEIGHTS
+        results: Sequence[str] = [str(self.out / BEST_RESULT)] if (self.out / BEST_RESULT).is_file() else []
+        if not results:
+            save_safetensors(best, self.eval_model().state_dict(), metadata=dict(step=str(self.step)))
+        tag = self.args.tag or _default_tag(self.args.data, self.args.loss)
+        train_data = (f'`{self.args.data}`: {len(self.dataset)} images of {self.num_classes} identities; '
+                      f'{self.args.loss}, {self.args.epochs} epochs, trained with `{self.args.command}`')
+        try:
+            return export(self.args.model, str(best), tag, str(self.out / 'hub'), results=results,
+                          train_data=train_data)
+        except HubError as e:
+            raise UserError(f'export: {e}') from None
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run a training job; returns (and prints) the JSON summary."""
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', stream=sys.stderr)
+    keep_freed_memory_for_reuse()
+    args = parse_args(argv)
+    world = None
+    try:
+        world = _Dist(args.device)
+        if not world.main:
+            logging.getLogger().setLevel(logging.WARNING)
+        summary = Trainer(args, world).fit()
+    except (UserError, FaceDataError, RecordIOError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f'error: interrupted; resume with --resume (the last checkpoint in {args.output})', file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if world is not None:
+            world.close()
+    if world.main:
+        print(json.dumps(summary))
+    return summary
+
+
+if __name__ == '__main__':
+    main()
