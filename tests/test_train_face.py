@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from train import face
-from train.data import ImageFolderDataset, RecordIODataset, ResumableSampler, open_dataset
+from train.data import ImageFolderDataset, RecordIODataset, ResumableSampler, collate, open_dataset
 from train.margin import MarginHead
 
 from conftest import identity_images, make_pack, write_image_folder, write_rec_pack
@@ -201,6 +201,19 @@ def test_rec_and_folder_datasets_agree(tmp_path, samples):
         assert img_r.dtype == torch.uint8 and img_r.shape == (3, 112, 112) and torch.equal(img_r, img_f)
 
 
+def test_forked_workers_read_a_pack_opened_in_the_parent(tmp_path):
+    """Workers inherit the parent's open .rec handle when forked: each must read through its own."""
+    samples = identity_images(identities=8, per_identity=24, seed=2)
+    ds = RecordIODataset(write_rec_pack(tmp_path / 'r', samples) / 'train.rec', flip=False)
+    ds[0]  # the parent opens the file before the workers fork
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate)
+    labels = []
+    for _, batch_labels, errors in loader:
+        assert errors == []
+        labels += batch_labels.tolist()
+    assert labels == [label for label, _ in samples]
+
+
 def test_num_classes_from_property_header_or_labels(tmp_path, samples):
     assert RecordIODataset(write_rec_pack(tmp_path / 'a', samples[:24]) / 'train.rec').num_classes == 3
     no_property = write_rec_pack(tmp_path / 'b', samples[:24], property_file=False)
@@ -318,6 +331,11 @@ def test_an_existing_run_is_never_overwritten(run_a, rec_pack, capsys):
     assert '--resume: no last.json' in _main_error(capsys, _quick(rec_pack, out.parent / 'fresh') + ['--resume'])
 
 
+def test_channels_last_is_refused_on_cpu(resume_pack, tmp_path, capsys):
+    line = _main_error(capsys, _quick(resume_pack, tmp_path / 'out') + ['--channels-last'])
+    assert 'oneDNN#6035' in line and not (tmp_path / 'out' / 'log.jsonl').exists()
+
+
 def test_cli_subprocess_prints_one_line(tmp_path):
     (tmp_path / 'empty').mkdir()
     proc = subprocess.run([sys.executable, '-m', 'train.face', '--data', str(tmp_path / 'empty'), '--output',
@@ -325,3 +343,37 @@ def test_cli_subprocess_prints_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ''
     assert proc.stderr.strip().splitlines() == [f'error: {tmp_path / "empty"}: no images found (expected one '
                                                 f'folder per identity with .jpg/.png files)']
+
+
+OPTION_FLAGS = ['--epochs', '1', '-b', '8', '--lr', '1e-3', '--log-interval', '1', '--checkpoint-every', '2',
+                '--loss', 'cosface', '--opt', 'adamw', '--sched', 'poly', '--warmup-epochs', '0.25', '--amp',
+                '--clip-grad', '5', '--grad-checkpointing', '--no-export', '-j', '0']
+
+
+def test_interrupt_then_resume_with_adamw_amp_poly_cosface(resume_pack, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after step 3 keeps the step-2 checkpoint; AdamW's step counts, the poly schedule, bfloat16 autocast,
+    clipping and grad checkpointing all resume into the uninterrupted run's losses."""
+    face.main(['--data', str(resume_pack), '--output', str(tmp_path / 'a'), *OPTION_FLAGS])
+    step = face.Trainer.train_step
+
+    def interrupted(self, images, labels):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return step(self, images, labels)
+
+    monkeypatch.setattr(face.Trainer, 'train_step', interrupted)
+    with pytest.raises(SystemExit) as e:
+        face.main(['--data', str(resume_pack), '--output', str(tmp_path / 'b'), *OPTION_FLAGS])
+    assert e.value.code == 130 and 'resume with --resume' in capsys.readouterr().err
+    assert json.loads((tmp_path / 'b' / 'last.json').read_text())['step'] == 2
+    monkeypatch.setattr(face.Trainer, 'train_step', step)
+    face.main(['--data', str(resume_pack), '--output', str(tmp_path / 'b'), '--resume', *OPTION_FLAGS])
+    a = {r['step']: r for r in _rows(tmp_path / 'a') if 'loss' in r}
+    b = {r['step']: r for r in _rows(tmp_path / 'b') if 'loss' in r}
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for s in range(3, 9):
+        assert b[s]['loss'] == pytest.approx(a[s]['loss'], rel=1e-6) and b[s]['lr'] == a[s]['lr']
+        assert b[s]['grad_norm'] == pytest.approx(a[s]['grad_norm'], rel=1e-5)
+    # poly (power 2) after the 2-step warmup
+    assert [b[s]['lr'] for s in (1, 2, 3)] == pytest.approx([0.0, 5e-4, 1e-3])
+    assert b[5]['lr'] == pytest.approx(1e-3 * (1 - 2 / 6) ** 2)

@@ -101,7 +101,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--amp', action='store_true', help='mixed precision (CUDA: float16 with a grad scaler, or '
                    '--amp-dtype bfloat16; CPU: bfloat16)')
     p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='AMP dtype on CUDA')
-    p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    p.add_argument('--channels-last', action='store_true',
+                   help='channels_last memory format (CUDA only: on CPU, oneDNN#6035 breaks its backward)')
     p.add_argument('--grad-checkpointing', action='store_true', help='recompute activations in backward')
     p.add_argument('--sync-bn', action='store_true', help='synchronize BatchNorm statistics across processes')
     p.add_argument('--val', nargs='+', default=[], metavar='PACK',
@@ -317,7 +318,11 @@ class Trainer:
                                                  num_classes=0, drop_path_rate=args.drop_path or None)
         except ModelLoadError as e:
             raise UserError(str(e)) from None
-        self.data_cfg = timm.data.resolve_model_data_config(self.backbone)
+        self.arch = self.backbone.pretrained_cfg.get('architecture') or args.model
+        self.data_cfg = self._face_data_cfg()
+        if args.export and self.arch not in timm.list_models('mobileone_112_*'):
+            raise UserError(f'--model {args.model}: the hub export handles mobileone_112 models only; pass '
+                            f'--no-export to train {self.arch}')
         input_size = tuple(self.data_cfg['input_size'][-2:])
         self.dataset = open_dataset(args.data, input_size, flip=True, seed=args.seed, num_classes=args.num_classes)
         self.num_classes = self.dataset.num_classes
@@ -330,11 +335,19 @@ class Trainer:
                                sample_rate=args.sample_rate)
         if args.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
+        if args.channels_last and self.device.type == 'cpu':
+            # measured here: the stem's stride-2 1x1 scale conv (3 input channels) crashes or corrupts memory in
+            # backward under channels_last on CPU; oneDNN issue #6035 (nhwc 1x1 backward_weights, IC < ic_block)
+            raise UserError('--channels-last is refused on CPU: oneDNN\'s channels_last backward of the stem\'s '
+                            'stride-2 1x1 conv crashes or gives wrong gradients (uxlfoundation/oneDNN#6035); '
+                            'use it on CUDA')
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.memory_format = memory_format
         self.amp, self.scaler = self._amp()
         self.net = FaceTrainModel(self.backbone, self.head, self.amp).to(self.device, memory_format=memory_format)
         if args.sync_bn and world.world_size > 1:
+            if self.device.type != 'cuda':
+                raise UserError('--sync-bn needs CUDA devices (torch\'s SyncBatchNorm runs on GPUs only)')
             self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
             self.backbone, self.head = self.net.backbone, self.net.head
         self.ddp = self.net
@@ -371,6 +384,20 @@ class Trainer:
         if self.world.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.world.barrier()
+
+    def _face_data_cfg(self) -> Dict[str, Any]:
+        """Input size and normalization of the architecture's face cfg, not of the starting weights' tag.
+
+        `mobileone_112_sN.apple_in1k` weights expect ImageNet mean/std, but what this run produces are face
+        weights that export, eval and the Hub load with the architecture's cfg (mean = std = 0.5): the run trains
+        with that, and fine-tuning absorbs the shift.
+        """
+        import timm
+        from timm.models import get_pretrained_cfg
+        cfg = get_pretrained_cfg(self.arch) if timm.is_model(self.arch) else None
+        if cfg is None:
+            return timm.data.resolve_model_data_config(self.backbone)
+        return timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
 
     def _amp(self):
         if not self.args.amp:
@@ -470,22 +497,31 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.backbone
 
+    def fused_copy(self) -> nn.Module:
+        """The validated weights in a fresh model of the architecture, reparameterized, on the device.
+
+        A fresh model rather than a deep copy: the copy must be exactly what `best.safetensors` loads into (the
+        eval command in best.json), and SyncBatchNorm modules are not the BatchNorm2d timm's fusion expects.
+        """
+        import timm
+        from timm.utils import reparameterize_model
+        model = timm.create_model(self.arch, num_classes=0)
+        model.load_state_dict(self.eval_model().state_dict())
+        model = reparameterize_model(model.eval(), inplace=True)
+        return model.to(self.device, memory_format=torch.channels_last)
+
     def validate(self) -> Optional[Dict[str, Any]]:
         """eval.verify on a fused copy of the (EMA) weights; keeps the best. Main process only."""
-        from timm.utils import reparameterize_model
         from eval._common import run
         from eval.verify import parse_args as verify_args, summarize
         if not self.val_sets:
             return None
-        argv = ['--model', self.args.model, '--checkpoint', str(self.out / BEST_WEIGHTS), '-b',
+        argv = ['--model', self.arch, '--checkpoint', str(self.out / BEST_WEIGHTS), '-b',
                 str(self.args.val_batch_size), '-j', '0', '--device', str(self.device), '--no-progress']
         for p in self.args.val:
             argv += ['--data', p]
         model = self.eval_model()
-        was_training = model.training
-        fused = reparameterize_model(model.eval()).to(memory_format=torch.channels_last)
-        model.train(was_training)
-        result = summarize(run(verify_args(argv), self.val_sets, model=fused))
+        result = summarize(run(verify_args(argv), self.val_sets, model=self.fused_copy()))
         accs = {r['dataset']: r['accuracy'] for r in result['results']}
         is_best = self.best is None or result['mean_accuracy'] > self.best['mean_accuracy']
         self._log(dict(step=self.step, val=accs, mean_accuracy=result['mean_accuracy'], best=is_best))
@@ -596,7 +632,7 @@ class Trainer:
         train_data = (f'`{self.args.data}`: {len(self.dataset)} images of {self.num_classes} identities; '
                       f'{self.args.loss}, {self.args.epochs} epochs, trained with `{self.args.command}`')
         try:
-            return export(self.args.model, str(best), tag, str(self.out / 'hub'), results=results,
+            return export(self.arch, str(best), tag, str(self.out / 'hub'), results=results,
                           train_data=train_data)
         except HubError as e:
             raise UserError(f'export: {e}') from None

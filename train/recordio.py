@@ -6,6 +6,7 @@ the magic word at the split points; joining the parts puts it back. The payload 
 (flag, label, id, id2); when flag > 0, `flag` float32 labels follow, then the encoded image. Record 0 (flag > 0)
 holds the range of image keys in its first two labels: images are keys 1 .. label[0] - 1.
 """
+import os
 import struct
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
@@ -71,11 +72,20 @@ class RecordIOReader:
             except (ValueError, IndexError):
                 raise RecordIOError(f'{self.idx_path}:{line_no}: expected "key<TAB>offset", got {line!r}') from None
         self._file = None
+        self._pid = None
 
-    def __getstate__(self):  # DataLoader workers reopen the file
+    def __getstate__(self):  # DataLoader workers (spawned) reopen the file
         state = dict(self.__dict__)
         state['_file'] = None
         return state
+
+    def _handle(self):
+        # one handle per process: forked DataLoader workers inherit the parent's open file, and a shared file
+        # offset between seek() and read() in two workers reads one record's bytes at another's offset
+        if self._file is None or self._pid != os.getpid():
+            self._file = open(self.rec_path, 'rb')
+            self._pid = os.getpid()
+        return self._file
 
     def _read_part(self, f, offset: int) -> Tuple[int, bytes, int]:
         f.seek(offset)
@@ -94,16 +104,15 @@ class RecordIOReader:
 
     def read_at(self, offset: int) -> bytes:
         """The payload of the record starting at `offset`, its parts joined."""
-        if self._file is None:
-            self._file = open(self.rec_path, 'rb')
-        cflag, data, nxt = self._read_part(self._file, offset)
+        f = self._handle()
+        cflag, data, nxt = self._read_part(f, offset)
         if cflag == 0:
             return data
         if cflag != 1:
             raise RecordIOError(f'{self.rec_path}: record at offset {offset} starts with continuation flag {cflag}')
         parts = [data]
         while True:
-            cflag, data, nxt = self._read_part(self._file, nxt)
+            cflag, data, nxt = self._read_part(f, nxt)
             parts.append(data)
             if cflag == 3:
                 return struct.pack('<I', MAGIC).join(parts)
