@@ -25,7 +25,7 @@ def _pack_file(tmp_path, num_images=6, identities=3):
 def test_pack_round_trip(tmp_path):
     path, images = _pack_file(tmp_path)
     reader = recordio.RecordIOReader(path)
-    assert recordio.image_keys(reader) == [1, 2, 3, 4, 5, 6]
+    assert list(recordio.image_keys(reader)) == [1, 2, 3, 4, 5, 6]
     head = reader.read(0)
     assert head.flag == 2 and head.label.tolist() == [7.0, 10.0]
     rec = reader.read(4)
@@ -124,3 +124,18 @@ def test_bad_head_arguments():
         MarginHead(8, 4, kind='sphereface')
     with pytest.raises(ValueError, match='>= 2 classes'):
         MarginHead(8, 1)
+
+
+def test_index_lines_are_checked_and_keys_sorted(tmp_path):
+    path, images = _pack_file(tmp_path)
+    idx = tmp_path / 'train.idx'
+    lines = idx.read_text().splitlines()
+    idx.write_text('\n'.join(reversed(lines)))  # any order, no final newline
+    reader = recordio.RecordIOReader(path)
+    assert reader.keys.tolist() == list(range(7)) and 3 in reader and 9 not in reader
+    assert reader.read(4).data == images[3]
+    with pytest.raises(recordio.RecordIOError, match='no record 9'):
+        reader.read(9)
+    idx.write_text('\n'.join(lines[:3] + ['3\tabc'] + lines[4:]) + '\n')
+    with pytest.raises(recordio.RecordIOError, match=r'train.idx:4: expected "key<TAB>offset", got \'3\\tabc\''):
+        recordio.RecordIOReader(path)

@@ -89,9 +89,9 @@ class RecordIODataset(_FaceImages):
             self.keys = image_keys(self.reader)
         except RecordIOError as e:
             raise FaceDataError(str(e)) from None
-        if not self.keys:
+        if len(self.keys) == 0:
             raise FaceDataError(f'{rec_path}: the pack holds no images')
-        missing = [k for k in self.keys[:1] + self.keys[-1:] if k not in self.reader.offsets]
+        missing = [int(k) for k in (self.keys[0], self.keys[-1]) if k not in self.reader]
         if missing:
             raise FaceDataError(f'{self.reader.idx_path}: the header announces images 1..{self.keys[-1]} but '
                                 f'record {missing[0]} is not indexed')
@@ -105,7 +105,7 @@ class RecordIODataset(_FaceImages):
             except ValueError:
                 raise FaceDataError(f'{prop}: expected "num_classes,height,width"') from None
         try:
-            head = self.reader.read(0) if 0 in self.reader.offsets else None
+            head = self.reader.read(0) if 0 in self.reader else None
             if head is not None and head.flag > 0 and len(head.label) >= 2 and head.label[1] > head.label[0]:
                 return int(head.label[1] - head.label[0])  # identity records follow the images
             labels = [self.reader.read(k).label for k in self.keys]
@@ -117,10 +117,10 @@ class RecordIODataset(_FaceImages):
         return len(self.keys)
 
     def _load(self, index: int) -> Tuple[bytes, float, str]:
-        key = self.keys[index]
+        key = int(self.keys[index])
         rec = self.reader.read(key)
         label = float(np.asarray(rec.label).reshape(-1)[0])
-        return rec.data, label, f'{self.reader.rec_path} record {key} (offset {self.reader.offsets[key]})'
+        return rec.data, label, f'{self.reader.rec_path} record {key} (offset {self.reader.offset(key)})'
 
 
 class ImageFolderDataset(_FaceImages):
