@@ -3,6 +3,7 @@ torchrun on gloo, and the bad-input contract (one line, exit code 2)."""
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -101,6 +102,11 @@ def test_best_checkpoint_and_export_load_in_both_forms(run_a):
     best = json.loads((out / 'best.json').read_text())
     assert best['step'] == summary['best']['step'] and best['results'][0]['dataset'] == 'tiny_val'
     assert best['command'].startswith('python -m eval.verify') and str(out / 'best.safetensors') in best['command']
+    # the recorded command reproduces the validation result from the saved weights
+    from eval import verify
+    again = verify.main(shlex.split(best['command'])[3:])
+    assert again['results'][0]['accuracies'] == best['results'][0]['accuracies']
+    assert again['results'][0]['thresholds'] == best['results'][0]['thresholds']
     hub = out / 'hub'
     assert sorted(p.name for p in hub.iterdir()) == ['README.md', 'config.json', 'model.safetensors',
                                                       'model_fused.safetensors']

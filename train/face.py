@@ -630,7 +630,8 @@ class Trainer:
             save_safetensors(best, self.eval_model().state_dict(), metadata=dict(step=str(self.step)))
         tag = self.args.tag or _default_tag(self.args.data, self.args.loss)
         train_data = (f'`{self.args.data}`: {len(self.dataset)} images of {self.num_classes} identities; '
-                      f'{self.args.loss}, {self.args.epochs} epochs, trained with `{self.args.command}`')
+                      f'{self.args.loss}, {self.args.epochs} epoch{"s" if self.args.epochs != 1 else ""}, trained with '
+                      f'`{self.args.command}`')
         try:
             return export(self.arch, str(best), tag, str(self.out / 'hub'), results=results,
                           train_data=train_data)
