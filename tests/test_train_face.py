@@ -383,3 +383,17 @@ def test_interrupt_then_resume_with_adamw_amp_poly_cosface(resume_pack, tmp_path
     # poly (power 2) after the 2-step warmup
     assert [b[s]['lr'] for s in (1, 2, 3)] == pytest.approx([0.0, 5e-4, 1e-3])
     assert b[5]['lr'] == pytest.approx(1e-3 * (1 - 2 / 6) ** 2)
+
+
+def test_initial_checkpoint_starts_from_its_weights(run_a, resume_pack, tmp_path, capsys):
+    from safetensors.torch import load_file
+    out, _ = run_a
+    args = face.parse_args(['--data', str(resume_pack), '--output', str(tmp_path / 'ft'), '--initial-checkpoint',
+                            str(out / 'best.safetensors'), '-j', '0', '-b', '8'])
+    trainer = face.Trainer(args, face._Dist('cpu'))
+    saved = load_file(str(out / 'best.safetensors'))
+    state = trainer.backbone.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    assert trainer.head.weight.shape == (16, 512)  # a new margin head for the new identities
+    line = _main_error(capsys, _quick(resume_pack, tmp_path / 'o') + ['--initial-checkpoint', str(tmp_path / 'no')])
+    assert 'no such file' in line
