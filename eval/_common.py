@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from timm_mobileone._io import ModelLoadError, atomic_write, create_model_checked, keep_freed_memory_for_reuse
+from timm_mobileone._io import (
+    ModelLoadError, atomic_write, create_model_checked, first_line, keep_freed_memory_for_reuse)
 
 from . import _verification as V
 from timm_mobileone.data import (
@@ -124,7 +125,7 @@ def create_model(args):
             cfg = timm.create_model(args.model).pretrained_cfg
             return OnnxModel(args.onnx, cfg)
         except RuntimeError as e:
-            raise UserError(f'--onnx {args.onnx}: {str(e).strip().splitlines()[0]}') from None
+            raise UserError(f'--onnx {args.onnx}: {first_line(e)}') from None
     try:
         model = create_model_checked(args.model, args.pretrained, args.checkpoint)
     except ModelLoadError as e:

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from timm_mobileone._io import ModelLoadError, create_model_checked
+from timm_mobileone._io import ModelLoadError, create_model_checked, first_line
 
 from ._common import DEFAULT_WORKERS, UserError, _versions, cli, finish
 
@@ -95,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         dataset = create_dataset(root=args.data_dir, name=args.dataset, split=args.split,
                                  class_map=args.class_map or None)
     except (RuntimeError, ValueError, OSError, AssertionError) as e:
-        raise UserError(f'--data-dir {args.data_dir}: {str(e).strip().splitlines()[0]}') from None
+        raise UserError(f'--data-dir {args.data_dir}: {first_line(e)}') from None
     if len(dataset) == 0:
         raise UserError(f'--data-dir {args.data_dir}: no images found')
     reader = getattr(dataset, 'reader', None)

@@ -23,7 +23,7 @@ import timm
 from timm.utils import reparameterize_model
 
 from . import __version__
-from ._io import keep_freed_memory_for_reuse
+from ._io import first_line, keep_freed_memory_for_reuse
 from .profile import count_macs, count_params, fusion_error, median_seconds
 
 
@@ -106,7 +106,7 @@ def report_row(name: str, model: torch.nn.Module, args, kind: str, bar=None) -> 
     try:
         row['fusion_rel_err_f64'] = fusion_error(model, torch.float64)
     except RuntimeError as e:  # some peers' reparameterization builds float32 tensors whatever the model's dtype
-        print(f'warning: {name}: no float64 fusion check ({str(e).strip().splitlines()[0][:200]})', file=sys.stderr)
+        print(f'warning: {name}: no float64 fusion check ({first_line(e)[:200]})', file=sys.stderr)
         row['fusion_rel_err_f64'] = None
     for form, m in (('train_eager', model), ('fused_eager', fused)):
         t = time_eager(copy.deepcopy(m), input_size, args.batch_size, args.repeats)
@@ -118,7 +118,7 @@ def report_row(name: str, model: torch.nn.Module, args, kind: str, bar=None) -> 
             t = time_onnx(copy.deepcopy(fused), input_size, args.batch_size, args.repeats, args.threads)
             row['fused_ort_latency_ms'], row['fused_ort_per_image_ms'] = t['latency_ms'], t['per_image_ms']
         except Exception as e:  # an exporter gap in a peer must not end the report
-            print(f'warning: {name}: ONNX export failed ({str(e).strip().splitlines()[0][:200]})', file=sys.stderr)
+            print(f'warning: {name}: ONNX export failed ({first_line(e)[:200]})', file=sys.stderr)
             row['fused_ort_latency_ms'] = row['fused_ort_per_image_ms'] = None
         if bar is not None:
             bar.update(1)

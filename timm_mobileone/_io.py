@@ -1,8 +1,15 @@
-"""Process-level helpers for the CLIs: atomic file writes, and the CPU allocator setting for long batched runs."""
+"""Process-level helpers for the CLIs: atomic file writes, the CPU allocator setting for long batched runs, and
+one-line error messages."""
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable, IO, Union
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line `error:` output."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], None]) -> None:
@@ -66,5 +73,4 @@ def create_model_checked(model_name: str, pretrained: bool = False, checkpoint: 
     try:
         return timm.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint or None, **kwargs)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f'cannot create model {model_name!r}: {first}') from None
+        raise ModelLoadError(f'cannot create model {model_name!r}: {first_line(e)}') from None

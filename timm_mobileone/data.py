@@ -21,8 +21,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ['PackError', 'VerificationSet', 'load_pack', 'load_pairs_folder', 'load_verification_set', 'PairImages',
-           'collate_images']
+from ._io import first_line
+
+__all__ = ['PackError', 'ImageError', 'VerificationSet', 'load_pack', 'load_pairs_folder', 'load_verification_set',
+           'decode_aligned', 'PairImages', 'collate_images']
 
 
 class PackError(ValueError):
@@ -186,6 +188,29 @@ def load_verification_set(path: Union[str, Path]) -> VerificationSet:
     return load_pack(path)
 
 
+class ImageError(ValueError):
+    """An encoded image that cannot be used; the message says why, to follow "image N"."""
+
+
+def decode_aligned(data: bytes, size: Tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 RGB (writable) of an encoded image that must already be an aligned crop of `size` (h, w).
+
+    Shared by verification (PairImages) and training (train.data). Other sizes raise ImageError, not a resize.
+    Pillow, not torchvision.io: torchvision 0.29 deprecates its image decoders.
+    """
+    from PIL import Image
+    h, w = size
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = np.array(img.convert('RGB'))
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError / truncated are OSErrors
+        raise ImageError(f'cannot be decoded ({first_line(e)})') from None
+    if rgb.shape[:2] != (h, w):
+        raise ImageError(f'is {rgb.shape[1]}x{rgb.shape[0]}, expected aligned {w}x{h} crops (images are not resized)')
+    return rgb
+
+
 class PairImages(torch.utils.data.Dataset):
     """Decodes the images of a VerificationSet, one per item, to uint8 CHW RGB tensors (in DataLoader workers).
 
@@ -201,34 +226,21 @@ class PairImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _decode(self, index: int) -> torch.Tensor:
-        # Pillow, not torchvision.io: torchvision 0.29 deprecates its image decoders
-        from PIL import Image
+    def _encoded(self, index: int) -> bytes:
         item = self.images[index]
         if isinstance(item, str):
-            data = Path(item).read_bytes()
-        elif isinstance(item, np.ndarray):
-            data = item.tobytes()
-        else:
-            data = bytes(item)
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            rgb = np.asarray(img.convert('RGB'))
-        return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+            try:
+                return Path(item).read_bytes()
+            except OSError as e:
+                raise ImageError(f'cannot be decoded ({first_line(e)})') from None
+        return item.tobytes() if isinstance(item, np.ndarray) else bytes(item)
 
     def __getitem__(self, index: int) -> Tuple[int, torch.Tensor, str]:
-        h, w = self.input_size
         try:
-            img = self._decode(index)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError / truncated are OSErrors
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            blank = torch.zeros(3, h, w, dtype=torch.uint8)
-            return index, blank, f'{self.source}: image {index} cannot be decoded ({msg})'
-        if tuple(img.shape[-2:]) != (h, w):
-            return index, torch.zeros(3, h, w, dtype=torch.uint8), (
-                f'{self.source}: image {index} is {img.shape[-1]}x{img.shape[-2]}, expected aligned {w}x{h} '
-                f'crops (images are not resized)')
-        return index, img, ''
+            rgb = decode_aligned(self._encoded(index), self.input_size)
+        except ImageError as e:
+            return index, torch.zeros(3, *self.input_size, dtype=torch.uint8), f'{self.source}: image {index} {e}'
+        return index, torch.from_numpy(rgb).permute(2, 0, 1), ''
 
 
 def collate_images(items):

@@ -33,7 +33,7 @@ import timm
 from timm.utils import reparameterize_model
 
 from . import __version__
-from ._io import atomic_write
+from ._io import atomic_write, first_line
 from .profile import count_macs, count_params, fusion_error
 
 _logger = logging.getLogger(__name__)
@@ -57,11 +57,6 @@ class HubError(Exception):
     """A user mistake (bad argument, unusable checkpoint or folder, missing token): one line, exit code 2."""
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -78,7 +73,7 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         else:
             state_dict = torch.load(str(p), map_location='cpu', weights_only=True)
     except Exception as e:  # safetensors and torch raise several unrelated types for corrupt files
-        raise HubError(f'--checkpoint {path}: cannot be read, corrupt or truncated? ({_first_line(e)})') from None
+        raise HubError(f'--checkpoint {path}: cannot be read, corrupt or truncated? ({first_line(e)})') from None
     if isinstance(state_dict, dict):
         for key in ('state_dict', 'model'):
             if isinstance(state_dict.get(key), dict):
@@ -130,7 +125,7 @@ def _load_checked(model_name: str, checkpoint: str, **model_args) -> torch.nn.Mo
         return load_train_time_model(model_name, checkpoint, **model_args)
     except RuntimeError as e:  # size mismatch from load_state_dict
         detail = re.search(r'size mismatch for ([^:]+): (.*)', str(e))
-        what = f'{detail.group(1)}: {detail.group(2)}' if detail else _first_line(e)
+        what = f'{detail.group(1)}: {detail.group(2)}' if detail else first_line(e)
         raise HubError(f'--checkpoint {checkpoint} does not fit {model_name} ({what}); is it a checkpoint of '
                        f'another variant?') from None
 
@@ -147,7 +142,7 @@ def _result_rows(paths: Sequence[str]) -> List[Dict[str, Any]]:
         try:
             obj = json.loads(p.read_text())
         except (OSError, ValueError) as e:
-            raise HubError(f'--results {path}: not a readable JSON file ({_first_line(e)})') from None
+            raise HubError(f'--results {path}: not a readable JSON file ({first_line(e)})') from None
         entries = obj.get('results') if isinstance(obj.get('results'), list) else [obj]
         for entry in entries:
             merged = dict(obj, **entry)
@@ -294,7 +289,7 @@ def push(folder: str, repo_id: str, private: bool = False, revision: Optional[st
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder_path), revision=revision,
                                  commit_message=commit_message, allow_patterns=list(EXPORT_FILES))
     except Exception as e:  # huggingface_hub raises HfHubHTTPError and network errors
-        raise HubError(f'push to {repo_id} failed: {_first_line(e)}') from None
+        raise HubError(f'push to {repo_id} failed: {first_line(e)}') from None
     return dict(repo_id=repo_id, revision=revision, commit_url=getattr(info, 'commit_url', str(info)),
                 files=list(EXPORT_FILES))
 

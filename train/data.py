@@ -8,7 +8,6 @@ back as a multi-line traceback: the item carries one line, and the training loop
 Horizontal flips are drawn from a generator seeded by (seed, epoch, index), not from the worker's RNG, so the same
 sample gets the same flip whether the epoch ran straight through or was resumed from a checkpoint mid-way.
 """
-import io
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -16,7 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from .recordio import RecordIOError, RecordIOReader, image_keys
+from timm_mobileone.data import ImageError, decode_aligned
+
+from .recordio import RecordIOError, RecordIOReader, image_keys, unpack
 
 __all__ = ['FaceDataError', 'RecordIODataset', 'ImageFolderDataset', 'open_dataset', 'ResumableSampler',
            'collate']
@@ -24,11 +25,6 @@ __all__ = ['FaceDataError', 'RecordIODataset', 'ImageFolderDataset', 'open_datas
 
 class FaceDataError(ValueError):
     """Training data that cannot be used (a user error: one line, exit code 2)."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class _FaceImages(Dataset):
@@ -50,26 +46,21 @@ class _FaceImages(Dataset):
     def _flip(self, index: int) -> bool:
         return self.flip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5
 
+    def _failed(self, message: str) -> Tuple[torch.Tensor, int, str]:
+        return torch.zeros(3, *self.input_size, dtype=torch.uint8), 0, message
+
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, str]:
-        from PIL import Image  # Pillow, not torchvision.io: torchvision 0.29 deprecates its image decoders
-        h, w = self.input_size
-        blank = torch.zeros(3, h, w, dtype=torch.uint8)
         try:
             data, label, where = self._load(index)
         except (RecordIOError, FaceDataError) as e:
-            return blank, 0, str(e)
+            return self._failed(str(e))
         if label != int(label) or not 0 <= label < self.num_classes:
-            return blank, 0, (f'{where}: label {label:g} is outside the identity range 0..{self.num_classes - 1} '
-                              f'(num_classes {self.num_classes}; set --num-classes if the pack\'s count is wrong)')
+            return self._failed(f'{where}: label {label:g} is outside the identity range 0..{self.num_classes - 1} '
+                                f'(num_classes {self.num_classes}; set --num-classes if the pack\'s count is wrong)')
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                rgb = np.array(img.convert('RGB'))  # a writable copy for torch.from_numpy
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError / truncated are OSErrors
-            return blank, 0, f'{where}: image cannot be decoded ({_first_line(e)})'
-        if rgb.shape[:2] != (h, w):
-            return blank, 0, (f'{where}: image is {rgb.shape[1]}x{rgb.shape[0]}, expected aligned {w}x{h} crops '
-                              f'(training images are not resized)')
+            rgb = decode_aligned(data, self.input_size)
+        except ImageError as e:
+            return self._failed(f'{where}: image {e}')
         if self._flip(index):
             rgb = np.ascontiguousarray(rgb[:, ::-1])
         return torch.from_numpy(rgb).permute(2, 0, 1), int(label), ''
@@ -118,9 +109,10 @@ class RecordIODataset(_FaceImages):
 
     def _load(self, index: int) -> Tuple[bytes, float, str]:
         key = int(self.keys[index])
-        rec = self.reader.read(key)
+        offset = self.reader.offset(key)
+        rec = unpack(self.reader.read_at(offset))
         label = float(np.asarray(rec.label).reshape(-1)[0])
-        return rec.data, label, f'{self.reader.rec_path} record {key} (offset {self.reader.offset(key)})'
+        return rec.data, label, f'{self.reader.rec_path} record {key} (offset {offset})'
 
 
 class ImageFolderDataset(_FaceImages):
