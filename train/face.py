@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eval._common import UserError  # the repo CLIs' one user-error type: one `error:` line, exit code 2
 from timm_mobileone._io import ModelLoadError, atomic_write, create_model_checked, keep_freed_memory_for_reuse
 
 from .data import FaceDataError, ResumableSampler, collate, open_dataset
@@ -59,10 +60,6 @@ LOG_NAME = 'log.jsonl'
 RUN_DEFINING = ('model', 'loss', 'margin', 'scale', 'sample_rate', 'epochs', 'batch_size', 'lr', 'opt', 'sched',
                 'warmup_epochs', 'warmup_lr', 'min_lr', 'poly_power', 'weight_decay', 'weight_decay_end',
                 'model_ema', 'model_ema_decay', 'num_classes', 'seed', 'world_size', 'drop_path')
-
-
-class UserError(Exception):
-    """A mistake in the command line or the data: one `error:` line, exit code 2."""
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -230,7 +227,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.T
 
 
 def _prefixed(prefix: str, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {f'{prefix}.{k}': v.detach().cpu().contiguous() for k, v in sd.items()}
+    return {f'{prefix}.{k}': v for k, v in sd.items()}  # save_safetensors moves them to the CPU
 
 
 def _strip(prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -362,8 +359,8 @@ class Trainer:
             raise UserError(f'--data {args.data}: {len(self.dataset)} images make no full batch of '
                             f'{args.batch_size} x {world.world_size} processes (lower --batch-size)')
         self.total_steps = args.epochs * self.steps_per_epoch
-        self.warmup_steps = min(self.total_steps - 1, round(args.warmup_epochs * self.steps_per_epoch))
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, args, self.total_steps, max(self.warmup_steps, 0))
+        self.warmup_steps = max(0, min(self.total_steps - 1, round(args.warmup_epochs * self.steps_per_epoch)))
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, args, self.total_steps, self.warmup_steps)
         self.step = 0
         self.best: Optional[Dict[str, Any]] = None
         self.val_sets = self._load_val_sets() if world.main else []

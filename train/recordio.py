@@ -67,14 +67,17 @@ class RecordIOReader:
         self._file = None
         self._pid = None
 
-    def __contains__(self, key: int) -> bool:
+    def _position(self, key: int) -> Optional[int]:
         i = int(np.searchsorted(self.keys, key))
-        return i < len(self.keys) and int(self.keys[i]) == key
+        return i if i < len(self.keys) and int(self.keys[i]) == key else None
+
+    def __contains__(self, key: int) -> bool:
+        return self._position(key) is not None
 
     def offset(self, key: int) -> int:
         """The byte offset of record `key` in the .rec file."""
-        i = int(np.searchsorted(self.keys, key))
-        if i >= len(self.keys) or int(self.keys[i]) != key:
+        i = self._position(key)
+        if i is None:
             raise RecordIOError(f'{self.idx_path}: no record {key}')
         return int(self._offsets[i])
 
