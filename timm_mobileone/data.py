@@ -127,7 +127,7 @@ def load_pack(path: Union[str, Path], name: Optional[str] = None) -> Verificatio
     return VerificationSet(name=name or path.stem, source=str(path), issame=labels, images=bins)
 
 
-_IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
 def _find_image(root: Path, person: str, number: str, pairs_file: Path, line_no: int) -> str:
@@ -136,7 +136,7 @@ def _find_image(root: Path, person: str, number: str, pairs_file: Path, line_no:
     except ValueError:
         raise PackError(f'{pairs_file}:{line_no}: image number {number!r} is not an integer') from None
     stem = root / person / f'{person}_{n:04d}'
-    for ext in _IMAGE_EXTS:
+    for ext in IMAGE_EXTS:
         candidate = stem.with_name(stem.name + ext)
         if candidate.is_file():
             return str(candidate)

@@ -28,6 +28,7 @@ import torch
 import timm
 from timm.utils import reparameterize_model
 
+from .data import IMAGE_EXTS
 from ._io import ModelLoadError, atomic_write, create_model_checked
 from .profile import median_seconds
 
@@ -36,7 +37,6 @@ _logger = logging.getLogger(__name__)
 ALLOWED_OPS = {'Conv', 'Relu', 'Flatten', 'Reshape', 'Gemm', 'MatMul',  # every variant
                'GlobalAveragePool', 'ReduceMean', 'Sigmoid', 'Mul'}  # the SE blocks of S4
 ORT_TOLERANCE = 1e-4
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
 class ExportError(Exception):
