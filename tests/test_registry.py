@@ -7,8 +7,9 @@ from timm.models import model_entrypoint, get_pretrained_cfg
 from conftest import MODEL_NAMES
 
 
-def test_five_variants_registered():
-    assert timm.list_models('mobileone_112_*') == [f'mobileone_112_s{i}' for i in range(5)]
+def test_mobileone_and_dbb_variants_registered():
+    assert timm.list_models('mobileone_112_*') == sorted(
+        [f'mobileone_112_s{i}' for i in range(5)] + [f'mobileone_112_dbb_s{i}' for i in range(5)])
     assert MODEL_NAMES == timm.list_models('mobileone_112_*')
     for name in MODEL_NAMES:
         assert model_entrypoint(name).__module__ == 'timm_mobileone.mobileone_112'
@@ -27,7 +28,9 @@ def test_pretrained_cfg(name):
     assert cfg.pool_size == (7, 7)
     assert cfg.crop_pct == 1.0 and cfg.interpolation == 'bilinear'
     assert cfg.num_classes == 0
-    assert cfg.license and cfg.paper_ids == 'arXiv:2206.04040' and cfg.origin_url
+    assert cfg.license and cfg.paper_ids.startswith('arXiv:2206.04040') and cfg.origin_url
+    if '_dbb_' in name:
+        assert 'arXiv:2103.13425' in cfg.paper_ids
     if cfg.hf_hub_id:
         org, repo = cfg.hf_hub_id.split('/')
         assert org and repo, 'hf_hub_id must be the full <org>/<repo>'
@@ -37,6 +40,7 @@ def test_tags_and_defaults():
     tags = timm.list_models('mobileone_112_*', include_tags=True)
     # only weights that exist: Apple's ImageNet weights as timm hosts them; no invented face-weight ids
     assert {t.split('.')[1] for t in tags} == {'apple_in1k', 'untrained'}
+    assert {t for t in tags if '_dbb_' in t} == {f'mobileone_112_dbb_s{i}.untrained' for i in range(5)}
     for i in range(5):
         apple = get_pretrained_cfg(f'mobileone_112_s{i}.apple_in1k')
         assert apple.hf_hub_id == f'timm/mobileone_s{i}.apple_in1k'

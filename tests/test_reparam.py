@@ -8,13 +8,13 @@ from timm.utils import reparameterize_model
 
 from conftest import MODEL_NAMES, calibrate_bn, rel_err
 
-BRANCH_PARTS = ('conv_kxk', 'conv_scale', 'identity', '.bn.', 'norm.')
+BRANCH_PARTS = ('conv_kxk', 'conv_scale', 'identity', '.bn.', 'norm.', 'dbb_')
 
 
 def _fused_pair(model_name, dtype, **kwargs):
     model = timm.create_model(model_name, **kwargs).to(dtype)
-    calibrate_bn(model, dtype=dtype)
-    inputs = torch.randn(4, 3, 112, 112, dtype=dtype)
+    calibrate_bn(model, steps=2, batch_size=4, dtype=dtype)
+    inputs = torch.randn(2, 3, 112, 112, dtype=dtype)
     with torch.no_grad():
         expected = model(inputs)
         fused = reparameterize_model(model)
@@ -23,12 +23,28 @@ def _fused_pair(model_name, dtype, **kwargs):
 
 
 @pytest.mark.parametrize('model_name', MODEL_NAMES)
-def test_fused_equals_train_time_float64(model_name):
-    _, _, _, expected, actual = _fused_pair(model_name, torch.float64)
+def test_fused_equals_train_time_and_the_deploy_layout(model_name):
+    # one calibrated float64 pair per model serves every check (the DBB models are slow to build and run)
+    model, fused, inputs, expected, actual = _fused_pair(model_name, torch.float64)
     assert rel_err(actual, expected) <= 1e-8  # rounding is ~1e-15; a fusion bug shows as 1e-3 or more
+    fused_sd = fused.state_dict()
+    assert not [k for k in fused_sd if any(p in k for p in BRANCH_PARTS)]
+    # inference_mode=True builds exactly the fused layout; a DBB model's is the MobileOne model's of its size
+    for name in {model_name, model_name.replace('_dbb_', '_')}:
+        built = timm.create_model(name, inference_mode=True).to(torch.float64).eval()
+        built_sd = built.state_dict()
+        assert list(built_sd) == list(fused_sd)
+        for k in fused_sd:
+            assert built_sd[k].shape == fused_sd[k].shape, k
+        leaves = [type(m) for m in built.modules() if not list(m.children())]
+        assert leaves == [type(m) for m in fused.modules() if not list(m.children())]
+        built.load_state_dict(fused_sd)  # strict
+        with torch.no_grad():
+            torch.testing.assert_close(built(inputs), actual, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('model_name', MODEL_NAMES)
+@pytest.mark.parametrize('model_name', ['mobileone_112_s0', 'mobileone_112_s4', 'mobileone_112_dbb_s0',
+                                        'mobileone_112_dbb_s4'])
 def test_fused_equals_train_time_float32(model_name):
     # S4 included: with calibrated BN statistics its SE stages are well conditioned here (seeded)
     _, _, _, expected, actual = _fused_pair(model_name, torch.float32)
@@ -36,7 +52,8 @@ def test_fused_equals_train_time_float32(model_name):
 
 
 @pytest.mark.parametrize('kwargs', [dict(num_classes=7), dict(global_pool='avg', num_classes=10),
-                                    dict(global_pool='avg', num_classes=0), dict(embed_dim=128)])
+                                    dict(global_pool='avg', num_classes=0), dict(embed_dim=128),
+                                    dict(head_type='conv1x1'), dict(head_type='conv1x1', head_chs=16, num_classes=3)])
 def test_fused_equals_train_time_other_heads(kwargs):
     _, fused, _, expected, actual = _fused_pair('mobileone_112_s0', torch.float64, **kwargs)
     assert actual.shape == expected.shape
@@ -77,20 +94,6 @@ def test_reparameterize_in_place_and_idempotent():
     again = reparameterize_model(model)
     for k, v in again.state_dict().items():
         torch.testing.assert_close(v, once[k], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize('model_name', MODEL_NAMES)
-def test_inference_mode_layout_equals_reparameterized(model_name):
-    _, fused, inputs, _, actual = _fused_pair(model_name, torch.float32)
-    built = timm.create_model(model_name, inference_mode=True).eval()
-    fused_sd, built_sd = fused.state_dict(), built.state_dict()
-    assert list(built_sd) == list(fused_sd)
-    for k in fused_sd:
-        assert built_sd[k].shape == fused_sd[k].shape, k
-    assert [type(m) for m in built.modules()] == [type(m) for m in fused.modules()]
-    built.load_state_dict(fused_sd)  # strict
-    with torch.no_grad():
-        torch.testing.assert_close(built(inputs), actual, rtol=0, atol=0)
 
 
 def test_inference_mode_conv_geometry_matches_branches():

@@ -47,7 +47,9 @@ from timm.models.byobnet import (
     update_block_kwargs,
 )
 
-__all__ = ['MobileOneBlock', 'GDCHead', 'MobileOne112']
+from .dbb import DBBBlock
+
+__all__ = ['MobileOneBlock', 'GDCHead', 'Conv1x1Head', 'MobileOne112']
 
 _logger = logging.getLogger(__name__)
 
@@ -112,13 +114,95 @@ def gdc_check_feat_size(x: torch.Tensor, feat_size: Tuple[int, int], img_size: T
     return x
 
 
-class GDCHead(nn.Module):
+def _fuse_conv_norm(module: nn.Module) -> nn.Module:
+    """A ConvNormAct without activation (eval-mode BN) as one conv with bias, same geometry; others unchanged."""
+    if not isinstance(module, ConvNormAct):
+        return module
+    conv, bn = module.conv, module.bn
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, groups=conv.groups, bias=True, **get_device_dtype(conv))
+    fused.weight.copy_(weight)
+    fused.bias.copy_(bias)
+    return fused
+
+
+class _EmbeddingHead(nn.Module):
+    """Shared part of the embedding heads: a conv over the final map (+ BN2d), flatten, linear projection to the
+    embedding (no bias) + BatchNorm1d, then dropout and an optional classifier. Fused: the conv and the projection
+    carry a bias, both BNs folded in, `norm` is Identity.
+    """
+    conv_name = ''
+
+    def __init__(
+            self,
+            conv: nn.Module,
+            flat_features: int,
+            in_features: int,
+            embed_dim: int,
+            num_classes: int,
+            feat_size: Tuple[int, int],
+            img_size: Tuple[int, int],
+            drop_rate: float,
+            inference_mode: bool,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        setattr(self, self.conv_name, conv)
+        self.in_features = in_features
+        self.flat_features = flat_features
+        self.embed_dim = self.num_features = embed_dim
+        self.feat_size = tuple(feat_size)
+        self.img_size = tuple(img_size)
+        self.proj = nn.Linear(flat_features, embed_dim, bias=inference_mode, **dd)
+        self.norm = nn.Identity() if inference_mode else nn.BatchNorm1d(embed_dim, **dd)
+        self.flatten = nn.Flatten(1)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes: int) -> None:
+        """Replace the classifier after the embedding (0: none)."""
+        dd = get_device_dtype(self.proj)
+        self.fc = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = gdc_check_feat_size(x, self.feat_size, self.img_size)
+        x = self.flatten(self._reduce(x))
+        x = self.norm(self.proj(x))
+        if pre_logits:
+            return x
+        return self.fc(self.drop(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the BN2d into the conv and the BatchNorm1d into the projection (eval-mode statistics)."""
+        if not isinstance(self.norm, nn.BatchNorm1d):
+            return
+        setattr(self, self.conv_name, _fuse_conv_norm(getattr(self, self.conv_name)))
+        norm = self.norm
+        weight, bias = fuse_linear_bn_weights(
+            self.proj.weight, self.proj.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
+        proj = nn.Linear(self.flat_features, self.embed_dim, bias=True, **get_device_dtype(self.proj))
+        proj.weight.copy_(weight)
+        proj.bias.copy_(bias)
+        self.proj = proj
+        self.norm = nn.Identity()
+
+
+class GDCHead(_EmbeddingHead):
     """Global depthwise conv embedding head (MobileFaceNet), optional classifier.
 
-    Train-time: `conv_dw` (depthwise conv over the whole map + BN2d) -> flatten -> `proj` (linear, no bias) ->
-    `norm` (BatchNorm1d) = embedding -> dropout -> `fc`. Fused: `conv_dw` and `proj` are plain conv / linear with
-    bias, `norm` is Identity.
+    Train-time: `conv_dw` (depthwise conv whose kernel is the whole map, + BN2d) -> flatten -> `proj` (linear, no
+    bias) -> `norm` (BatchNorm1d) = embedding -> dropout -> `fc`. Fused: `conv_dw` and `proj` are plain conv /
+    linear with bias, `norm` is Identity.
     """
+    conv_name = 'conv_dw'
 
     def __init__(
             self,
@@ -143,59 +227,77 @@ class GDCHead(nn.Module):
             inference_mode: Build the fused layout.
         """
         dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.in_features = in_features
-        self.embed_dim = self.num_features = embed_dim
-        self.feat_size = tuple(feat_size)
-        self.img_size = tuple(img_size)
         if inference_mode:
-            self.conv_dw = nn.Conv2d(in_features, in_features, self.feat_size, groups=in_features, bias=True, **dd)
-            self.proj = nn.Linear(in_features, embed_dim, bias=True, **dd)
-            self.norm = nn.Identity()
+            conv = nn.Conv2d(in_features, in_features, tuple(feat_size), groups=in_features, bias=True, **dd)
         else:
-            self.conv_dw = ConvNormAct(
-                in_features, in_features, self.feat_size, padding=0, groups=in_features, apply_act=False, **dd)
-            self.proj = nn.Linear(in_features, embed_dim, bias=False, **dd)
-            self.norm = nn.BatchNorm1d(embed_dim, **dd)
-        self.flatten = nn.Flatten(1)
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+            conv = ConvNormAct(
+                in_features, in_features, tuple(feat_size), padding=0, groups=in_features, apply_act=False, **dd)
+        super().__init__(conv, in_features, in_features, embed_dim, num_classes, feat_size, img_size, drop_rate,
+                         inference_mode, **dd)
 
-    def reset(self, num_classes: int) -> None:
-        """Replace the classifier after the embedding (0: none)."""
-        dd = get_device_dtype(self.proj)
-        self.fc = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_dw(x)
 
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = gdc_check_feat_size(x, self.feat_size, self.img_size)
-        x = self.flatten(self.conv_dw(x))
-        x = self.norm(self.proj(x))
-        if pre_logits:
-            return x
-        return self.fc(self.drop(x))
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the BN2d into the GDC conv and the BatchNorm1d into the projection (eval-mode statistics)."""
-        if not isinstance(self.conv_dw, ConvNormAct):
-            return
-        conv, bn = self.conv_dw.conv, self.conv_dw.bn
-        weight, bias = fuse_conv_bn_weights(
-            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=True,
-                          **get_device_dtype(conv))
-        fused.weight.copy_(weight)
-        fused.bias.copy_(bias)
-        self.conv_dw = fused
+def default_head_chs(in_features: int, feat_size: Tuple[int, int] = (7, 7), embed_dim: int = 512) -> int:
+    """The `head_chs` of the conv1x1 head: the multiple of 8 whose head has about the GDC head's parameters.
 
-        norm = self.norm
-        weight, bias = fuse_linear_bn_weights(
-            self.proj.weight, self.proj.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
-        proj = nn.Linear(self.in_features, self.embed_dim, bias=True, **get_device_dtype(self.proj))
-        proj.weight.copy_(weight)
-        proj.bias.copy_(bias)
-        self.proj = proj
-        self.norm = nn.Identity()
+    GDC: C*h*w (depthwise) + C*E (projection); conv1x1: C*r (1x1 conv) + r*h*w*E (projection); equal at
+    r = C*(h*w + E) / (C + h*w*E): S0 (C=1024) 22 -> 24, S1 (1280) 27 -> 24, S2-S4 (2048) 42 -> 40.
+    """
+    hw = feat_size[0] * feat_size[1]
+    r = in_features * (hw + embed_dim) / (in_features + hw * embed_dim)
+    return max(8, int(round(r / 8)) * 8)
+
+
+class Conv1x1Head(_EmbeddingHead):
+    """The seed's literal head: a 1x1 conv reducing the final map's channels + BN2d, flattened into the linear
+    embedding layer, then BatchNorm1d (ArcFace's output layer "E" with a 1x1 reduction in front).
+
+    The 1x1 conv has no activation, like the GDC conv: the embedding stays a linear function of the final map,
+    and both BNs fold into the convs. `conv_pw` names the conv, so a GDC checkpoint fails to load here by name.
+    """
+    conv_name = 'conv_pw'
+
+    def __init__(
+            self,
+            in_features: int,
+            embed_dim: int = 512,
+            num_classes: int = 0,
+            feat_size: Tuple[int, int] = (7, 7),
+            img_size: Tuple[int, int] = (112, 112),
+            drop_rate: float = 0.,
+            inference_mode: bool = False,
+            head_chs: Optional[int] = None,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            in_features: Channels of the final feature map.
+            embed_dim: Embedding size.
+            num_classes: Classifier outputs after the embedding (0: none).
+            feat_size: Final feature map size (flattened into the projection).
+            img_size: Input size the model was built for (for error messages).
+            drop_rate: Dropout before the classifier.
+            inference_mode: Build the fused layout.
+            head_chs: Channels of the 1x1 reduction (default: `default_head_chs`, the GDC head's budget).
+        """
+        dd = {'device': device, 'dtype': dtype}
+        head_chs = head_chs or default_head_chs(in_features, tuple(feat_size), embed_dim)
+        if inference_mode:
+            conv = nn.Conv2d(in_features, head_chs, 1, bias=True, **dd)
+        else:
+            conv = ConvNormAct(in_features, head_chs, 1, apply_act=False, **dd)
+        super().__init__(conv, head_chs * feat_size[0] * feat_size[1], in_features, embed_dim, num_classes,
+                         feat_size, img_size, drop_rate, inference_mode, **dd)
+        self.head_chs = head_chs
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_pw(x)
+
+
+HEAD_TYPES = {'gdc': GDCHead, 'conv1x1': Conv1x1Head}
 
 
 class MobileOne112(nn.Module):
@@ -215,22 +317,34 @@ class MobileOne112(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             inference_mode: bool = False,
+            head_type: str = 'gdc',
+            head_chs: Optional[int] = None,
             device=None,
             dtype=None,
     ) -> None:
         """
         Args:
-            cfg: Architecture (a ByoModelCfg of MobileOne blocks, stage 1 at stride 1).
+            cfg: Architecture (a ByoModelCfg of MobileOne or DBB blocks, stage 1 at stride 1).
             num_classes: Classifier outputs (0: return the embedding, or the pooled features without GDC).
             in_chans: Input channels.
-            global_pool: 'gdc' (embedding head), a timm pool type ('avg', 'max', ...) or '' (no pooling).
+            global_pool: 'gdc' (the embedding head of `head_type`), a timm pool type ('avg', 'max', ...) or ''
+                (no pooling).
             embed_dim: Embedding size of the GDC head.
             img_size: Input size; sets the GDC kernel (112 -> 7x7).
             drop_rate: Dropout before the classifier.
             drop_path_rate: Stochastic depth rate.
             inference_mode: Build the reparameterized (fused) layout.
+            head_type: Embedding head: 'gdc' (global depthwise conv, default) or 'conv1x1' (1x1 channel reduction
+                flattened into the linear embedding layer).
+            head_chs: Channels of the conv1x1 head's reduction (default: the GDC head's parameter budget).
         """
         super().__init__()
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f'head_type must be one of {tuple(HEAD_TYPES)}, got {head_type!r}')
+        if head_chs is not None:
+            _check_positive_int('head_chs', head_chs)
+            if head_type != 'conv1x1':
+                raise ValueError("head_chs sets the width of head_type='conv1x1'; the GDC head has none")
         _check_positive_int('in_chans', in_chans)
         _check_positive_int('embed_dim', embed_dim)
         _check_num_classes(num_classes)
@@ -246,12 +360,16 @@ class MobileOne112(nn.Module):
         self.feat_size = feat_size_for(img_size)
         self.drop_rate = drop_rate
         self.inference_mode = inference_mode
+        self.head_type = head_type
+        self.head_chs = head_chs
         self.grad_checkpointing = False
 
         stem_layers = get_layer_fns(cfg, allow_aa=False)
         stage_layers = get_layer_fns(cfg)
-        # ByobNet's stem builder ignores block kwargs (no inference_mode), so the stem block is made here.
-        self.stem = MobileOneBlock(
+        # ByobNet's stem builder ignores block kwargs (no inference_mode), so the stem block is made here, of the
+        # stages' block type (MobileOneBlock or DBBBlock)
+        stem_block = cfg.blocks[0][0].type
+        self.stem = stem_block(
             in_chans, cfg.stem_chs, kernel_size=3, stride=2, inference_mode=inference_mode, layers=stem_layers, **dd)
         stem_feat = dict(num_chs=cfg.stem_chs, reduction=2, module='stem')
 
@@ -278,9 +396,10 @@ class MobileOne112(nn.Module):
 
     def _create_head(self, num_classes: int, global_pool: str, device=None, dtype=None) -> nn.Module:
         if global_pool == GDC_POOL:
-            return GDCHead(
+            extra = dict(head_chs=self.head_chs) if self.head_type == 'conv1x1' else {}
+            return HEAD_TYPES[self.head_type](
                 self.num_features, self.embed_dim, num_classes, feat_size=self.feat_size, img_size=self.img_size,
-                drop_rate=self.drop_rate, inference_mode=self.inference_mode, device=device, dtype=dtype)
+                drop_rate=self.drop_rate, inference_mode=self.inference_mode, device=device, dtype=dtype, **extra)
         return ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=self.drop_rate, device=device,
             dtype=dtype)
@@ -311,7 +430,7 @@ class MobileOne112(nn.Module):
         dd = get_device_dtype(self.stages)
         if global_pool is None or global_pool == self.global_pool:
             _check_global_pool(self.global_pool, num_classes)
-            if isinstance(self.head, GDCHead):
+            if isinstance(self.head, _EmbeddingHead):
                 self.head.reset(num_classes)
             else:
                 self.head.reset(num_classes, in_features=self.num_features, **dd)
@@ -446,29 +565,37 @@ def _is_imagenet_checkpoint(state_dict: Dict[str, torch.Tensor]) -> bool:
     keys = state_dict.keys()
     if any(k.startswith(('stage0.', 'module.stage0.', 'linear.')) for k in keys):
         return True
-    return 'head.fc.weight' in keys and not any(k.startswith('head.conv_dw.') for k in keys)
+    return 'head.fc.weight' in keys and not any(k.startswith('head.proj.') for k in keys)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Adapt an upstream ImageNet MobileOne state dict (Apple's keys, or timm's `mobileone_s*`) to `model`.
+    """Adapt a state dict to `model` for `pretrained=True` loads: upstream ImageNet MobileOne weights (Apple's keys,
+    or timm's `mobileone_s*`), and the classifier of any checkpoint.
 
-    Apple keys are renamed to timm's; then what ImageNet weights lack starts from `model`'s own initialization:
-    the head unless it is `global_pool='avg'` with a classifier of the same shape, and the BN skip branch that
-    stage 1's first block gains at stride 1. Our own checkpoints pass through unchanged.
+    Apple keys are renamed to timm's; what ImageNet weights lack starts from `model`'s own initialization: the
+    embedding head, and the BN skip branch that stage 1's first block gains at stride 1. For every checkpoint, a
+    classifier (`head.fc`) of the model's shape loads; one of another shape, or none, leaves the model's fc fresh.
+    Whatever keeps its random initialization is named in a WARNING. The rest passes through unchanged, so a
+    checkpoint of another architecture fails in `load_state_dict` with the keys named. (The cfgs set
+    `classifier=None` so that timm leaves the classifier decision to this function: timm drops any classifier
+    when the model's num_classes differs from the cfg's.)
     """
-    if not _is_imagenet_checkpoint(state_dict):
-        return state_dict
-    state_dict = _remap_apple_keys(state_dict)
+    imagenet = _is_imagenet_checkpoint(state_dict)
+    state_dict = _remap_apple_keys(state_dict) if imagenet else dict(state_dict)
     own = model.state_dict()
-    fc_w = state_dict.get('head.fc.weight')
-    if fc_w is not None and (own.get('head.fc.weight') is None or own['head.fc.weight'].shape != fc_w.shape):
+    fc_w, own_fc = state_dict.get('head.fc.weight'), own.get('head.fc.weight')
+    if fc_w is not None and (own_fc is None or own_fc.shape != fc_w.shape):
         state_dict.pop('head.fc.weight', None)
         state_dict.pop('head.fc.bias', None)
-    fresh = [k for k in own if k not in state_dict and (k.startswith('head.') or '.identity.' in k)]
+        if own_fc is not None:
+            _logger.warning(f'The checkpoint\'s classifier is {tuple(fc_w.shape)}, the model\'s {tuple(own_fc.shape)}: '
+                            f'head.fc starts from random initialization.')
+    fresh = [k for k in own if k not in state_dict and (
+        k.startswith('head.fc.') or (imagenet and (k.startswith('head.') or '.identity.' in k)))]
     for k in fresh:
         state_dict[k] = own[k]
     if fresh:
-        _logger.info(f'ImageNet MobileOne weights: {", ".join(fresh)} start from fresh initialization.')
+        _logger.warning(f'Not in the checkpoint, left at random initialization: {", ".join(fresh)}.')
     return state_dict
 
 
@@ -541,10 +668,12 @@ def _mobileone_112_cfg(
         wf: Tuple[float, float, float, float],
         se_blocks: Tuple[int, ...] = (),
         num_conv_branches: int = 1,
+        block: type = None,
 ) -> ByoModelCfg:
-    """MobileOne as timm builds it (`_mobileone_bcfg`), with stage 1 at stride 1 and our inference-mode block."""
+    """MobileOne as timm builds it (`_mobileone_bcfg`), with stage 1 at stride 1 and our inference-mode block
+    (`block`: MobileOneBlock, or DBBBlock for the DBB family, which ignores num_conv_branches)."""
     stages = _mobileone_bcfg(wf=wf, se_blocks=se_blocks, num_conv_branches=num_conv_branches)
-    stages = [[replace(b, type=partial(MobileOneBlock)) for b in s] for s in stages]
+    stages = [[replace(b, type=partial(block or MobileOneBlock)) for b in s] for s in stages]
     stages[0][0] = replace(stages[0][0], s=1)
     return ByoModelCfg(blocks=tuple(tuple(s) for s in stages), stem_type='one', stem_chs=min(64, int(64 * wf[0])))
 
@@ -557,13 +686,21 @@ model_cfgs = dict(
     mobileone_112_s3=_mobileone_112_cfg(wf=(2.0, 2.5, 3.0, 4.0)),
     mobileone_112_s4=_mobileone_112_cfg(wf=(3.0, 3.5, 3.5, 4.0), se_blocks=(0, 0, 5, 1)),
 )
+# the DBB family: the same macro-architecture (widths, depths, strides, SE, head), every conv a Diverse Branch Block
+model_cfgs.update({
+    name.replace('mobileone_112_', 'mobileone_112_dbb_'): replace(
+        cfg, blocks=tuple(tuple(replace(b, type=partial(DBBBlock)) for b in s) for s in cfg.blocks))
+    for name, cfg in list(model_cfgs.items())
+})
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
         'url': url, 'num_classes': 0, 'input_size': (3, 112, 112), 'pool_size': (7, 7), 'fixed_input_size': True,
         'crop_pct': 1.0, 'interpolation': 'bilinear', 'mean': FACE_MEAN, 'std': FACE_STD,
-        'first_conv': ('stem.conv_kxk.0.conv', 'stem.conv_scale.conv'), 'classifier': 'head.fc',
+        # classifier=None: checkpoint_filter_fn decides whether a checkpoint's head.fc loads (timm would drop it
+        # whenever the model's num_classes differs from the cfg's 0, silently keeping a random classifier)
+        'first_conv': ('stem.conv_kxk.0.conv', 'stem.conv_scale.conv'), 'classifier': None,
         'paper_ids': 'arXiv:2206.04040', 'origin_url': 'https://github.com/apple/ml-mobileone',
         **kwargs,
     }
@@ -573,9 +710,6 @@ def _apple_cfg(variant: str) -> Dict[str, Any]:
     return _cfg(
         hf_hub_id=f'timm/{variant}.apple_in1k',
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        # timm drops the classifier of any checkpoint whose cfg num_classes differs from the model's; the
-        # filter fn decides instead, keeping Apple's 1000-way fc for global_pool='avg', num_classes=1000.
-        classifier=None,
         license='other',
         notes=(
             "Apple's ImageNet-1k MobileOne weights (Apple sample code licence) as timm hosts them, trained at "
@@ -586,6 +720,17 @@ def _apple_cfg(variant: str) -> Dict[str, Any]:
     )
 
 
+def _dbb_cfg() -> Dict[str, Any]:
+    return _cfg(
+        license='apache-2.0',
+        first_conv=('stem.dbb_origin.conv', 'stem.dbb_1x1.conv', 'stem.dbb_avg.conv'),
+        paper_ids='arXiv:2206.04040, arXiv:2103.13425',
+        origin_url='https://github.com/DingXiaoH/DiverseBranchBlock',
+        notes=('MobileOne-SN macro-architecture for 112x112 faces with every conv a Diverse Branch Block; fuses to '
+               'exactly the fused mobileone_112_sN network.',),
+    )
+
+
 # The untagged name resolves to `.untrained` (forced by '*', listed after the tag with weights, which timm would
 # otherwise put first): no face weights exist yet, and `pretrained=True` on the bare name must fail clearly rather
 # than return ImageNet weights under a random embedding head.
@@ -593,6 +738,7 @@ default_cfgs = generate_default_cfgs({
     k: v for i in range(5) for k, v in (
         (f'mobileone_112_s{i}.apple_in1k', _apple_cfg(f'mobileone_s{i}')),
         (f'mobileone_112_s{i}.untrained*', _cfg(license='apache-2.0')),
+        (f'mobileone_112_dbb_s{i}.untrained', _dbb_cfg()),
     )
 })
 
@@ -625,3 +771,33 @@ def mobileone_112_s3(pretrained: bool = False, **kwargs) -> MobileOne112:
 def mobileone_112_s4(pretrained: bool = False, **kwargs) -> MobileOne112:
     """MobileOne-S4 (SE in the last 5 blocks of stage 3 and in stage 4) for 112x112 faces, GDC embedding head."""
     return _create_mobileone_112('mobileone_112_s4', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_s0(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S0 layout with Diverse Branch Blocks (fuses to mobileone_112_s0), GDC embedding head."""
+    return _create_mobileone_112('mobileone_112_dbb_s0', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_s1(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S1 layout with Diverse Branch Blocks (fuses to mobileone_112_s1), GDC embedding head."""
+    return _create_mobileone_112('mobileone_112_dbb_s1', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_s2(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S2 layout with Diverse Branch Blocks (fuses to mobileone_112_s2), GDC embedding head."""
+    return _create_mobileone_112('mobileone_112_dbb_s2', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_s3(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S3 layout with Diverse Branch Blocks (fuses to mobileone_112_s3), GDC embedding head."""
+    return _create_mobileone_112('mobileone_112_dbb_s3', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_s4(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S4 layout with Diverse Branch Blocks and SE (fuses to mobileone_112_s4), GDC embedding head."""
+    return _create_mobileone_112('mobileone_112_dbb_s4', pretrained=pretrained, **kwargs)

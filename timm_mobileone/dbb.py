@@ -1,0 +1,247 @@
+""" Diverse Branch Block (DBB), as a drop-in for MobileOne's block
+
+`Diverse Branch Block: Building a Convolution as an Inception-like Unit` - https://arxiv.org/abs/2103.13425
+Reference implementation: https://github.com/DingXiaoH/DiverseBranchBlock (Apache-2.0), `diversebranchblock.py` and
+`dbb_transforms.py`. Written anew here; the branch set, the submodule names (`dbb_origin`, `dbb_1x1`, `dbb_avg`,
+`dbb_1x1_kxk`, so that the reference's checkpoints map key for key) and the behaviours the paper leaves implicit
+follow the reference, as noted where they occur.
+
+Train-time, one conv of kernel k, stride s, groups g becomes the sum of (paper Fig. 2):
+* `dbb_origin`: the kxk conv + BN;
+* `dbb_1x1`: a 1x1 conv (stride s) + BN. Not for depthwise convs (g == out channels), as in the reference;
+* `dbb_avg`: a 1x1 conv + BN, then kxk average pooling (stride s) + BN. For depthwise convs the reference drops the
+  1x1 conv and its BN and pools the input directly (zero padding counted in the average);
+* `dbb_1x1_kxk`: a 1x1 conv + BN, then the kxk conv (stride s) + BN. Its width is the input's (the 1x1 conv is then
+  identity-initialised: `IdentityBasedConv1x1`), or twice the input's for depthwise convs ("for mobilenet, it is
+  better to have 2X internal channels", reference).
+For k = 1 the branches that only exist to give a kxk conv a 1x1 or pooled partner (`dbb_1x1`, `dbb_avg`, which
+would duplicate `dbb_origin`) drop out, and the block keeps `dbb_origin` and the 1x1 -> 1x1 `dbb_1x1_kxk`.
+
+After `reparameterize()` the block is exactly a fused `MobileOneBlock`: `reparam_conv` (registered after `attn` and
+`act`), optional SE, ReLU; same keys, shapes and conv geometry, so a fused DBB network is a fused MobileOne network.
+No MobileOne scale or BN-skip branches: a DBB network is a MobileNet whose convs are DBBs.
+"""
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import ConvNormAct, create_conv2d, get_device_dtype
+from timm.models.byobnet import LayerFn, num_groups
+
+__all__ = ['DBBBlock', 'BNAndPad', 'IdentityBasedConv1x1']
+
+
+class IdentityBasedConv1x1(nn.Module):
+    """A 1x1 conv whose kernel is `weight + identity`, `weight` starting at zero (reference: IdentityBasedConv1x1).
+
+    The identity is a non-persistent buffer: it follows `.to()` and stays out of the state dict.
+    """
+
+    def __init__(self, channels: int, groups: int = 1, device=None, dtype=None) -> None:
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.zeros(channels, channels // groups, 1, 1, device=device, dtype=dtype))
+        ident = torch.zeros(channels, channels // groups, 1, 1, device=device, dtype=dtype)
+        idx = torch.arange(channels)
+        ident[idx, idx % (channels // groups)] = 1.0
+        self.register_buffer('id_tensor', ident, persistent=False)
+
+    def kernel(self) -> torch.Tensor:
+        return self.weight + self.id_tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.kernel(), None, 1, 0, 1, self.groups)
+
+
+class BNAndPad(nn.Module):
+    """BatchNorm2d, then a border of `pad` pixels holding what the BN outputs for a zero input.
+
+    A kxk conv after a bias-free 1x1 conv + BN sees, in the merged single conv, a zero-padded input whose 1x1 + BN
+    image is this value, not zero: padding here, with the kxk conv unpadded, makes the branch equal its fusion.
+    As in the reference (BNAndPadLayer), the value comes from the running statistics and detached affine
+    parameters, also in train mode.
+    """
+
+    def __init__(self, num_features: int, pad: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, device=device, dtype=dtype)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(x)
+        if self.pad > 0:
+            bn = self.bn
+            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            value = (bn.bias.detach() - bn.running_mean * scale).view(1, -1, 1, 1)
+            x = F.pad(x - value, [self.pad] * 4) + value
+        return x
+
+
+def _fuse_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A conv kernel (no bias) followed by eval-mode BN -> kernel, bias (DBB transform I)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return kernel * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+
+def _merge_1x1_kxk(
+        k1: torch.Tensor, b1: torch.Tensor, k2: torch.Tensor, b2: torch.Tensor, groups: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A 1x1 conv (k1, b1) then a kxk conv (k2, b2), both with `groups`, as one kxk conv (DBB transform III).
+
+    Per group: K[o, i] = sum_m k2[o, m] k1[m, i]; the 1x1 bias passes through the kxk kernel's sum.
+    """
+    mid, out = k1.shape[0], k2.shape[0]
+    k1g = k1.reshape(groups, mid // groups, -1)  # (g, mid/g, in/g)
+    k2g = k2.reshape(groups, out // groups, mid // groups, *k2.shape[-2:])  # (g, out/g, mid/g, k, k)
+    kernel = torch.einsum('gomhw,gmi->goihw', k2g, k1g).reshape(out, k1g.shape[-1], *k2.shape[-2:])
+    bias = b2 + torch.einsum('gomhw,gm->go', k2g, b1.reshape(groups, mid // groups)).reshape(out)
+    return kernel, bias
+
+
+def _avg_kernel(channels: int, kernel_size: int, groups: int, like: torch.Tensor) -> torch.Tensor:
+    """kxk average pooling of each channel as a grouped conv kernel (DBB transform V)."""
+    per_group = channels // groups
+    k = torch.zeros(channels, per_group, kernel_size, kernel_size, dtype=like.dtype, device=like.device)
+    idx = torch.arange(channels)
+    k[idx, idx % per_group] = 1.0 / kernel_size ** 2
+    return k
+
+
+class DBBBlock(nn.Module):
+    """A conv of kernel k as a Diverse Branch Block, then optional attention (SE) and activation.
+
+    Built with the same arguments as timm's `MobileOneBlock` (it is created by the same ByobNet stage builder), so
+    `mobileone_112_dbb_sN` differ from `mobileone_112_sN` in the training-time block alone.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 3,
+            stride: int = 1,
+            dilation: Tuple[int, int] = (1, 1),
+            group_size: Optional[int] = None,
+            inference_mode: bool = False,
+            internal_chs: Optional[int] = None,
+            layers: Optional[LayerFn] = None,
+            drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
+            **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            in_chs: Input channels.
+            out_chs: Output channels.
+            kernel_size: Kernel size k of the conv.
+            stride: Stride.
+            dilation: Only (1, 1) (as the reference asserts padding k // 2).
+            group_size: Channels per group (None: a dense conv; 1: depthwise).
+            inference_mode: Build the fused single-conv layout (a fused MobileOneBlock's).
+            internal_chs: Width of the 1x1 -> kxk branch (default: the input's, twice it for depthwise convs).
+            layers: ByobNet layer functions (norm_act, act, attn).
+            drop_path_rate: Unused: stochastic depth needs a skip connection, which a DBB network has not.
+            **kwargs: Further ByobNet block arguments (bottle_ratio, downsample, drop_block,
+                num_conv_branches), unused.
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if tuple(dilation) != (1, 1):
+            raise ValueError(f'DBBBlock supports dilation (1, 1) only, got {dilation}')
+        layers = layers or LayerFn()
+        self.in_chs, self.out_chs = in_chs, out_chs
+        self.kernel_size, self.stride = kernel_size, stride
+        self.groups = groups = num_groups(group_size, in_chs)
+        self.reparam_conv: Optional[nn.Module] = None
+        depthwise = groups == out_chs and in_chs == out_chs
+        if not inference_mode:
+            pad = kernel_size // 2
+            self.dbb_origin = ConvNormAct(in_chs, out_chs, kernel_size, stride=stride, groups=groups,
+                                          apply_act=False, **dd)
+            self.dbb_1x1 = None
+            self.dbb_avg = None
+            if kernel_size > 1:
+                if not depthwise:
+                    self.dbb_1x1 = ConvNormAct(in_chs, out_chs, 1, stride=stride, groups=groups, apply_act=False,
+                                               **dd)
+                    self.dbb_avg = nn.Sequential()
+                    self.dbb_avg.add_module('conv', nn.Conv2d(in_chs, out_chs, 1, groups=groups, bias=False, **dd))
+                    self.dbb_avg.add_module('bn', BNAndPad(out_chs, pad, **dd))
+                    self.dbb_avg.add_module('avg', nn.AvgPool2d(kernel_size, stride, 0))
+                else:
+                    self.dbb_avg = nn.Sequential()
+                    self.dbb_avg.add_module('avg', nn.AvgPool2d(kernel_size, stride, pad))
+                self.dbb_avg.add_module('avgbn', nn.BatchNorm2d(out_chs, **dd))
+            mid = internal_chs or (2 * in_chs if depthwise else in_chs)
+            if mid % groups:
+                raise ValueError(f'internal_chs={mid} is not divisible by groups={groups}')
+            self.dbb_1x1_kxk = nn.Sequential()
+            if mid == in_chs:
+                self.dbb_1x1_kxk.add_module('idconv1', IdentityBasedConv1x1(in_chs, groups, **dd))
+            else:
+                self.dbb_1x1_kxk.add_module('conv1', nn.Conv2d(in_chs, mid, 1, groups=groups, bias=False, **dd))
+            self.dbb_1x1_kxk.add_module('bn1', BNAndPad(mid, pad, **dd))
+            self.dbb_1x1_kxk.add_module(
+                'conv2', nn.Conv2d(mid, out_chs, kernel_size, stride, 0, groups=groups, bias=False, **dd))
+            self.dbb_1x1_kxk.add_module('bn2', nn.BatchNorm2d(out_chs, **dd))
+        self.attn = nn.Identity() if layers.attn is None else layers.attn(out_chs, **dd)
+        self.act = layers.act(inplace=True)
+        if inference_mode:
+            self.reparam_conv = self._fused_conv(**dd)
+
+    def _fused_conv(self, device=None, dtype=None) -> nn.Module:
+        # the padding rule of MobileOne's fused conv (create_conv2d), so the two fused networks are one
+        return create_conv2d(self.in_chs, self.out_chs, self.kernel_size, stride=self.stride, groups=self.groups,
+                             bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reparam_conv is not None:
+            return self.act(self.attn(self.reparam_conv(x)))
+        out = self.dbb_origin(x) + self.dbb_1x1_kxk(x)
+        if self.dbb_1x1 is not None:
+            out = out + self.dbb_1x1(x)
+        if self.dbb_avg is not None:
+            out = out + self.dbb_avg(x)
+        return self.act(self.attn(out))
+
+    @torch.no_grad()
+    def get_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The single kxk conv (kernel, bias) that the branches sum to, with eval-mode BN statistics."""
+        k, groups = self.kernel_size, self.groups
+        kernel, bias = _fuse_bn(self.dbb_origin.conv.weight, self.dbb_origin.bn)
+
+        first = self.dbb_1x1_kxk[0]
+        k1 = first.kernel() if isinstance(first, IdentityBasedConv1x1) else first.weight
+        k1, b1 = _fuse_bn(k1, self.dbb_1x1_kxk.bn1.bn)
+        k2, b2 = _fuse_bn(self.dbb_1x1_kxk.conv2.weight, self.dbb_1x1_kxk.bn2)
+        kk, bb = _merge_1x1_kxk(k1, b1, k2, b2, groups)
+        kernel, bias = kernel + kk, bias + bb
+
+        if self.dbb_1x1 is not None:
+            k11, b11 = _fuse_bn(self.dbb_1x1.conv.weight, self.dbb_1x1.bn)
+            kernel, bias = kernel + F.pad(k11, [k // 2] * 4), bias + b11  # transform VI: 1x1 centred in kxk
+
+        if self.dbb_avg is not None:
+            ka, ba = _fuse_bn(_avg_kernel(self.out_chs, k, groups, kernel), self.dbb_avg.avgbn)
+            if hasattr(self.dbb_avg, 'conv'):
+                kc, bc = _fuse_bn(self.dbb_avg.conv.weight, self.dbb_avg.bn.bn)
+                ka, ba = _merge_1x1_kxk(kc, bc, ka, ba, groups)
+            kernel, bias = kernel + ka, bias + ba
+        return kernel, bias
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fuse every branch and BN into `reparam_conv` in place (a no-op once fused)."""
+        if self.reparam_conv is not None:
+            return
+        kernel, bias = self.get_kernel_bias()
+        conv = self._fused_conv(**get_device_dtype(self.dbb_origin.conv))
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+        for name in ('dbb_origin', 'dbb_1x1', 'dbb_avg', 'dbb_1x1_kxk'):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.reparam_conv = conv
