@@ -57,8 +57,8 @@ BEST_WEIGHTS = 'best.safetensors'
 BEST_RESULT = 'best.json'
 LOG_NAME = 'log.jsonl'
 # flags that shape the run: a resumed run must use the values it was started with
-RUN_DEFINING = ('model', 'loss', 'margin', 'scale', 'sample_rate', 'epochs', 'batch_size', 'lr', 'opt', 'sched',
-                'warmup_epochs', 'warmup_lr', 'min_lr', 'poly_power', 'weight_decay', 'weight_decay_end',
+RUN_DEFINING = ('model', 'model_kwargs', 'loss', 'margin', 'scale', 'sample_rate', 'epochs', 'batch_size', 'lr', 'opt',
+                'sched', 'warmup_epochs', 'warmup_lr', 'min_lr', 'poly_power', 'weight_decay', 'weight_decay_end',
                 'model_ema', 'model_ema_decay', 'num_classes', 'seed', 'world_size', 'drop_path')
 
 
@@ -68,6 +68,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 formatter_class=fmt)
     p.add_argument('-m', '--model', default='mobileone_112_s0', help='mobileone_112_s0 ... s4 (or another timm '
                    'model returning embeddings)')
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='extra timm.create_model arguments, e.g. head_type=conv1x1 head_chs=32 (timm train.py\'s '
+                        'flag; values read as Python literals, else strings)')
     p.add_argument('--pretrained', action='store_true', help='start from the pretrained weights of --model')
     p.add_argument('--initial-checkpoint', default='', help='start from this state dict')
     p.add_argument('--data', required=True, help='a folder with train.rec + train.idx (insightface RecordIO), a '
@@ -117,6 +120,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--seed', type=int, default=42, help='random seed')
     p.add_argument('--log-interval', type=int, default=50, help='log every N steps')
     args = p.parse_args(argv)
+    try:
+        args.model_kwargs = parse_kwargs(args.model_kwargs)
+    except ValueError as e:
+        p.error(f'--model-kwargs: {e}')
     args.command = f"{p.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
     for name in ('epochs', 'batch_size', 'log_interval', 'val_batch_size'):
         if getattr(args, name) < 1:
@@ -131,6 +138,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.tag and not re.fullmatch(r'[a-z0-9][a-z0-9_]*', args.tag):
         p.error('--tag: use lowercase letters, digits and _ (e.g. ms1mv3_arcface)')
     return args
+
+
+def parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    """['head_type=conv1x1', 'head_chs=32'] -> {'head_type': 'conv1x1', 'head_chs': 32}, as timm's ParseKwargs
+    reads them (Python literals, else strings), but a malformed item raises ValueError instead of a traceback."""
+    import ast
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key.isidentifier():
+            raise ValueError(f'{item!r} is not KEY=VALUE')
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,7 +335,8 @@ class Trainer:
         torch.manual_seed(args.seed)  # the same initial weights on every process (DDP broadcasts rank 0's anyway)
         try:
             self.backbone = create_model_checked(args.model, args.pretrained, args.initial_checkpoint,
-                                                 num_classes=0, drop_path_rate=args.drop_path or None)
+                                                 num_classes=0, drop_path_rate=args.drop_path or None,
+                                                 **args.model_kwargs)
         except ModelLoadError as e:
             raise UserError(str(e)) from None
         self.arch = self.backbone.pretrained_cfg.get('architecture') or args.model
@@ -320,6 +344,9 @@ class Trainer:
         if args.export and self.arch not in timm.list_models('mobileone_112_*'):
             raise UserError(f'--model {args.model}: the hub export handles mobileone_112 models only; pass '
                             f'--no-export to train {self.arch}')
+        if args.export and args.model_kwargs:
+            raise UserError('--model-kwargs: the hub export writes the registered architectures only (its config '
+                            'carries no model arguments); pass --no-export')
         input_size = tuple(self.data_cfg['input_size'][-2:])
         self.dataset = open_dataset(args.data, input_size, flip=True, seed=args.seed, num_classes=args.num_classes)
         self.num_classes = self.dataset.num_classes
@@ -502,7 +529,7 @@ class Trainer:
         """
         import timm
         from timm.utils import reparameterize_model
-        model = timm.create_model(self.arch, num_classes=0)
+        model = timm.create_model(self.arch, num_classes=0, **self.args.model_kwargs)
         model.load_state_dict(self.eval_model().state_dict())
         model = reparameterize_model(model.eval(), inplace=True)
         return model.to(self.device, memory_format=torch.channels_last)
@@ -553,23 +580,22 @@ class Trainer:
             raise UserError(f'loss is {loss.item()} at step {self.step}; lower --lr or add --clip-grad (the last '
                             f'checkpoint, step {last}, is kept for --resume)')
         self.optimizer.zero_grad(set_to_none=True)
-        grad_norm = None
+        # the total gradient norm is logged every step (a trainability signal); max_norm=inf measures, clips nothing
+        max_norm = self.args.clip_grad or float('inf')
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            if self.args.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), self.args.clip_grad)
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            if self.args.clip_grad:
-                grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), self.args.clip_grad)
+            grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.backbone, step=self.step)
         return dict(loss=loss.item(), lr=self.optimizer.param_groups[0]['lr'], weight_decay=wd,
-                    grad_norm=None if grad_norm is None else float(grad_norm))
+                    grad_norm=float(grad_norm))
 
     def fit(self) -> Dict[str, Any]:
         args, t_start = self.args, time.perf_counter()
