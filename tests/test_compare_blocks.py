@@ -25,7 +25,7 @@ def _cli(*argv, check=True):
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp('cmp')
-    write_image_folder(root / 'train', identity_images(identities=8, per_identity=8, seed=0))
+    write_image_folder(root / 'train', identity_images(identities=4, per_identity=8, seed=0))
     make_pack(root / 'val.bin', num_pairs=20, seed=3)
     return root
 
@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 def compared(data):
     out = data / 'out'
     proc = _cli('--models', *MODELS, '--data', data / 'train', '--val', data / 'val.bin', '--output', out,
-                '--epochs', '1', '-b', '16', '--lr', '0.01', '--warmup-epochs', '0.25', '--log-interval', '1',
+                '--epochs', '1', '-b', '8', '--lr', '0.01', '--warmup-epochs', '0.25', '--log-interval', '1',
                 '-j', '0', '--cost-steps', '1', '--cost-batch-size', '4', '--calib-images', '16',
                 '--heldout-images', '8')
     return out, json.loads(proc.stdout)

@@ -165,3 +165,20 @@ def test_face_checkpoint_into_a_classifier_model_warns_and_loads(tmp_path, caplo
                                   num_classes=7)
     torch.testing.assert_close(model.state_dict()['head.proj.weight'], face.state_dict()['head.proj.weight'])
     assert any('head.fc.weight' in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def test_hub_export_of_a_dbb_checkpoint_deploys_as_mobileone(tmp_path):
+    from timm_mobileone import hub
+    model = calibrate_bn(timm.create_model('mobileone_112_dbb_s0'), steps=2, batch_size=4)
+    ckpt = tmp_path / 'dbb.safetensors'
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    hub.export('mobileone_112_dbb_s0', str(ckpt), 'gen_arcface', str(tmp_path / 'hub'))
+    card = (tmp_path / 'hub' / 'README.md').read_text()
+    assert 'Diverse Branch Blocks' in card and '`mobileone_112_s0`' in card
+    fused = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True, inference_mode=True).eval()
+    deploy = timm.create_model('mobileone_112_s0', inference_mode=True, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'hub' / 'model_fused.safetensors')))
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy.eval()(x), fused(x), rtol=0, atol=0)
+        assert rel_err(fused(x), model(x)) <= 1e-4

@@ -211,6 +211,9 @@ def render_card(model: torch.nn.Module, tag: str, repo_id: str, rows: List[Dict[
         gmacs=f'{count_macs(model, input_size) / 1e9:.3f}', fused_gmacs=f'{count_macs(fused, input_size) / 1e9:.3f}',
         input_size=f'{input_size[1]}x{input_size[2]}', embed_dim=str(model.head_hidden_size),
         train_data=train_data or 'not recorded', license=license, results_table=results_table,
+        block_note=(f'\n\nIts training-time blocks are Diverse Branch Blocks (https://arxiv.org/abs/2103.13425) '
+                    f'instead of MobileOne blocks; fused, it is exactly the fused '
+                    f'`{name.replace("_dbb_", "_")}` network.' if '_dbb_' in name else ''),
     )
     data = card_data(name, tag, rows, license, datasets)
     card = ModelCard(f'---\n{data.to_yaml()}\n---\n{body}')

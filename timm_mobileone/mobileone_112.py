@@ -14,6 +14,11 @@ Differences from the paper / timm's `mobileone_s*`:
 * `inference_mode=True` builds the reparameterized (fused) layout directly, with the same modules and state_dict
   keys as `timm.utils.reparameterize_model(model)` / `model.reparameterize()`, so fused checkpoints load into it.
   Fusion covers every branch of every block and every BatchNorm, the head's BN2d and BatchNorm1d included.
+* `head_type='conv1x1'`: the seed note's literal head instead of GDC, a 1x1 conv reducing the channels to
+  `head_chs` (+ BN), flattened into the linear embedding layer, then BatchNorm1d.
+* The DBB family `mobileone_112_dbb_s0..s4`: the same macro-architecture with every conv a Diverse Branch Block
+  (`dbb.py`, https://arxiv.org/abs/2103.13425) instead of a MobileOne block; fused, each is exactly the fused
+  `mobileone_112_sN` network (same modules, keys and shapes).
 * The GDC kernel is derived from `img_size` (default 112 -> 7x7). Any other input size is refused with a
   ValueError naming the size the model was built for; build the model with `img_size=` to use another size.
 
