@@ -22,6 +22,13 @@ def _cli(*argv, check=True):
     return proc
 
 
+def _main_exit(argv, capsys):
+    from train import compare_blocks
+    with pytest.raises(SystemExit) as e:
+        compare_blocks.main([str(a) for a in argv])
+    return e.value.code, capsys.readouterr().err.strip()
+
+
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp('cmp')
@@ -69,16 +76,16 @@ def test_report_compares_every_axis(compared):
 
 
 def test_finished_runs_compare_again_without_training(compared):
+    from train import compare_blocks
     out, report = compared
     runs = [r['folder'] for r in report['runs']]
-    proc = _cli('--runs', *runs, '--output', out / 'again', '--no-int8', '--no-cost')
-    again = json.loads(proc.stdout)
+    again = compare_blocks.main(['--runs', *runs, '--output', str(out / 'again'), '--no-int8', '--no-cost'])
     assert again['training_cost'] is None
     for a, b in zip(again['summary'], report['summary']):
         assert a['model'] == b['model'] and a['accuracy'] == b['accuracy'] and a['final_loss'] == b['final_loss']
 
 
-def test_runs_with_another_recipe_are_refused(compared, tmp_path):
+def test_runs_with_another_recipe_are_refused(compared, tmp_path, capsys):
     out, report = compared
     first, second = (Path(r['folder']) for r in report['runs'])
     other = tmp_path / 'other'
@@ -86,17 +93,9 @@ def test_runs_with_another_recipe_are_refused(compared, tmp_path):
     state = json.loads((other / 'last.json').read_text())
     state['run']['epochs'] = 3
     (other / 'last.json').write_text(json.dumps(state))
-    proc = _cli('--runs', first, other, '--output', tmp_path / 'r', '--no-int8', '--no-cost', check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith('error: ') and 'epochs=3 vs 1' in proc.stderr
+    code, err = _main_exit(['--runs', first, other, '--output', tmp_path / 'r', '--no-int8', '--no-cost'], capsys)
+    assert code == 2 and err.splitlines()[-1].startswith('error: ') and 'epochs=3 vs 1' in err
     assert not (tmp_path / 'r').exists()
-
-
-def _main_exit(argv, capsys):
-    from train import compare_blocks
-    with pytest.raises(SystemExit) as e:
-        compare_blocks.main([str(a) for a in argv])
-    return e.value.code, capsys.readouterr().err.strip()
 
 
 @pytest.mark.parametrize('argv, message', [
