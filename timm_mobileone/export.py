@@ -20,7 +20,7 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -106,6 +106,21 @@ def load_face_images(source: str, input_size: Sequence[int], mean: Sequence[floa
     mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
     return (x / 255 - mean) / std
+
+
+def calib_and_heldout(source: str, cfg: Dict[str, Any], calib_images: int,
+                      heldout_images: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The INT8 calibration crops and the held-out crops after them, from a folder or pack (normalized by `cfg`)."""
+    images = load_face_images(source, cfg['input_size'], cfg['mean'], cfg['std'], calib_images + heldout_images)
+    if len(images) <= calib_images:
+        raise ExportError(f'--calib {source}: {len(images)} images; need more than --calib-images '
+                          f'({calib_images}) to keep some held out')
+    return images[:calib_images], images[calib_images:]
+
+
+def ort_run_each(session, images: np.ndarray) -> np.ndarray:
+    """`session`'s outputs for `images`, one image per run (INT8 models are exported at batch 1)."""
+    return np.concatenate([ort_run(session, images[i:i + 1]) for i in range(len(images))])
 
 
 def cpu_saturates_u8s8() -> bool:
@@ -195,24 +210,18 @@ def run(args) -> Dict[str, Any]:
     if args.int8:
         if not args.calib:
             raise ExportError('--int8 needs --calib DIR_OR_PACK (aligned face images)')
-        images = load_face_images(args.calib, cfg['input_size'], cfg['mean'], cfg['std'],
-                                  args.calib_images + args.heldout_images)
-        if len(images) <= args.calib_images:
-            raise ExportError(f'--calib {args.calib}: {len(images)} images; need more than --calib-images '
-                              f'({args.calib_images}) to keep some held out')
-        calib, heldout = images[:args.calib_images], images[args.calib_images:]
+        calib, heldout = calib_and_heldout(args.calib, cfg, args.calib_images, args.heldout_images)
         int8_path = args.int8_onnx or str(Path(args.onnx).with_name(Path(args.onnx).stem + '_int8.onnx'))
         reduce_range = cpu_saturates_u8s8() if args.reduce_range == 'auto' else args.reduce_range == 'on'
         quantize_int8(args.onnx, int8_path, calib, args.calib_method, reduce_range)
         q_session = ort_session(int8_path)
-        fp32 = np.concatenate([ort_run(session, heldout[i:i + 1]) for i in range(len(heldout))])
-        int8 = np.concatenate([ort_run(q_session, heldout[i:i + 1]) for i in range(len(heldout))])
-        cos = cosine(int8, fp32)
+        cos = cosine(ort_run_each(q_session, heldout), ort_run_each(session, heldout))
         lat_fp32 = median_seconds(lambda: ort_run(session, heldout[:1]), 20)
         lat_int8 = median_seconds(lambda: ort_run(q_session, heldout[:1]), 20)
         result['int8'] = dict(
             onnx=int8_path, calib=args.calib, calib_images=len(calib), heldout_images=len(heldout),
-            calib_method=args.calib_method, reduce_range=reduce_range, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+            calib_method=args.calib_method, reduce_range=reduce_range,
+            cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
             latency_ms_fp32=lat_fp32 * 1e3, latency_ms_int8=lat_int8 * 1e3, latency_ratio=lat_int8 / lat_fp32,
             ops=onnx_ops(int8_path))
     return result

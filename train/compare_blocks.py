@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import shlex
 import subprocess
@@ -191,14 +190,12 @@ def read_run(folder: Path, require_finished: bool = True) -> Dict[str, Any]:
         state = json.loads(state_path.read_text())
         rows = [json.loads(line) for line in (folder / LOG_NAME).read_text().splitlines() if line.strip()]
         config = state['run']
+        best = json.loads((folder / BEST_RESULT).read_text()) if (folder / BEST_RESULT).is_file() else None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f'--runs {folder}: unreadable run ({e})') from None
     if require_finished and state.get('step') != state.get('total_steps'):
         raise UserError(f'--runs {folder}: unfinished (step {state.get("step")} of {state.get("total_steps")}); '
                         f'finish it with train.face --resume')
-    best = None
-    if (folder / BEST_RESULT).is_file():
-        best = json.loads((folder / BEST_RESULT).read_text())
     return dict(folder=str(folder), config=config, data=state.get('data'), rows=rows, best=best,
                 weights=str(folder / BEST_WEIGHTS) if (folder / BEST_WEIGHTS).is_file() else None,
                 model=spec_label(config['model'], config.get('model_kwargs') or {}))
@@ -411,9 +408,7 @@ def int8_check(run: Dict[str, Any], spec, val: Sequence[str], calib: np.ndarray,
     reduce_range = X.cpu_saturates_u8s8()
     X.quantize_int8(str(fp32_path), str(int8_path), calib, 'minmax', reduce_range)
     s32, s8 = X.ort_session(str(fp32_path)), X.ort_session(str(int8_path))
-    e32 = np.concatenate([X.ort_run(s32, heldout[i:i + 1]) for i in range(len(heldout))])
-    e8 = np.concatenate([X.ort_run(s8, heldout[i:i + 1]) for i in range(len(heldout))])
-    cos = X.cosine(e8, e32)
+    cos = X.cosine(X.ort_run_each(s8, heldout), X.ort_run_each(s32, heldout))
     acc = {}
     for label, path in (('fp32', fp32_path), ('int8', int8_path)):
         argv = ['--onnx', str(path), '--model', spec[0], '-j', '0', '--no-progress']
@@ -584,14 +579,9 @@ def compare(args, extra: Sequence[str]) -> Dict[str, Any]:
         if not calib_src:
             raise UserError('INT8: give --calib (no validation pack to calibrate on), or --no-int8')
         try:
-            images = X.load_face_images(calib_src, cfg['input_size'], cfg['mean'], cfg['std'],
-                                        args.calib_images + args.heldout_images)
-        except X.ExportError as e:
-            raise UserError(f'--calib {calib_src}: {e}') from None
-        if len(images) <= args.calib_images:
-            raise UserError(f'--calib {calib_src}: {len(images)} images; need more than --calib-images '
-                            f'({args.calib_images}) to keep some held out')
-        calib, heldout = images[:args.calib_images], images[args.calib_images:]
+            calib, heldout = X.calib_and_heldout(calib_src, cfg, args.calib_images, args.heldout_images)
+        except X.ExportError as e:  # its messages name --calib and the source
+            raise UserError(str(e)) from None
         for run in runs:
             if run['diverged'] or not run['weights']:
                 continue
