@@ -12,7 +12,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,9 +37,8 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported as one line, exit code 2."""
 
 
-def build_parser(prog: str, description: str, default_targets: Sequence[str], multi: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_model_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every embedding eval shares (model, runtime, batching, output), in timm's validate.py vocabulary."""
     parser.add_argument('-m', '--model', default='mobileone_112_s0',
                         help="timm model: a registry name (with optional .tag), 'hf-hub:ORG/NAME' or 'local-dir:DIR'")
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained weights of --model')
@@ -47,16 +46,6 @@ def build_parser(prog: str, description: str, default_targets: Sequence[str], mu
                         help='run this ONNX model (FP32 or INT8, from timm_mobileone.export) in ONNX Runtime instead; '
                              "--model then only supplies the preprocessing cfg")
     parser.add_argument('--checkpoint', default='', help='load this checkpoint (state dict) into the model')
-    parser.add_argument('--data', action='append', default=None, metavar='PATH',
-                        help='verification data: an insightface .bin pack, or a folder of aligned images with '
-                             'pairs.txt' + (' (repeatable)' if multi else ''))
-    parser.add_argument('--data-dir', default='',
-                        help=f'folder holding the packs named by --targets (default: {",".join(default_targets)})')
-    parser.add_argument('--targets', default=','.join(default_targets),
-                        help='comma-separated pack names looked up in --data-dir as NAME.bin')
-    parser.add_argument('--embeddings', action='append', default=None, metavar='E.npy',
-                        help='score precomputed (2N x D, interleaved pairs) embeddings instead of running a model; '
-                             'one per dataset, in --data order; labels come from the data')
     parser.add_argument('-b', '--batch-size', type=int, default=64, help='images per forward pass')
     parser.add_argument('-j', '--workers', type=int, default=DEFAULT_WORKERS,
                         help='DataLoader worker processes decoding JPEGs (0: decode in the main process)')
@@ -68,13 +57,30 @@ def build_parser(prog: str, description: str, default_targets: Sequence[str], mu
                         help='evaluate the train-time form instead of the reparameterized (fused) one')
     parser.add_argument('--no-channels-last', dest='channels_last', action='store_false',
                         help='keep NCHW memory format (default: channels_last, about 2x faster on CPU for S0)')
-    parser.add_argument('--num-folds', type=int, default=10, help='cross-validation folds')
     parser.add_argument('--results-file', default='', help='also write the JSON result to this file')
-    parser.add_argument('--save-embeddings', default='', metavar='PATH.npy',
-                        help='save the normalized 2N x D embeddings the metric saw (PATH_<dataset>.npy for several)')
-    parser.add_argument('--plot', default='', metavar='ROC.png', help='save a ROC plot with the TAR@FAR point')
+    parser.add_argument('--plot', default='', metavar='ROC.png', help='save a ROC plot with the TAR@FAR point(s)')
     parser.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
     parser.add_argument('-v', '--verbose', action='store_true', help='log status lines at INFO level')
+    return parser
+
+
+def build_parser(prog: str, description: str, default_targets: Sequence[str], multi: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_flags(parser)
+    parser.add_argument('--data', action='append', default=None, metavar='PATH',
+                        help='verification data: an insightface .bin pack, or a folder of aligned images with '
+                             'pairs.txt' + (' (repeatable)' if multi else ''))
+    parser.add_argument('--data-dir', default='',
+                        help=f'folder holding the packs named by --targets (default: {",".join(default_targets)})')
+    parser.add_argument('--targets', default=','.join(default_targets),
+                        help='comma-separated pack names looked up in --data-dir as NAME.bin')
+    parser.add_argument('--embeddings', action='append', default=None, metavar='E.npy',
+                        help='score precomputed (2N x D, interleaved pairs) embeddings instead of running a model; '
+                             'one per dataset, in --data order; labels come from the data')
+    parser.add_argument('--num-folds', type=int, default=10, help='cross-validation folds')
+    parser.add_argument('--save-embeddings', default='', metavar='PATH.npy',
+                        help='save the normalized 2N x D embeddings the metric saw (PATH_<dataset>.npy for several)')
     return parser
 
 
@@ -143,39 +149,41 @@ def create_model(args):
 
 
 @torch.no_grad()
-def embed(model, dataset: VerificationSet, data_cfg: Dict, args) -> Tuple[np.ndarray, Optional[np.ndarray], float]:
-    """Raw model outputs of every image (and of its horizontal flip): ((2N, D), (2N, D) or None, forward seconds)."""
+def embed_batches(model, images: torch.utils.data.Dataset, name: str, data_cfg: Dict,
+                  args) -> Iterator[Tuple[int, np.ndarray, Optional[np.ndarray], float]]:
+    """Run the model over a dataset of (index, uint8 CHW RGB tensor, error message) items, in order.
+
+    Yields (index of the batch's first image, (n, D) raw outputs, (n, D) raw outputs of the horizontal flips or None,
+    forward seconds). The arrays are views that the next batch overwrites: copy what you keep. An item that carries an
+    error message raises PackError with it. The tqdm bar (stderr, only on a terminal) counts images.
+    """
     from tqdm import tqdm
-    input_size = tuple(data_cfg['input_size'][-2:])
     mean = torch.tensor(data_cfg['mean'], dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(data_cfg['std'], dtype=torch.float32).view(1, 3, 1, 1)
-    loader = torch.utils.data.DataLoader(
-        PairImages(dataset, input_size), batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-        collate_fn=collate_images)
+    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=args.workers, collate_fn=collate_images)
     device = torch.device(args.device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == 'cpu' else torch.float16) \
         if args.amp else nullcontext()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    total = len(dataset.images)
-    raw = raw_flip = inputs = None
+    inputs = None
     done = 0
-    forward_s = 0.0
     show = args.progress and sys.stderr.isatty()
-    bar = tqdm(total=total, desc=dataset.name, unit='img', disable=not show, file=sys.stderr)
+    bar = tqdm(total=len(images), desc=name, unit='img', disable=not show, file=sys.stderr)
     try:
-        for _, images, errors in loader:
+        for _, batch, errors in loader:
             if errors:
                 raise PackError(errors[0])
-            n = len(images)
+            n = len(batch)
             if inputs is None:
                 # one input buffer, reused: fresh float copies of every batch fragment the heap when batches
                 # arrive from workers through shared memory (RSS grew by 1.5 GB over an LFW-size pack)
-                inputs = torch.empty((args.batch_size * (2 if args.flip else 1), *images.shape[1:]))
+                inputs = torch.empty((args.batch_size * (2 if args.flip else 1), *batch.shape[1:]))
                 inputs = inputs.contiguous(memory_format=memory_format)
             views = inputs[:2 * n] if args.flip else inputs[:n]
-            views[:n].copy_(images)
+            views[:n].copy_(batch)
             if args.flip:
-                views[n:].copy_(images.flip(3))
+                views[n:].copy_(batch.flip(3))
             # the cfg's normalization, in insightface's order: (x / 255 - mean) / std, float32
             views.div_(255).sub_(mean).div_(std)
             views = views.to(device)
@@ -183,22 +191,35 @@ def embed(model, dataset: VerificationSet, data_cfg: Dict, args) -> Tuple[np.nda
             with amp:
                 out = model(views)
             out = out.float().cpu()
-            forward_s += time.perf_counter() - t0
+            forward_s = time.perf_counter() - t0
             if out.ndim != 2:
                 raise UserError(f'model {args.model!r} returns a {out.ndim}-D output; verification needs (B, D) '
                                 f'embeddings (use num_classes=0 and a pooling head)')
-            if raw is None:
-                # preallocated and filled by copy: keeping numpy views of each batch's output fragments the heap
-                # (RSS grew by about a batch of inputs per batch, 1 GB over an LFW-size pack)
-                raw = np.empty((total, out.shape[1]), dtype=np.float32)
-                raw_flip = np.empty_like(raw) if args.flip else None
-            raw[done:done + n] = out[:n].numpy()
-            if args.flip:
-                raw_flip[done:done + n] = out[n:].numpy()
+            out = out.numpy()
+            yield done, out[:n], (out[n:2 * n] if args.flip else None), forward_s
             done += n
             bar.update(n)
     finally:
         bar.close()
+
+
+def embed(model, dataset: VerificationSet, data_cfg: Dict, args) -> Tuple[np.ndarray, Optional[np.ndarray], float]:
+    """Raw model outputs of every image (and of its horizontal flip): ((2N, D), (2N, D) or None, forward seconds)."""
+    input_size = tuple(data_cfg['input_size'][-2:])
+    total = len(dataset.images)
+    raw = raw_flip = None
+    forward_s = 0.0
+    for start, out, out_flip, seconds in embed_batches(model, PairImages(dataset, input_size), dataset.name,
+                                                       data_cfg, args):
+        if raw is None:
+            # preallocated and filled by copy: keeping numpy views of each batch's output fragments the heap
+            # (RSS grew by about a batch of inputs per batch, 1 GB over an LFW-size pack)
+            raw = np.empty((total, out.shape[1]), dtype=np.float32)
+            raw_flip = np.empty_like(raw) if out_flip is not None else None
+        raw[start:start + len(out)] = out
+        if out_flip is not None:
+            raw_flip[start:start + len(out)] = out_flip
+        forward_s += seconds
     return raw, raw_flip, forward_s
 
 
@@ -248,7 +269,8 @@ def _save_embeddings(path: str, name: str, embeddings: np.ndarray, several: bool
     atomic_write(out, lambda f: np.save(f, embeddings))
 
 
-def _plot(path: str, curves: List[Tuple[str, Dict]]) -> None:
+def roc_figure():
+    """(pyplot, figure, axes) for a ROC plot; UserError without matplotlib."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -256,23 +278,33 @@ def _plot(path: str, curves: List[Tuple[str, Dict]]) -> None:
     except ImportError:
         raise UserError('--plot needs matplotlib (pip install matplotlib)') from None
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    for name, m in curves:
-        ax.plot(m['fpr'], m['tpr'], label=f"{name} (acc {m['accuracy']:.4f})")
-        if m['tar_at_far'] is not None:
-            ax.scatter([m['far_target']], [m['tar_at_far']], marker='o', zorder=3)
-            ax.annotate(f"TAR {m['tar_at_far']:.4f} @ FAR {m['far_target']:g}", (m['far_target'], m['tar_at_far']),
-                        textcoords='offset points', xytext=(6, -12), fontsize=8)
+    return plt, fig, ax
+
+
+def save_roc(plt, fig, ax, path: str, xlim: Tuple[float, float], title: str) -> None:
+    """Log-FAR axes, labels, legend, then write the ROC plot to `path`."""
     ax.set_xscale('log')
-    ax.set_xlim(1e-4, 1)
+    ax.set_xlim(*xlim)
     ax.set_xlabel('false accept rate')
     ax.set_ylabel('true accept rate')
-    ax.set_title('ROC (10-fold mean)')
+    ax.set_title(title)
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(loc='lower right', fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot(path: str, curves: List[Tuple[str, Dict]]) -> None:
+    plt, fig, ax = roc_figure()
+    for name, m in curves:
+        ax.plot(m['fpr'], m['tpr'], label=f"{name} (acc {m['accuracy']:.4f})")
+        if m['tar_at_far'] is not None:
+            ax.scatter([m['far_target']], [m['tar_at_far']], marker='o', zorder=3)
+            ax.annotate(f"TAR {m['tar_at_far']:.4f} @ FAR {m['far_target']:g}", (m['far_target'], m['tar_at_far']),
+                        textcoords='offset points', xytext=(6, -12), fontsize=8)
+    save_roc(plt, fig, ax, path, (1e-4, 1), 'ROC (10-fold mean)')
 
 
 def run(args, datasets: List[VerificationSet], model: Optional[torch.nn.Module] = None) -> Dict:
@@ -368,6 +400,6 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]):
         parser.error('--batch-size must be >= 1')
     if args.workers < 0:
         parser.error('--workers must be >= 0')
-    if args.num_folds < 2:
+    if getattr(args, 'num_folds', 2) < 2:
         parser.error('--num-folds must be >= 2')
     return args

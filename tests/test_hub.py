@@ -35,8 +35,16 @@ def exported(trained, tmp_path_factory):
     results = out.parent / 'lfw.json'
     results.write_text(json.dumps(dict(
         model='mobileone_112_s0', dataset='lfw', num_pairs=6000, accuracy=0.99517, accuracy_std=0.00361,
-        tar_at_far=0.981, far_target=0.001, flip=True, command='python -m eval.lfw --data lfw.bin')))
-    summary = hub.export('mobileone_112_s0', str(ckpt), 'test_tag', str(out), results=[str(results)],
+        tar_at_far=0.981, far_target=0.001, flip=True,
+        command='python -m eval.lfw --model mobileone_112_s0 --checkpoint /tmp/run7/ck.safetensors '
+                '--data /home/me/faces/lfw.bin --results-file /tmp/run7/lfw.json -b 32')))
+    ijb = out.parent / 'ijbc.json'
+    ijb.write_text(json.dumps(dict(
+        model='mobileone_112_s0', dataset='ijbc', target='IJBC', num_pairs=15658489, flip=True,
+        tar_at_far={'1e-6': 0.41, '1e-5': 0.62, '1e-4': 0.78125, '1e-3': 0.88, '1e-2': 0.95, '1e-1': 0.99},
+        auc=0.995, command='python -m eval.ijb --checkpoint=/tmp/run7/ck.safetensors --data-dir /home/me/ijb/ '
+                           '--target IJBC --save-features /tmp/f.npy --plot roc.png')))
+    summary = hub.export('mobileone_112_s0', str(ckpt), 'test_tag', str(out), results=[str(results), str(ijb)],
                          repo_id='testorg/mobileone_112_s0.test_tag')
     return out, summary
 
@@ -71,8 +79,26 @@ def test_card_parses_with_model_card(exported):
     order = [text.index(h) for h in ('# Model card for', '## Model Details', '## Model Usage', '## Model Comparison',
                                      '## Citation')]
     assert order == sorted(order)
-    assert 'import timm_mobileone' in text and 'python -m eval.lfw --data lfw.bin' in text
+    assert 'import timm_mobileone' in text
+    # the eval commands as a stranger reruns them: this repo's weights, data by file name, no local paths or outputs
+    repo_model = '--model hf-hub:testorg/mobileone_112_s0.test_tag --pretrained'
+    assert f'`python -m eval.lfw {repo_model} --data lfw.bin -b 32`' in text
+    assert f'`python -m eval.ijb {repo_model} --data-dir ijb --target IJBC`' in text
+    assert '/tmp' not in text and '/home' not in text and '--results-file' not in text
+    ijb = [r for r in results if r['dataset']['type'] == 'ijbc']
+    assert {m['name']: m['value'] for r in ijb for m in r['metrics']}['TAR@FAR=1e-4'] == 0.78125
+    assert '| IJB-C | 15658489 pairs | 0.41000 | 0.62000 | 0.78125 |' in text
     assert 'inference_mode=True' in text and 'reparameterize_model' in text
+
+
+def test_card_command_drops_saved_outputs_and_inputs():
+    assert hub.card_command('python -m eval.verify --embeddings /a/e.npy --data=/d/lfw.bin --data /d/cfp_fp.bin '
+                            '--save-embeddings /o/x.npy --amp', 'o/n') == \
+        'python -m eval.verify --model hf-hub:o/n --pretrained --data lfw.bin --data cfp_fp.bin --amp'
+    assert hub.card_command('python -m eval.ijb -m hf-hub:x/y --pretrained --features f.npy --faceness s.npy '
+                            '--data-dir IJB --onnx /m/s0.onnx', 'o/n') == \
+        'python -m eval.ijb --model hf-hub:o/n --pretrained --data-dir IJB --onnx s0.onnx'
+    assert hub.card_command(None, 'o/n') is None
 
 
 def _embed(model, x):

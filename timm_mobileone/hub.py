@@ -49,8 +49,16 @@ FUSION_TOLERANCE = 1e-6  # float64 relative error; rounding is ~1e-15, a fusion 
 CARD_TAGS = ['image-feature-extraction', 'timm', 'face-recognition', 'mobileone']
 DATASET_NAMES = {
     'lfw': 'LFW', 'cfp_fp': 'CFP-FP', 'cfp_ff': 'CFP-FF', 'agedb_30': 'AgeDB-30', 'calfw': 'CALFW',
-    'cplfw': 'CPLFW', 'vgg2_fp': 'VGG2-FP', 'imagenet': 'ImageNet-1k',
+    'cplfw': 'CPLFW', 'vgg2_fp': 'VGG2-FP', 'imagenet': 'ImageNet-1k', 'ijbb': 'IJB-B', 'ijbc': 'IJB-C',
 }
+IJB_FARS = ('1e-6', '1e-5', '1e-4', '1e-3', '1e-2', '1e-1')  # eval.ijb's tar_at_far keys
+# eval flags a card's command drops (local outputs and the local weights, which the card's repo replaces) and flags
+# whose value is a local path that the card quotes by its file name only
+_CARD_DROP_FLAGS = {'--checkpoint', '--results-file', '--save-embeddings', '--save-features', '--plot',
+                    '--embeddings', '--features', '--faceness'}
+_CARD_DROP_SWITCHES = {'--pretrained'}
+_CARD_MODEL_FLAGS = {'-m', '--model'}
+_CARD_PATH_FLAGS = {'--data', '--data-dir', '--onnx'}
 
 
 class HubError(Exception):
@@ -134,8 +142,41 @@ def _load_checked(model_name: str, checkpoint: str, **model_args) -> torch.nn.Mo
 # model card
 
 
+def card_command(command: Optional[str], repo_id: str) -> Optional[str]:
+    """The eval command as a stranger can rerun it from the card: the model as the Hub repo the card describes
+    (`--model hf-hub:REPO --pretrained`), data by file name, no local outputs.
+
+    An eval JSON keeps the exact local command (`--checkpoint /tmp/.../ck.safetensors --data /home/.../lfw.bin
+    --results-file ...`); quoted in a published card it would leak the exporter's paths and run nowhere else. Scores
+    of saved embeddings or features (`--embeddings`, `--features`) become the run of the model that makes them.
+    """
+    if not command:
+        return None
+    try:
+        tokens = shlex.split(command)
+    except ValueError:
+        return None
+    head = tokens[:3] if tokens[:2] == ['python', '-m'] else tokens[:1]
+    out = [*head, '--model', f'hf-hub:{repo_id}', '--pretrained']
+    rest = tokens[len(head):]
+    i = 0
+    while i < len(rest):
+        flag, eq, value = rest[i].partition('=')
+        i += 1
+        if flag in _CARD_DROP_FLAGS | _CARD_MODEL_FLAGS | _CARD_PATH_FLAGS:
+            if not eq:  # the value is the next token
+                value = rest[i] if i < len(rest) else ''
+                i += 1
+            if flag in _CARD_PATH_FLAGS:
+                out += [flag, Path(value.rstrip('/')).name or '.']
+        elif flag not in _CARD_DROP_SWITCHES:
+            out.append(rest[i - 1])
+    return shlex.join(out)
+
+
 def _result_rows(paths: Sequence[str]) -> List[Dict[str, Any]]:
-    """Dataset rows from eval JSON files (eval.lfw's flat object, eval.verify/eval.cfp's `results`, eval.imagenet)."""
+    """Dataset rows from eval JSON files (eval.lfw's flat object, eval.verify/eval.cfp's `results`, eval.imagenet,
+    eval.ijb)."""
     rows = []
     for path in paths:
         p = Path(path)
@@ -143,19 +184,28 @@ def _result_rows(paths: Sequence[str]) -> List[Dict[str, Any]]:
             obj = json.loads(p.read_text())
         except (OSError, ValueError) as e:
             raise HubError(f'--results {path}: not a readable JSON file ({first_line(e)})') from None
+        if not isinstance(obj, dict):
+            raise HubError(f'--results {path}: not an eval result (a JSON object)')
         entries = obj.get('results') if isinstance(obj.get('results'), list) else [obj]
         for entry in entries:
-            merged = dict(obj, **entry)
+            merged = dict(obj, **entry) if isinstance(entry, dict) else {}
             if 'top1' in merged:  # eval.imagenet
                 rows.append(dict(dataset='imagenet', kind='classification', top1=merged['top1'],
                                  top5=merged.get('top5'), command=merged.get('command'), num=merged.get('num_images')))
+            elif isinstance(merged.get('tar_at_far'), dict) and merged.get('dataset') in ('ijbb', 'ijbc'):  # eval.ijb
+                tar = merged['tar_at_far']
+                if not all(isinstance(tar.get(k), (int, float)) for k in IJB_FARS):
+                    raise HubError(f'--results {path}: an IJB result without TAR at FAR {", ".join(IJB_FARS)}')
+                rows.append(dict(dataset=merged['dataset'], kind='ijb', tar_at_far={k: tar[k] for k in IJB_FARS},
+                                 auc=merged.get('auc'), command=merged.get('command'), num=merged.get('num_pairs'),
+                                 flip=merged.get('flip')))
             elif 'accuracy' in merged and 'dataset' in merged:
                 rows.append(dict(dataset=merged['dataset'], kind='verification', accuracy=merged['accuracy'],
                                  accuracy_std=merged.get('accuracy_std'), tar_at_far=merged.get('tar_at_far'),
                                  far_target=merged.get('far_target', 1e-3), command=merged.get('command'),
                                  num=merged.get('num_pairs'), flip=merged.get('flip')))
             else:
-                raise HubError(f'--results {path}: neither a verification nor an ImageNet eval result')
+                raise HubError(f'--results {path}: neither a verification, an IJB nor an ImageNet eval result')
     return rows
 
 
@@ -174,6 +224,12 @@ def card_data(model_name: str, tag: str, rows: List[Dict[str, Any]], license: st
                     task_type='face-verification', task_name='Face verification', dataset_type=r['dataset'],
                     dataset_name=name, metric_type='tar_at_far', metric_value=r['tar_at_far'],
                     metric_name=f"TAR@FAR={r['far_target']:g}"))
+        elif r['kind'] == 'ijb':
+            for far, tar in r['tar_at_far'].items():
+                results.append(EvalResult(
+                    task_type='face-verification', task_name='Face verification (1:1 templates)',
+                    dataset_type=r['dataset'], dataset_name=name, metric_type='tar_at_far', metric_value=tar,
+                    metric_name=f'TAR@FAR={far}'))
         else:
             results.append(EvalResult(
                 task_type='image-classification', task_name='Image classification', dataset_type='imagenet-1k',
@@ -190,20 +246,32 @@ def render_card(model: torch.nn.Module, tag: str, repo_id: str, rows: List[Dict[
     name = model.pretrained_cfg['architecture']
     fused = reparameterize_model(model)
     input_size = tuple(model.pretrained_cfg['input_size'])
-    lines = []
+    lines, ijb_lines = [], []
     for r in rows:
         label = DATASET_NAMES.get(r['dataset'], r['dataset'])
-        command = f"`{r['command']}`" if r.get('command') else '(command not recorded)'
+        quoted = card_command(r.get('command'), repo_id)
+        command = f"`{quoted}`" if quoted else '(command not recorded)'
         if r['kind'] == 'verification':
             tar = '' if r.get('tar_at_far') is None else f"{r['tar_at_far']:.5f}"
             std = '' if r.get('accuracy_std') is None else f" ± {r['accuracy_std']:.5f}"
             lines.append(f"| {label} | {r.get('num') or ''} pairs | {r['accuracy']:.5f}{std} | {tar} | {command} |")
+        elif r['kind'] == 'ijb':
+            tars = ' | '.join(f'{r["tar_at_far"][k]:.5f}' for k in IJB_FARS)
+            ijb_lines.append(f"| {label} | {r.get('num') or ''} pairs | {tars} | {command} |")
         else:
             top5 = '' if r.get('top5') is None else f" (top-5 {r['top5']:.3f})"
             lines.append(f"| {label} | {r.get('num') or ''} images | top-1 {r['top1']:.3f}{top5} | | {command} |")
-    results_table = '\n'.join([
-        '| dataset | size | accuracy | TAR@FAR=1e-3 | command |', '|---|---|---|---|---|', *lines,
-    ]) if lines else 'No evaluation results were recorded for this export.'
+    tables = []
+    if lines:
+        tables.append('\n'.join(['| dataset | size | accuracy | TAR@FAR=1e-3 | command |', '|---|---|---|---|---|',
+                                 *lines]))
+    if ijb_lines:
+        tables.append('\n'.join([
+            "IJB-B / IJB-C 1:1 template verification, insightface's `eval_ijbc.py` protocol (flip test, feature norm "
+            "and detector score kept): TAR at each FAR.", '',
+            '| dataset | size | ' + ' | '.join(f'FAR={k}' for k in IJB_FARS) + ' | command |',
+            '|---|---|' + '---|' * len(IJB_FARS) + '---|', *ijb_lines]))
+    results_table = '\n\n'.join(tables) if tables else 'No evaluation results were recorded for this export.'
     body_template = string.Template((template or CARD_TEMPLATE).read_text())
     body = body_template.substitute(
         model_name=name, tag=tag, repo_id=repo_id,
@@ -313,7 +381,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                        help='train-time checkpoint (.safetensors, or a torch file read with weights_only=True)')
         p.add_argument('--tag', required=True, help='pretrained tag, e.g. ms1mv3_arcface')
         p.add_argument('--results', action='append', default=[], metavar='EVAL.json',
-                       help='eval result JSON (eval.lfw / eval.verify / eval.imagenet --results-file), repeatable')
+                       help='eval result JSON (eval.lfw / eval.verify / eval.ijb / eval.imagenet --results-file), '
+                            'repeatable')
         p.add_argument('--repo-id', default='', help='Hub repo the card describes (ORG/NAME)')
         p.add_argument('--license', default='apache-2.0', help='licence of the weights')
         p.add_argument('--dataset', action='append', default=[], help='training dataset id for the card, repeatable')
