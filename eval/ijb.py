@@ -19,6 +19,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from timm_mobileone.data import read_npy
+
 from . import _ijb as J
 from ._common import (
     OnnxModel, UserError, _versions, add_model_flags, cli, create_model, embed_batches, finish, parse, roc_figure,
@@ -58,13 +60,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def _load_array(path: str, what: str) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f'--{what} {path}: no such file')
-    try:
-        return np.load(p, allow_pickle=False, mmap_mode='r')
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(f'--{what} {path}: not a .npy array ({e})') from None
+    return read_npy(path, f'--{what}', mmap=True)  # PackError: one error line
 
 
 def _features(args, num_images: int) -> np.ndarray:

@@ -64,12 +64,41 @@ class ModelLoadError(Exception):
     """A model the user named cannot be created or loaded (one line, for the CLIs' `error:` output)."""
 
 
+def read_state_dict(path: Union[str, Path], flag: str = '--checkpoint'):
+    """A state dict of tensors from safetensors or a torch checkpoint (read with weights_only=True).
+
+    Unwraps `state_dict` / `model` entries and strips a `module.` prefix. Whatever is wrong with the file
+    (missing, truncated, corrupt header, a pickle of something else) raises ModelLoadError naming it.
+    """
+    import torch
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f'{flag} {path}: no such file')
+    try:
+        if p.suffix == '.safetensors':
+            from safetensors.torch import load_file
+            state_dict = load_file(str(p), device='cpu')
+        else:
+            state_dict = torch.load(str(p), map_location='cpu', weights_only=True)
+    except Exception as e:  # safetensors, torch's zip reader and its unpickler raise many unrelated types
+        raise ModelLoadError(f'{flag} {path}: cannot be read, corrupt or truncated? ({first_line(e)})') from None
+    if isinstance(state_dict, dict):
+        for key in ('state_dict', 'model'):
+            if isinstance(state_dict.get(key), dict):
+                state_dict = state_dict[key]
+                break
+    if not isinstance(state_dict, dict) or not state_dict or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise ModelLoadError(f'{flag} {path}: not a state dict of tensors')
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
 def create_model_checked(model_name: str, pretrained: bool = False, checkpoint: str = '', **kwargs):
     """`timm.create_model` for the CLIs: a missing checkpoint, unknown name or unusable weights raise one line."""
     import timm
     from . import mobileone_112  # noqa: F401  (registers the models)
-    if checkpoint and not Path(checkpoint).is_file():
-        raise ModelLoadError(f'--checkpoint {checkpoint}: no such file')
+    if checkpoint:
+        read_state_dict(checkpoint)  # a file timm's loader would choke on is named here, in one line
     try:
         return timm.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint or None, **kwargs)
     except (RuntimeError, ValueError, KeyError, OSError) as e:

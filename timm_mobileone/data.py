@@ -24,7 +24,7 @@ import torch
 from ._io import first_line
 
 __all__ = ['PackError', 'ImageError', 'VerificationSet', 'load_pack', 'load_pairs_folder', 'load_verification_set',
-           'decode_aligned', 'PairImages', 'collate_images']
+           'decode_aligned', 'PairImages', 'collate_images', 'read_npy', 'read_embeddings']
 
 
 class PackError(ValueError):
@@ -156,7 +156,12 @@ def load_pairs_folder(path: Union[str, Path], name: Optional[str] = None) -> Ver
         raise PackError(f'{pairs_file}: no such file (an aligned folder needs a pairs.txt)')
     images: List[str] = []
     issame: List[bool] = []
-    lines = pairs_file.read_text().splitlines()
+    try:
+        lines = pairs_file.read_text(encoding='utf-8').splitlines()
+    except UnicodeDecodeError as e:
+        raise PackError(f'{pairs_file}: not UTF-8 text ({e.reason} at byte {e.start})') from None
+    except OSError as e:
+        raise PackError(f'{pairs_file}: cannot be read ({e.strerror or e})') from None
     for line_no, line in enumerate(lines, start=1):
         fields = line.split()
         if not fields:
@@ -202,9 +207,17 @@ def decode_aligned(data: bytes, size: Tuple[int, int]) -> np.ndarray:
     h, w = size
     try:
         with Image.open(io.BytesIO(data)) as img:
+            # the header's size is checked before any pixel is decoded: a few hundred bytes can declare a
+            # 100,000 x 100,000 image (Pillow only warns below 2x its MAX_IMAGE_PIXELS, and would decode 500 MB)
+            if img.size != (w, h):
+                raise ImageError(f'is {img.size[0]}x{img.size[1]}, expected aligned {w}x{h} crops (images are not '
+                                 f'resized)')
             img.load()
             rgb = np.array(img.convert('RGB'))
-    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError / truncated are OSErrors
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        # PIL: UnidentifiedImageError / truncated are OSErrors; some broken headers raise the others
         raise ImageError(f'cannot be decoded ({first_line(e)})') from None
     if rgb.shape[:2] != (h, w):
         raise ImageError(f'is {rgb.shape[1]}x{rgb.shape[0]}, expected aligned {w}x{h} crops (images are not resized)')
@@ -249,15 +262,43 @@ def collate_images(items):
     return indices, torch.stack([img for _, img, _ in items]), errors
 
 
+def read_npy(path: Union[str, Path], what: str = '', mmap: bool = False) -> np.ndarray:
+    """A numeric array from a `.npy` file, refused with PackError before any allocation when its header declares
+    more data than the file holds (a 100-byte file can declare 10^12 elements), or when it holds pickles.
+
+    `mmap=True` maps the file read-only (features of IJB-C's 469k images need not fit in memory).
+    """
+    path = Path(path)
+    label = f'{what} {path}'.strip()
+    if not path.is_file():
+        raise PackError(f'{label}: no such file')
+    try:
+        with open(path, 'rb') as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+    except Exception as e:  # numpy parses the header with Python's tokenizer and literal_eval: many error types
+        raise PackError(f'{label}: not a .npy array ({first_line(e)})') from None
+    if dtype.hasobject:
+        raise PackError(f'{label}: holds Python objects (pickles), not numbers')
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    available = path.stat().st_size - offset
+    if declared > available:
+        raise PackError(f'{label}: its header declares shape {shape} of {dtype} ({declared} bytes) but the file '
+                        f'holds {available}: truncated or corrupt')
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode='r' if mmap else None)
+    except (ValueError, OSError, EOFError, TypeError, OverflowError, MemoryError) as e:
+        raise PackError(f'{label}: not a .npy array ({first_line(e)})') from None
+
+
 def read_embeddings(path: Union[str, Path], num_pairs: int) -> np.ndarray:
     """A (2N, D) float array of interleaved pair embeddings from a `.npy` file (no pickles)."""
     path = Path(path)
-    if not path.is_file():
-        raise PackError(f'{path}: no such file')
-    try:
-        emb = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise PackError(f'{path}: not a .npy array of embeddings ({e})') from None
+    emb = read_npy(path)
     if emb.ndim != 2 or not np.issubdtype(emb.dtype, np.number):
         raise PackError(f'{path}: expected a 2-D numeric array (2N x D), got shape {emb.shape} of {emb.dtype}')
     if emb.shape[0] != 2 * num_pairs:

@@ -33,7 +33,7 @@ import timm
 from timm.utils import reparameterize_model
 
 from . import __version__
-from ._io import atomic_write, first_line
+from ._io import ModelLoadError, atomic_write, first_line, read_state_dict
 from .profile import count_macs, count_params, fusion_error
 
 _logger = logging.getLogger(__name__)
@@ -71,26 +71,10 @@ class HubError(Exception):
 
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """A state dict from safetensors or a torch checkpoint (read with weights_only=True, EMA weights not preferred)."""
-    p = Path(path)
-    if not p.is_file():
-        raise HubError(f'--checkpoint {path}: no such file')
     try:
-        if p.suffix == '.safetensors':
-            from safetensors.torch import load_file
-            state_dict = load_file(str(p), device='cpu')
-        else:
-            state_dict = torch.load(str(p), map_location='cpu', weights_only=True)
-    except Exception as e:  # safetensors and torch raise several unrelated types for corrupt files
-        raise HubError(f'--checkpoint {path}: cannot be read, corrupt or truncated? ({first_line(e)})') from None
-    if isinstance(state_dict, dict):
-        for key in ('state_dict', 'model'):
-            if isinstance(state_dict.get(key), dict):
-                state_dict = state_dict[key]
-                break
-    if not isinstance(state_dict, dict) or not state_dict or \
-            not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise HubError(f'--checkpoint {path}: not a state dict of tensors')
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+        return read_state_dict(path)
+    except ModelLoadError as e:
+        raise HubError(str(e)) from None
 
 
 def infer_model_args(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:

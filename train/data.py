@@ -8,6 +8,7 @@ back as a multi-line traceback: the item carries one line, and the training loop
 Horizontal flips are drawn from a generator seeded by (seed, epoch, index), not from the worker's RNG, so the same
 sample gets the same flip whether the epoch ran straight through or was resumed from a checkpoint mid-way.
 """
+import math
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -54,7 +55,7 @@ class _FaceImages(Dataset):
             data, label, where = self._load(index)
         except (RecordIOError, FaceDataError) as e:
             return self._failed(str(e))
-        if label != int(label) or not 0 <= label < self.num_classes:
+        if not math.isfinite(label) or label != int(label) or not 0 <= label < self.num_classes:
             return self._failed(f'{where}: label {label:g} is outside the identity range 0..{self.num_classes - 1} '
                                 f'(num_classes {self.num_classes}; set --num-classes if the pack\'s count is wrong)')
         try:
@@ -92,9 +93,12 @@ class RecordIODataset(_FaceImages):
         prop = self.reader.rec_path.with_name('property')
         if prop.is_file():
             try:
-                return int(prop.read_text().split(',')[0])
-            except ValueError:
+                count = int(prop.read_text().split(',')[0])
+            except (ValueError, UnicodeDecodeError, OSError):
                 raise FaceDataError(f'{prop}: expected "num_classes,height,width"') from None
+            if count < 1:
+                raise FaceDataError(f'{prop}: {count} identities; expected "num_classes,height,width"')
+            return count
         try:
             head = self.reader.read(0) if 0 in self.reader else None
             if head is not None and head.flag > 0 and len(head.label) >= 2 and head.label[1] > head.label[0]:
@@ -102,7 +106,11 @@ class RecordIODataset(_FaceImages):
             labels = [self.reader.read(k).label for k in self.keys]
         except RecordIOError as e:
             raise FaceDataError(str(e)) from None
-        return int(max(float(np.asarray(x).reshape(-1)[0]) for x in labels)) + 1
+        values = [float(np.asarray(x).reshape(-1)[0]) if np.asarray(x).size else math.nan for x in labels]
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise FaceDataError(f'{self.reader.rec_path}: a label is missing, negative, NaN or inf; cannot count '
+                                f'identities (write a property file or pass --num-classes)')
+        return int(max(values)) + 1
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -17,6 +17,9 @@ import numpy as np
 MAGIC = 0xced7230a
 _HEADER = struct.Struct('<IfQQ')
 _LENGTH_MASK = (1 << 29) - 1
+# A face image record is kilobytes; a length word beyond this is corruption, refused before anything is read.
+MAX_RECORD_BYTES = 64 << 20
+MAX_IMAGE_KEYS = 1 << 40  # record 0's declared image range: far above WebFace260M's 2.6e8
 
 
 class RecordIOError(ValueError):
@@ -38,6 +41,9 @@ def unpack(payload: bytes) -> Record:
     flag, label, id1, id2 = _HEADER.unpack_from(payload)
     data = payload[_HEADER.size:]
     if flag > 0:
+        if 4 * flag > len(data):
+            raise RecordIOError(f'record header declares {flag} labels ({4 * flag} bytes) but only {len(data)} '
+                                f'bytes follow')
         labels = np.frombuffer(data[:4 * flag], dtype=np.float32).copy()
         return Record(flag, labels, id1, id2, data[4 * flag:])
     return Record(flag, label, id1, id2, data)
@@ -95,6 +101,10 @@ class RecordIOReader:
         return self._file
 
     def _read_part(self, f, offset: int) -> Tuple[int, bytes, int]:
+        size = os.fstat(f.fileno()).st_size
+        if not 0 <= offset <= size - 8:
+            raise RecordIOError(f'{self.rec_path}: record offset {offset} lies outside the file ({size} bytes); is '
+                                f'{self.idx_path.name} the index of this .rec?')
         f.seek(offset)
         head = f.read(8)
         if len(head) < 8:
@@ -104,6 +114,12 @@ class RecordIOReader:
             raise RecordIOError(f'{self.rec_path}: bad magic 0x{magic:08x} at offset {offset} '
                                 f'(expected 0x{MAGIC:08x})')
         cflag, length = word >> 29, word & _LENGTH_MASK
+        if length > MAX_RECORD_BYTES:
+            raise RecordIOError(f'{self.rec_path}: record at offset {offset} declares {length} bytes (more than '
+                                f'{MAX_RECORD_BYTES >> 20} MB): corrupt')
+        if offset + 8 + length > size:
+            raise RecordIOError(f'{self.rec_path}: truncated record at offset {offset} ({length} bytes declared, '
+                                f'{size - offset - 8} left)')
         data = f.read(length)
         if len(data) < length:
             raise RecordIOError(f'{self.rec_path}: truncated record at offset {offset}')
@@ -175,7 +191,10 @@ def image_keys(reader: RecordIOReader) -> Sequence[int]:
     if 0 in reader:
         head = reader.read(0)
         if head.flag > 0:
-            return range(1, int(head.label[0]))
+            end = float(head.label[0])
+            if not (np.isfinite(end) and 1 <= end <= MAX_IMAGE_KEYS):
+                raise RecordIOError(f'{reader.rec_path}: header record 0 declares images 1..{end:g}: corrupt')
+            return range(1, int(end))
     return reader.keys
 
 

@@ -1,0 +1,171 @@
+"""Hostile input: every reader refuses broken files with its own error and one line (Hypothesis properties).
+
+The properties live in fuzz_targets.py, shared with benchmarks/fuzz_soak.py, which runs them for many minutes and the
+CLIs end to end. Here: a few dozen examples per format, derandomized (the same inputs on every CI run), plus every
+truncation of a real pack and the regressions the soak found.
+"""
+import resource
+import struct
+import time
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip('hypothesis')
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+import fuzz_targets as F  # noqa: E402
+
+EXAMPLES = {'bin_pack': 60, 'image': 40, 'pairs_txt': 50, 'recordio': 50, 'checkpoint': 50, 'npy': 50,
+            'ijb_meta': 50}
+SLOWEST_EXAMPLE_S = 10.0  # generous: a shared 2-core machine; a hang or a quadratic blow-up is far above it
+GROWTH_MB = 300  # no example may raise the process's peak RSS by more than this
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize('name', sorted(F.TARGETS))
+def test_reader_refuses_broken_input_cleanly(name, tmp_path_factory):
+    target = F.TARGETS[name]
+    strategy = target.strategy()
+    start_peak = _peak_mb()
+    seen = {'accepted': 0, 'refused': 0}
+
+    @settings(max_examples=EXAMPLES[name], deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def prop(example):
+        folder = tmp_path_factory.mktemp(name)
+        t0 = time.perf_counter()
+        seen[F.outcome(target, folder, example)] += 1
+        assert time.perf_counter() - t0 < SLOWEST_EXAMPLE_S
+        assert _peak_mb() - start_peak < GROWTH_MB
+
+    prop()
+    assert seen['refused'] > 0  # the strategy really produces broken files
+
+
+def test_every_truncation_of_a_real_pack_is_refused(tmp_path):
+    from timm_mobileone.data import PackError, load_pack
+    for data in (F.pack_bytes(2, 'array', 4), F.pack_bytes(2, 'bytes', 2)):
+        path = tmp_path / 'p.bin'
+        for cut in range(len(data)):
+            path.write_bytes(data[:cut])
+            with pytest.raises(PackError):
+                load_pack(path)
+        path.write_bytes(data)
+        assert load_pack(path).num_pairs == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# regressions: one per input that broke a reader, named after it
+
+
+def test_truncated_safetensors_checkpoint_is_one_line_for_eval(tmp_path):
+    # `eval.lfw --checkpoint` on a truncated safetensors file ended in a safetensors traceback
+    from timm_mobileone._io import ModelLoadError, create_model_checked
+    path = tmp_path / 'ck.safetensors'
+    path.write_bytes(F.safetensors_bytes()[:40])
+    with pytest.raises(ModelLoadError, match='ck.safetensors: cannot be read'):
+        create_model_checked('mobileone_112_s0', checkpoint=str(path))
+
+
+def test_png_declaring_100000x100000_is_refused_before_decoding():
+    # Pillow raises DecompressionBombError (not an OSError) above 2x MAX_IMAGE_PIXELS and decodes below it
+    from timm_mobileone.data import ImageError, decode_aligned
+    before = _peak_mb()
+    with pytest.raises(ImageError, match='decompression bomb'):
+        decode_aligned(F.png_declaring(100000, 100000), (112, 112))
+    with pytest.warns(Warning), pytest.raises(ImageError, match='is 12000x12000'):  # 144M pixels: only a warning
+        decode_aligned(F.png_declaring(12000, 12000), (112, 112))
+    assert _peak_mb() - before < 50
+
+
+def test_npy_declaring_10e12_elements_is_refused_before_allocating(tmp_path):
+    from timm_mobileone.data import PackError, read_embeddings
+    path = tmp_path / 'e.npy'
+    path.write_bytes(F.npy_with_header({'descr': '<f4', 'fortran_order': False, 'shape': (10 ** 12, 2)}, b'\0' * 64))
+    with pytest.raises(PackError, match='declares shape'):
+        read_embeddings(path, 3)
+
+
+def test_recordio_length_of_500mb_is_refused_before_reading(tmp_path):
+    from train.recordio import MAGIC, RecordIOError, RecordIOReader
+    (tmp_path / 'train.rec').write_bytes(struct.pack('<II', MAGIC, 500 << 20) + b'\0' * 64)
+    (tmp_path / 'train.idx').write_text('0\t0\n')
+    with pytest.raises(RecordIOError, match='declares 524288000 bytes'):
+        RecordIOReader(tmp_path / 'train.rec').read(0)
+
+
+def test_recordio_record_with_nan_label_is_an_item_error_not_a_traceback(tmp_path):
+    from train import recordio
+    from train.data import open_dataset
+    payloads = [recordio.pack(2, [2, 3], 0, 0, b''), recordio.pack(0, float('nan'), 1, 0, F.tiny_jpeg()),
+                recordio.pack(2, [1, 2], 2, 0, b'')]
+    recordio.write_records(tmp_path / 'train.rec', payloads)
+    (tmp_path / 'property').write_text('1,112,112')
+    _, _, error = open_dataset(tmp_path, (112, 112))[0]
+    assert 'label nan is outside the identity range' in error
+
+
+def test_recordio_header_with_more_labels_than_bytes_is_refused(tmp_path):
+    from train import recordio
+    from train.data import FaceDataError, open_dataset
+    head = recordio.pack(2, [2, 2], 0, 0, b'')  # no identity range: counting identities reads every label
+    bad = struct.pack('<IfQQ', 1000, 0.0, 0, 0) + b'\0' * 8  # 1000 labels declared, 2 present
+    recordio.write_records(tmp_path / 'train.rec', [head, bad])
+    with pytest.raises(FaceDataError, match='declares 1000 labels'):
+        open_dataset(tmp_path, (112, 112))  # no property file: counting identities reads every label
+
+
+def test_recordio_index_offset_outside_the_file_names_the_index(tmp_path):
+    from train.recordio import RecordIOError, RecordIOReader
+    (tmp_path / 'train.rec').write_bytes(b'\0' * 16)
+    for offset in (-8, 10 ** 12):
+        (tmp_path / 'train.idx').write_text(f'0\t{offset}\n')
+        with pytest.raises(RecordIOError, match='outside the file'):
+            RecordIOReader(tmp_path / 'train.rec').read(0)
+
+
+def test_pairs_txt_that_is_not_utf8_is_one_line(tmp_path):
+    from timm_mobileone.data import PackError, load_pairs_folder
+    (tmp_path / 'pairs.txt').write_bytes(b'Alice 1 2\n\xc3\x28 1 2\n')
+    with pytest.raises(PackError, match='not UTF-8'):
+        load_pairs_folder(tmp_path)
+
+
+def test_ijb_features_file_declaring_more_than_it_holds(tmp_path):
+    from timm_mobileone.data import PackError, read_npy
+    path = tmp_path / 'f.npy'
+    path.write_bytes(F.npy_with_header({'descr': '<f4', 'fortran_order': False, 'shape': (469375, 2, 512)}, b''))
+    with pytest.raises(PackError, match='truncated or corrupt'):
+        read_npy(path, '--features', mmap=True)
+    assert np.load(F.io.BytesIO(F.npy_bytes())).shape == (6, 8)
+
+
+def test_ijb_pair_list_with_non_ascii_field_is_one_line_not_a_segfault(tmp_path):
+    # numpy 2.4's loadtxt crashed the process (SIGSEGV, about one run in three) on this line: it runs in a fresh
+    # interpreter, several times, so that a crash fails the test instead of killing the suite
+    import subprocess
+    import sys
+    path = tmp_path / 'ijbc_template_pair_label.txt'
+    path.write_bytes(b'5 3 \xf1\xa5\x95\x8e\xc3\xa9\xc2\x9b\xf0\xa0\x88\x92\xc3\xaa -inf 9223372036854775807\n')
+    code = ('import sys; from pathlib import Path; from eval._ijb import read_pairs; from timm_mobileone.data import '
+            'PackError\nfor _ in range(5):\n    try: read_pairs(Path(sys.argv[1]))\n    except PackError as e: '
+            'print(e)')
+    proc = subprocess.run([sys.executable, '-c', code, str(path)], cwd=F.REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert proc.stdout.count('expected 3 fields') == 5
+
+
+def test_npy_header_with_an_unclosed_bracket_is_one_line(tmp_path):
+    # the soak's first find: numpy parses old-style .npy headers with Python's tokenizer, which raised TokenError
+    from timm_mobileone.data import PackError, read_npy
+    path = tmp_path / 'e.npy'
+    data = bytearray(F.npy_bytes())
+    data[110] = ord('[')  # in the header's padding: an unclosed bracket
+    path.write_bytes(bytes(data))
+    with pytest.raises(PackError, match='not a .npy array'):
+        read_npy(path)
