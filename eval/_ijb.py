@@ -98,9 +98,12 @@ def _lines(path: Path):
 
 def _int(token: str, path: Path, no: int, what: str) -> int:
     try:
-        return int(token)
+        value = int(token)
     except ValueError:
         raise PackError(f'{path}:{no}: {what} {token!r} is not an integer') from None
+    if not -2 ** 62 < value < 2 ** 62:  # ids are int64 arrays (benchmarks/fuzz_soak.py found 2^64: OverflowError)
+        raise PackError(f'{path}:{no}: {what} {token!r} is out of range')
+    return value
 
 
 def read_template_media(path: Path) -> Tuple[List[str], np.ndarray, np.ndarray]:

@@ -161,5 +161,5 @@ def test_read_embeddings(tmp_path):
         read_embeddings(good, 5)
     obj = tmp_path / 'o.npy'
     np.save(obj, np.array([{'a': 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(PackError, match='not a .npy array'):
+    with pytest.raises(PackError, match='holds Python objects'):
         read_embeddings(obj, 1)

@@ -169,3 +169,86 @@ def test_npy_header_with_an_unclosed_bracket_is_one_line(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(PackError, match='not a .npy array'):
         read_npy(path)
+
+
+@pytest.fixture(scope='module')
+def s0_state_dict():
+    import timm
+    import timm_mobileone  # noqa: F401
+    return timm.create_model('mobileone_112_s0').state_dict()
+
+
+def test_checkpoint_with_wrong_shapes_or_dtypes_is_one_line(s0_state_dict, tmp_path_factory):
+    # a real S0 state dict with tensors of other shapes and dtypes, for every --checkpoint and for hub export
+    import torch
+    from hypothesis import strategies as st
+    from safetensors.torch import save_file
+    from timm_mobileone import hub
+    from timm_mobileone._io import ModelLoadError, create_model_checked
+    keys = sorted(k for k, v in s0_state_dict.items() if v.is_floating_point())
+    dtypes = [torch.float16, torch.float64, torch.int8, torch.bool, torch.complex64, torch.uint8]
+
+    @settings(max_examples=12, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(keys), st.one_of(st.sampled_from(dtypes).map(lambda d: ('dtype', d)),
+                                            st.lists(st.integers(0, 9), max_size=4).map(lambda s: ('shape', s))),
+           st.sampled_from(['.safetensors', '.pth']))
+    def prop(key, change, suffix):
+        state = dict(s0_state_dict)
+        kind, value = change
+        state[key] = state[key].to(value) if kind == 'dtype' else torch.zeros(value)
+        path = tmp_path_factory.mktemp('ck') / f'ck{suffix}'
+        if suffix == '.safetensors':
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        else:
+            torch.save(state, path)
+        try:
+            create_model_checked('mobileone_112_s0', checkpoint=str(path))
+        except ModelLoadError as e:
+            assert '\n' not in str(e).strip()
+        try:
+            hub._load_checked('mobileone_112_s0', str(path))
+        except hub.HubError as e:
+            assert '\n' not in str(e).strip()
+
+    prop()
+
+
+@pytest.mark.parametrize('name, data', [
+    # found by benchmarks/fuzz_soak.py: a pack whose _codecs.encode call names an unknown codec (LookupError)
+    ('codec_lookup_error', b'\x80\x02c_codecs\nencode\nX\x02\x00\x00\x00abX\x05\x00\x00\x00lat1q\x86R.'),
+    # pickle's own message for a persistent id holds a newline
+    ('persistent_id', b'\x80\x04K\x01Q.'),
+    # a refused global whose module name holds a newline
+    ('newline_in_module_name', b'\x80\x04\x8c\x05nu\nmp\x94\x8c\x06system\x94\x93.'),
+])
+def test_pack_errors_are_one_line(name, data, tmp_path):
+    from timm_mobileone.data import PackError, load_pack
+    path = tmp_path / f'{name}.bin'
+    path.write_bytes(data)
+    with pytest.raises(PackError) as e:
+        load_pack(path)
+    assert '\n' not in str(e.value)
+
+
+def test_ijb_media_id_of_2_to_the_64_is_one_line(tmp_path):
+    # found by benchmarks/fuzz_soak.py: an id past int64 in *_face_tid_mid.txt raised OverflowError
+    from eval._ijb import read_template_media
+    from timm_mobileone.data import PackError
+    path = tmp_path / 'ijbc_face_tid_mid.txt'
+    path.write_text('1.jpg 3 100\n2.jpg 3 18446744073709551616\n')
+    with pytest.raises(PackError, match='ijbc_face_tid_mid.txt:2: media id .* is out of range'):
+        read_template_media(path)
+
+
+def test_pack_declaring_10e12_labels_is_refused_before_allocating(tmp_path):
+    import pickle
+    from timm_mobileone.data import PackError, load_pack
+    data = pickle.dumps(([np.zeros(2, np.uint8)] * 2, np.zeros(1, bool)), protocol=2)
+    i = data.rfind(b'K\x01\x85')  # the issame array's shape (1,)
+    path = tmp_path / 'big.bin'
+    path.write_bytes(data[:i] + b'\x8a\x05' + (10 ** 12).to_bytes(5, 'little') + b'\x85' + data[i + 3:])
+    before = _peak_mb()
+    with pytest.raises(PackError, match='not an insightface .bin pack'):
+        load_pack(path)
+    assert _peak_mb() - before < 50
