@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 import fuzz_targets as F  # noqa: E402
 
-EXAMPLES = {'bin_pack': 60, 'image': 40, 'pairs_txt': 50, 'recordio': 50, 'checkpoint': 50, 'npy': 50,
-            'ijb_meta': 50}
+EXAMPLES = {'bin_pack': 250, 'image': 150, 'pairs_txt': 200, 'recordio': 200, 'checkpoint': 250, 'npy': 250,
+            'ijb_meta': 200}
 SLOWEST_EXAMPLE_S = 10.0  # generous: a shared 2-core machine; a hang or a quadratic blow-up is far above it
 GROWTH_MB = 300  # no example may raise the process's peak RSS by more than this
 
@@ -118,6 +118,16 @@ def test_recordio_header_with_more_labels_than_bytes_is_refused(tmp_path):
     recordio.write_records(tmp_path / 'train.rec', [head, bad])
     with pytest.raises(FaceDataError, match='declares 1000 labels'):
         open_dataset(tmp_path, (112, 112))  # no property file: counting identities reads every label
+
+
+def test_recordio_continuation_flags_that_never_end_stop_at_the_file_end(tmp_path):
+    from train.recordio import MAGIC, RecordIOError, RecordIOReader
+    first = struct.pack('<II', MAGIC, (1 << 29) | 4) + b'abcd'
+    middle = struct.pack('<II', MAGIC, (2 << 29) | 4) + b'efgh'
+    (tmp_path / 'train.rec').write_bytes(first + middle * 1000)  # "more parts follow", to the last byte
+    (tmp_path / 'train.idx').write_text('0\t0\n')
+    with pytest.raises(RecordIOError, match='outside the file'):
+        RecordIOReader(tmp_path / 'train.rec').read(0)
 
 
 def test_recordio_index_offset_outside_the_file_names_the_index(tmp_path):
@@ -252,3 +262,11 @@ def test_pack_declaring_10e12_labels_is_refused_before_allocating(tmp_path):
     with pytest.raises(PackError, match='not an insightface .bin pack'):
         load_pack(path)
     assert _peak_mb() - before < 50
+
+
+def test_pairs_txt_with_a_300_character_name_is_one_line(tmp_path):
+    # found by the CI property: pathlib's is_file() raises ENAMETOOLONG instead of returning False
+    from timm_mobileone.data import PackError, load_pairs_folder
+    (tmp_path / 'pairs.txt').write_text('a' * 300 + ' 0 0\n')
+    with pytest.raises(PackError, match='pairs.txt:1: no image'):
+        load_pairs_folder(tmp_path)

@@ -145,8 +145,11 @@ def _find_image(root: Path, person: str, number: str, pairs_file: Path, line_no:
     stem = root / person / f'{person}_{n:04d}'
     for ext in IMAGE_EXTS:
         candidate = stem.with_name(stem.name + ext)
-        if candidate.is_file():
-            return str(candidate)
+        try:
+            if candidate.is_file():
+                return str(candidate)
+        except (OSError, ValueError):  # a name too long for the file system (ENAMETOOLONG), a NUL byte
+            break
     raise PackError(f'{pairs_file}:{line_no}: no image {stem}.jpg (or .png, ...)')
 
 
