@@ -270,3 +270,13 @@ def test_pairs_txt_with_a_300_character_name_is_one_line(tmp_path):
     (tmp_path / 'pairs.txt').write_text('a' * 300 + ' 0 0\n')
     with pytest.raises(PackError, match='pairs.txt:1: no image'):
         load_pairs_folder(tmp_path)
+
+
+def test_recordio_index_with_a_key_of_2_to_the_64_is_one_line(tmp_path):
+    # found by benchmarks/fuzz_soak.py: the .idx fallback parser raised OverflowError
+    from train.recordio import RecordIOError, RecordIOReader
+    (tmp_path / 'train.rec').write_bytes(b'\0' * 16)
+    # '1_0' is an int to Python, not to numpy's fast parser: the line-by-line parser takes over
+    (tmp_path / 'train.idx').write_text('0\t0\n1_0\t8\n18446744073709551616\t8\n')
+    with pytest.raises(RecordIOError, match='train.idx:3: key or offset out of range'):
+        RecordIOReader(tmp_path / 'train.rec')

@@ -179,6 +179,8 @@ def _read_index(idx_path: Path) -> Tuple[np.ndarray, np.ndarray]:
                 raise RecordIOError(f'{idx_path}:{line_no}: expected "key<TAB>offset", got {line!r}') from None
             if len(fields) > 2:
                 raise RecordIOError(f'{idx_path}:{line_no}: expected "key<TAB>offset", got {line!r}')
+            if not (-2 ** 63 <= key < 2 ** 63 and -2 ** 63 <= offset < 2 ** 63):  # (fuzz_soak: OverflowError)
+                raise RecordIOError(f'{idx_path}:{line_no}: key or offset out of range, got {line[:80]!r}')
             pairs += [key, offset]
         values = np.array(pairs, dtype=np.int64)
     table = values.reshape(-1, 2)
