@@ -280,3 +280,30 @@ def test_recordio_index_with_a_key_of_2_to_the_64_is_one_line(tmp_path):
     (tmp_path / 'train.idx').write_text('0\t0\n1_0\t8\n18446744073709551616\t8\n')
     with pytest.raises(RecordIOError, match='train.idx:3: key or offset out of range'):
         RecordIOReader(tmp_path / 'train.rec')
+
+
+def test_pack_that_crashed_numpy_setstate_loads_in_a_fresh_process():
+    # found by benchmarks/fuzz_soak.py: a mutated pack (tests/data/pack_numpy_setstate_segfault.bin) killed the
+    # process with a segmentation fault inside numpy's C __setstate__; packs now build arrays with checked stand-ins
+    import subprocess
+    import sys
+    path = F.REPO / 'tests' / 'data' / 'pack_numpy_setstate_segfault.bin'
+    code = ('import sys; from timm_mobileone.data import PackError, load_pack\nfor _ in range(3):\n    try: '
+            'print(load_pack(sys.argv[1]).num_pairs)\n    except PackError as e: print("refused")')
+    proc = subprocess.run([sys.executable, '-c', code, str(path)], cwd=F.REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert len(proc.stdout.split()) == 3
+
+
+def test_pack_arrays_are_built_only_from_checked_state(tmp_path):
+    import pickle
+    from timm_mobileone.data import PackError, load_pack
+    path = tmp_path / 'p.bin'
+    for bins in ([np.zeros(4, np.float64)] * 2, [np.zeros(4, np.int32)] * 2):  # dtypes no pack holds
+        path.write_bytes(pickle.dumps((bins, [True]), protocol=2))
+        with pytest.raises(PackError, match='is not one a pack holds'):
+            load_pack(path)
+    data = pickle.dumps(([np.zeros(4, np.uint8)] * 2, [True]), protocol=4)
+    path.write_bytes(data.replace(b'\x00' * 4, b'\x00' * 3, 1))  # 3 data bytes for shape (4,)
+    with pytest.raises(PackError):
+        load_pack(path)

@@ -31,36 +31,110 @@ class PackError(ValueError):
     """A verification file that cannot be used: missing, malformed, unsafe or inconsistent (a user error)."""
 
 
-# What insightface packs contain. numpy's array pickles go through _reconstruct + ndarray.__setstate__, which only
-# copy bytes into a new array; `scalar` builds numpy bools and ints from raw bytes; `_codecs.encode` is how
-# protocol-2 pickles store bytes. Nothing here can call back into arbitrary code.
+# What insightface packs contain: containers, bytes, bools, ints, and numpy arrays / bool scalars. numpy's own
+# constructors are NOT handed to the unpickler: ndarray.__setstate__ and dtype.__setstate__ are C code that trusts
+# their arguments, and a mutated pack crashed the process in them (a segmentation fault found by
+# benchmarks/fuzz_soak.py). The numpy names resolve to the stand-ins below, which check every argument and build
+# the array with np.frombuffer; `_unstub` swaps them for real arrays after loading.
 _SAFE_GLOBALS = {
     ('builtins', 'list'), ('builtins', 'tuple'), ('builtins', 'dict'), ('builtins', 'set'),
     ('builtins', 'frozenset'), ('builtins', 'bytes'), ('builtins', 'bytearray'), ('builtins', 'bool'),
     ('builtins', 'int'), ('builtins', 'float'), ('builtins', 'str'),
     ('__builtin__', 'list'), ('__builtin__', 'tuple'), ('__builtin__', 'set'), ('__builtin__', 'bytearray'),
     ('_codecs', 'encode'),
-    ('numpy', 'ndarray'), ('numpy', 'dtype'),
-    ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-    ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
 }
+_PACK_DTYPES = {'u1': np.uint8, 'i1': np.int8, 'b1': np.bool_, '?': np.bool_}
+_MAX_ELEMENTS = 1 << 34
+
+
+class _NdarrayClass:
+    """Stands for numpy.ndarray in a pack: only `_reconstruct`'s first argument."""
+
+
+class _Dtype:
+    """Stands for numpy.dtype(descr, align, copy) in a pack: one-byte integer and bool dtypes only."""
+
+    def __init__(self, descr=None, align=False, copy=False) -> None:
+        if isinstance(descr, bytes):
+            descr = descr.decode('latin1')
+        if descr not in _PACK_DTYPES:
+            raise pickle.UnpicklingError(f'array dtype {str(descr)[:20]!r} is not one a pack holds (uint8, bool)')
+        self.dtype = np.dtype(_PACK_DTYPES[descr])
+
+    def __setstate__(self, state) -> None:
+        if not isinstance(state, tuple):
+            raise pickle.UnpicklingError('malformed dtype state')
+
+
+class _ArrayStub:
+    """What numpy's `_reconstruct` returns in a pack; `__setstate__` builds the array from checked arguments."""
+
+    def __init__(self) -> None:
+        self.array = None
+
+    def __setstate__(self, state) -> None:
+        # ndarray.__reduce__'s state: (version, shape, dtype, is_fortran, raw data)
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError('malformed array state')
+        _, shape, dtype, fortran, data = state
+        if isinstance(data, str):
+            data = data.encode('latin1')
+        if not (isinstance(shape, tuple) and all(type(n) is int and 0 <= n <= _MAX_ELEMENTS for n in shape)
+                and isinstance(dtype, _Dtype) and isinstance(fortran, bool) and isinstance(data, (bytes, bytearray))):
+            raise pickle.UnpicklingError('malformed array state')
+        count = 1
+        for n in shape:
+            count *= n
+        if count * dtype.dtype.itemsize != len(data):
+            raise pickle.UnpicklingError(f'array of shape {shape} with {len(data)} bytes of data')
+        self.array = np.frombuffer(bytes(data), dtype=dtype.dtype).reshape(shape, order='F' if fortran else 'C').copy()
+
+
+def _reconstruct(cls, shape, typecode) -> _ArrayStub:
+    if cls is not _NdarrayClass:
+        raise pickle.UnpicklingError('_reconstruct of something other than an ndarray')
+    return _ArrayStub()
+
+
+def _scalar(dtype, data=None):
+    if isinstance(data, str):
+        data = data.encode('latin1')
+    if not (isinstance(dtype, _Dtype) and isinstance(data, (bytes, bytearray)) and len(data) == dtype.dtype.itemsize):
+        raise pickle.UnpicklingError('malformed numpy scalar')
+    return np.frombuffer(bytes(data), dtype=dtype.dtype)[0]
+
+
+_NUMPY_STANDINS = {'ndarray': _NdarrayClass, 'dtype': _Dtype, '_reconstruct': _reconstruct, 'scalar': _scalar}
+_NUMPY_MODULES = {('numpy', 'ndarray'), ('numpy', 'dtype'),
+                  ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+                  ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar')}
 
 
 class _PackUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
+        if (module, name) in _NUMPY_MODULES:
+            return _NUMPY_STANDINS[name]
         if (module, name) not in _SAFE_GLOBALS:
             raise pickle.UnpicklingError(f'refusing to load {module}.{name}: verification packs hold only '
                                          f'containers, bytes, bools and numpy arrays')
-        if module.startswith('numpy') and module.endswith('multiarray'):
-            try:
-                from numpy._core import multiarray  # numpy >= 2
-            except ImportError:  # pragma: no cover
-                from numpy.core import multiarray
-            return getattr(multiarray, name)
         if module == '__builtin__':
             module = 'builtins'
         return super().find_class(module, name)
+
+
+def _unstub(obj, depth: int = 0):
+    """The loaded pack with its array stand-ins replaced by the arrays (packs nest two or three levels)."""
+    if isinstance(obj, _ArrayStub):
+        if obj.array is None:
+            raise pickle.UnpicklingError('an array without data')
+        return obj.array
+    if isinstance(obj, (_Dtype, _NdarrayClass)) or obj is _NdarrayClass:
+        raise pickle.UnpicklingError('a bare numpy dtype or class')
+    if depth < 3 and isinstance(obj, (list, tuple)):
+        items = [_unstub(x, depth + 1) for x in obj]
+        return items if isinstance(obj, list) else tuple(items)
+    return obj
 
 
 @dataclass
@@ -91,10 +165,10 @@ def _unpickle(path: Path):
         raise PackError(f'{path}: empty file, not an insightface .bin pack')
     try:
         try:
-            return _PackUnpickler(io.BytesIO(data)).load()
+            return _unstub(_PackUnpickler(io.BytesIO(data)).load())
         except UnicodeDecodeError:
             # Python-2 packs store JPEGs as str: read them as bytes, as insightface does
-            return _PackUnpickler(io.BytesIO(data), encoding='bytes').load()
+            return _unstub(_PackUnpickler(io.BytesIO(data), encoding='bytes').load())
     except pickle.UnpicklingError as e:
         if 'refusing to load' in str(e):
             raise PackError(_one_line(f'{path}: {e}')) from None
