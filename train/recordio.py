@@ -102,9 +102,12 @@ class RecordIOReader:
 
     def _read_part(self, f, offset: int) -> Tuple[int, bytes, int]:
         size = os.fstat(f.fileno()).st_size
-        if not 0 <= offset <= size - 8:
-            raise RecordIOError(f'{self.rec_path}: record offset {offset} lies outside the file ({size} bytes); is '
-                                f'{self.idx_path.name} the index of this .rec?')
+        if offset < 0:
+            raise RecordIOError(f'{self.rec_path}: record offset {offset} is negative; is {self.idx_path.name} the '
+                                f'index of this .rec?')
+        if offset > size - 8:
+            raise RecordIOError(f'{self.rec_path}: truncated record at offset {offset} (the file ends at {size} '
+                                f'bytes), or {self.idx_path.name} is not the index of this .rec')
         f.seek(offset)
         head = f.read(8)
         if len(head) < 8:
