@@ -169,27 +169,70 @@ def test_crash_then_resume_matches_the_uninterrupted_run(resume_pack, val_pack, 
     assert sorted(p.name for p in out.glob('checkpoint-*')) == ['checkpoint-00000016.safetensors']
 
 
-def test_torchrun_two_processes_on_gloo_from_an_image_folder(tmp_path, samples, val_pack):
-    folder = write_image_folder(tmp_path / 'folder', samples)
-    out = tmp_path / 'ddp'
+def _torchrun(args, **kw):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2', '-m', 'train.face',
+           *args]
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    common = ['--data', str(folder), '--output', str(out), '--epochs', '1', '-b', '4', '--lr', '0.01',
-              '--log-interval', '2', '-j', '0', '--no-export']
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2',
-                           '-m', 'train.face', *common, '--val', str(val_pack)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if kw.pop('background', False):  # its own process group: the launcher and both workers can be killed at once
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_on_gloo_sharded_head_crash_and_resume(tmp_path, samples, val_pack):
+    """Two processes on gloo (the sharded margin head by default): each writes its own slice of the centres with
+    every checkpoint; after SIGKILL of the whole job, --resume on two processes continues into the uninterrupted
+    run's losses; one process cannot resume it."""
+    folder = write_image_folder(tmp_path / 'folder', samples)
+    out, out_b = tmp_path / 'ddp', tmp_path / 'ddp_b'
+    common = ['--data', str(folder), '--epochs', '1', '-b', '4', '--lr', '0.01', '--log-interval', '1', '-j', '0',
+              '--no-export', '--checkpoint-every', '4', '--val', str(val_pack)]
+    proc = _torchrun([*common, '--output', str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0 prints the summary
     assert summary['world_size'] == 2 and summary['num_classes'] == 8
     assert summary['total_steps'] == 8  # 64 images / (2 processes x 4)
+    head = summary['head']
+    assert head['kind'] == 'sharded' and head['classes_per_process'] == 4
+    assert head['per_process_mb'] == pytest.approx(4 * 512 * 4 * 2 / 2 ** 20)  # centres + SGD momentum, 1/2 each
+    assert 'head: 8 classes, 2 shards, 4 on this process' in proc.stderr
     rows = [r for r in _rows(out) if 'loss' in r]
-    assert [r['step'] for r in rows] == [2, 4, 6, 8] and all(math.isfinite(r['loss']) for r in rows)
-    assert json.loads((out / 'last.json').read_text())['run']['world_size'] == 2
-    # the run's world size is part of its schedule: a single process cannot resume it
-    single = subprocess.run([sys.executable, '-m', 'train.face', *common, '--resume'], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    assert [r['step'] for r in rows] == list(range(1, 9)) and all(math.isfinite(r['loss']) for r in rows)
+    state = json.loads((out / 'last.json').read_text())
+    assert state['run']['world_size'] == 2 and state['run']['head'] == 'sharded'
+    from safetensors.torch import load_file
+    shards = [load_file(str(out / name)) for name in state['head_shards']]
+    assert [s['head.weight'].shape for s in shards] == [(4, 512), (4, 512)]
+    assert 'head.weight' not in load_file(str(out / state['checkpoint']))
+    assert sorted(p.name for p in out.glob('checkpoint-*')) == sorted([state['checkpoint'], *state['head_shards']])
+
+    job = _torchrun([*common, '--output', str(out_b)], background=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and job.poll() is None:
+            log = out_b / 'log.jsonl'
+            if log.is_file() and max([r.get('step', 0) for r in _rows(out_b)] or [0]) >= 5:
+                break
+            time.sleep(0.02)
+        os.killpg(job.pid, signal.SIGKILL)
+    finally:
+        job.wait()
+    assert json.loads((out_b / 'last.json').read_text())['step'] == 4
+    proc = _torchrun([*common, '--output', str(out_b), '--resume'])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = {r['step']: r for r in rows}
+    b = {r['step']: r for r in _rows(out_b) if 'loss' in r}
+    assert sorted(b) == list(range(1, 9))
+    for step in range(5, 9):
+        assert b[step]['loss'] == pytest.approx(a[step]['loss'], rel=1e-5), step
+        assert b[step]['grad_norm'] == pytest.approx(a[step]['grad_norm'], rel=1e-4), step
+
+    # the run's world size and head are part of it: a single process cannot resume it
+    single = subprocess.run([sys.executable, '-m', 'train.face', *common, '--output', str(out), '--resume'],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert single.returncode == 2
-    assert single.stderr.strip().splitlines()[-1].startswith("error: --resume:") and 'world_size=2' in single.stderr
+    line = single.stderr.strip().splitlines()[-1]
+    assert line.startswith('error: --resume:') and "head='sharded', world_size=2" in line, line
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,6 +330,31 @@ def _main_error(capsys, argv):
 
 def _quick(data, out):
     return ['--data', str(data), '--output', str(out), '--epochs', '1', '-b', '8', '-j', '0', '--no-export']
+
+
+def test_one_process_sharded_adaface_run_and_what_it_refuses(tmp_path, caplog, capsys):
+    """--head sharded on one process: one shard of every class, said once; AdaFace trains and its feature-norm
+    EMA is checkpointed with the shard; resuming with the other head kind, or bad AdaFace/head flags: one line."""
+    pack = write_rec_pack(tmp_path / 'r', identity_images(4, 4, seed=2))
+    argv = _quick(pack, tmp_path / 'o') + ['--loss', 'adaface', '--head', 'sharded', '--checkpoint-every', '1']
+    with caplog.at_level('WARNING', logger='train'):
+        summary = face.main(argv)
+    assert summary['steps'] == 2 and math.isfinite(summary['last_loss'])
+    assert summary['head']['kind'] == 'sharded' and summary['head']['classes_per_process'] == 4
+    assert any('--head sharded with one process' in r.getMessage() for r in caplog.records)
+    from safetensors.torch import load_file
+    state = json.loads((tmp_path / 'o' / 'last.json').read_text())
+    shard = load_file(str(tmp_path / 'o' / state['head_shards'][0]))
+    assert shard['head.weight'].shape == (4, 512) and shard['head.batch_mean'].item() != 20.0
+    capsys.readouterr()
+    line = _main_error(capsys, argv[:-4] + ['--loss', 'adaface', '--head', 'replicated', '--resume'])
+    assert "head='sharded'" in line and "now head='replicated'" in line
+    assert 'adaface' in _main_error(capsys, _quick(pack, tmp_path / 'p') + ['--loss', 'adaface', '-b', '1'])
+    for flag, value in [('--adaface-t-alpha', '2'), ('--sample-rate', '0'), ('--head', 'split')]:
+        with pytest.raises(SystemExit) as e:  # argparse's usage + one error line
+            face.main(_quick(pack, tmp_path / 'q') + [flag, value])
+        assert e.value.code == 2 and flag in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / 'p' / 'last.json').exists() and not (tmp_path / 'q').exists()
 
 
 def test_bad_magic_names_its_offset(tmp_path, samples, capsys):

@@ -7,19 +7,22 @@
 
 Data: an insightface RecordIO pack (a folder with `train.rec` + `train.idx`, or the `.rec` file) read without mxnet,
 or an ImageFolder tree (one folder per identity). Images must be aligned crops of the model's input size.
-Recipe: margin head (ArcFace s=64 m=0.5 or CosFace s=64 m=0.4; `--sample-rate` for partial FC) on the model's
-embedding; SGD with momentum 0.9 (or AdamW); linear warmup then cosine or polynomial decay of the learning rate
-(timm's schedulers, updated every step); weight decay annealed by cosine from `--weight-decay` to
-`--weight-decay-end` (the MobileOne paper's schedule), none on norm and bias parameters; optional EMA of the
-weights; AMP on GPUs; gradient clipping. `--batch-size` and `--lr` are per process and global as given: with N
-processes the global batch is N x batch-size, and the learning rate is not rescaled.
+Recipe: margin head (ArcFace s=64 m=0.5, CosFace s=64 m=0.4 or AdaFace s=64 m=0.4 h=0.333; `--sample-rate` for
+partial FC) on the model's embedding, replicated on every process or, by default with several processes, sharded
+across them (`--head sharded`: each process holds C/W class centres, train/partial_fc.py); SGD with momentum 0.9 (or
+AdamW); linear warmup then cosine or polynomial decay of the learning rate (timm's schedulers, updated every step);
+weight decay annealed by cosine from `--weight-decay` to `--weight-decay-end` (the MobileOne paper's schedule), none
+on norm and bias parameters; optional EMA of the weights; AMP on GPUs; gradient clipping. `--batch-size` and `--lr`
+are per process and global as given: with N processes the global batch is N x batch-size, and the learning rate is
+not rescaled.
 
 Validation runs on a reparameterized (fused) copy with eval.verify's protocol and code, every `--val-every` steps
 and at the end; the best mean accuracy keeps `best.safetensors` (train-time state dict) and `best.json` (the
 eval.verify result, whose `command` reproduces it). At the end the best checkpoint goes through
 `timm_mobileone.hub export` into `OUTPUT/hub`, ready for `python -m timm_mobileone.hub push`.
 
-Checkpoints: `checkpoint-<step>.safetensors` (model, margin head, EMA, optimizer buffers, RNG states) and
+Checkpoints: `checkpoint-<step>.safetensors` (model, margin head, EMA, optimizer buffers, RNG states; with a sharded
+head, each process's centres and their optimizer buffers in `checkpoint-<step>.head-<rank>.safetensors`) and
 `last.json` (step, schedule, optimizer hyperparameters, scaler, best so far, the run's flags), which names the
 weights file and is written last, atomically: a crash at any moment leaves `last.json` pointing at a complete
 checkpoint, and loses only the steps since. Logs: one line per `--log-interval` steps on stderr and in
@@ -41,13 +44,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from eval._common import UserError  # the repo CLIs' one user-error type: one `error:` line, exit code 2
 from timm_mobileone._io import ModelLoadError, atomic_write, create_model_checked, keep_freed_memory_for_reuse
 
 from .data import FaceDataError, ResumableSampler, collate, open_dataset
 from .margin import MarginHead
+from .partial_fc import ShardedMarginHead
 from .recordio import RecordIOError
 
 _logger = logging.getLogger('train')
@@ -57,9 +60,12 @@ BEST_WEIGHTS = 'best.safetensors'
 BEST_RESULT = 'best.json'
 LOG_NAME = 'log.jsonl'
 # flags that shape the run: a resumed run must use the values it was started with
-RUN_DEFINING = ('model', 'model_kwargs', 'loss', 'margin', 'scale', 'sample_rate', 'epochs', 'batch_size', 'lr', 'opt',
-                'sched', 'warmup_epochs', 'warmup_lr', 'min_lr', 'poly_power', 'weight_decay', 'weight_decay_end',
-                'model_ema', 'model_ema_decay', 'num_classes', 'seed', 'world_size', 'drop_path')
+RUN_DEFINING = ('model', 'model_kwargs', 'loss', 'margin', 'scale', 'adaface_h', 'adaface_t_alpha', 'head',
+                'sample_rate', 'epochs', 'batch_size', 'lr', 'opt', 'sched', 'warmup_epochs', 'warmup_lr', 'min_lr',
+                'poly_power', 'weight_decay', 'weight_decay_end', 'model_ema', 'model_ema_decay', 'num_classes', 'seed',
+                'world_size', 'drop_path')
+# what a run folder written before a flag existed was started with
+RUN_DEFAULTS = dict(head='replicated')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -77,11 +83,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    '.rec file, or an ImageFolder tree (one folder per identity)')
     p.add_argument('--num-classes', type=int, default=None,
                    help='identities (default: the pack\'s property file or header, or the ImageFolder\'s folders)')
-    p.add_argument('--loss', default='arcface', choices=('arcface', 'cosface'), help='margin loss')
-    p.add_argument('--margin', type=float, default=None, help='margin m (default: 0.5 arcface, 0.4 cosface)')
+    p.add_argument('--loss', default='arcface', choices=('arcface', 'cosface', 'adaface'), help='margin loss')
+    p.add_argument('--margin', type=float, default=None,
+                   help='margin m (default: 0.5 arcface, 0.4 cosface, 0.4 adaface)')
     p.add_argument('--scale', type=float, default=64.0, help='logit scale s')
+    p.add_argument('--adaface-h', type=float, default=0.333, help='AdaFace: h, the spread of the norm-adaptive margin')
+    p.add_argument('--adaface-t-alpha', type=float, default=0.01,
+                   help='AdaFace: EMA rate of the feature-norm batch mean and std')
+    p.add_argument('--head', default=None, choices=('replicated', 'sharded'),
+                   help='margin head: every class centre on every process (replicated), or each process holding '
+                        'C/W of them (sharded, Partial FC; the default with more than one process)')
     p.add_argument('--sample-rate', type=float, default=1.0,
-                   help='partial FC: fraction of class centres scored per step (batch classes always included)')
+                   help='partial FC: fraction of class centres scored per step (batch classes always included; '
+                        'with --head sharded, of each process\'s own centres)')
     p.add_argument('--epochs', type=int, default=20, help='epochs')
     p.add_argument('-b', '--batch-size', type=int, default=128, help='images per step and process')
     p.add_argument('--opt', default='sgd', choices=('sgd', 'adamw'), help='optimizer (sgd: momentum, no nesterov)')
@@ -133,6 +147,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f'--{name.replace("_", "-")} must be >= 0')
     if not 0.0 < args.sample_rate <= 1.0:
         p.error('--sample-rate must be in (0, 1]')
+    if not 0.0 <= args.adaface_t_alpha <= 1.0:
+        p.error('--adaface-t-alpha must be in [0, 1]')
     if args.num_classes is not None and args.num_classes < 2:
         p.error('--num-classes must be >= 2')
     if args.tag and not re.fullmatch(r'[a-z0-9][a-z0-9_]*', args.tag):
@@ -163,11 +179,12 @@ def parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
 class FaceTrainModel(nn.Module):
     """Backbone + margin head; `forward(images, labels)` returns the mean cross-entropy of the margin logits.
 
-    One module so that DistributedDataParallel wraps both (the margin head is replicated on every process).
+    Replicated head: one module so that DistributedDataParallel wraps both. Sharded head: the backbone passed in
+    is the DDP-wrapped one and the head stays outside DDP (each process holds other centres).
     The head runs in float32 outside autocast: normalized cosines times s=64 need the precision.
     """
 
-    def __init__(self, backbone: nn.Module, head: MarginHead, amp: Any = None) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, amp: Any = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -176,8 +193,7 @@ class FaceTrainModel(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.amp if self.amp is not None else nullcontext():
             embeddings = self.backbone(images)
-        logits, targets = self.head(embeddings.float(), labels)
-        return F.cross_entropy(logits, targets)
+        return self.head.loss(embeddings.float(), labels)
 
 
 def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
@@ -355,8 +371,7 @@ class Trainer:
         with torch.no_grad():  # in eval mode: the probe must not touch the BN statistics
             embed_dim = self.backbone.eval()(torch.zeros(1, 3, *input_size)).shape[-1]
         self.backbone.train()
-        self.head = MarginHead(embed_dim, self.num_classes, kind=args.loss, s=args.scale, m=args.margin,
-                               sample_rate=args.sample_rate)
+        self.head = self._build_head(embed_dim)
         if args.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         if args.channels_last and self.device.type == 'cpu':
@@ -377,9 +392,18 @@ class Trainer:
         self.ddp = self.net
         if world.world_size > 1:
             ids = [self.device.index] if self.device.type == 'cuda' else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+            if self.sharded:  # DDP averages the backbone only: each process's centres are its own
+                self.ddp = FaceTrainModel(nn.parallel.DistributedDataParallel(self.backbone, device_ids=ids),
+                                          self.head, self.amp)
+            else:
+                self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         self.ema = ModelEmaV3(self.backbone, decay=args.model_ema_decay) if args.model_ema else None
         self.optimizer = build_optimizer(self.net, args)
+        head_ids = {id(p) for p in self.head.parameters()}
+        order = [p for g in self.optimizer.param_groups for p in g['params']]
+        self.head_indices = {i for i, p in enumerate(order) if id(p) in head_ids}  # in the optimizer state dict
+        self.head_memory = self._head_memory()
+        _logger.info(self.head_memory['line'])
         self.sampler = ResumableSampler(self.dataset, num_replicas=world.world_size, rank=world.rank, seed=args.seed)
         self.steps_per_epoch = self.sampler.num_samples // args.batch_size
         if self.steps_per_epoch < 1:
@@ -397,6 +421,49 @@ class Trainer:
             self._resume()
 
     # -- setup helpers
+
+    def _build_head(self, embed_dim: int):
+        """The margin head the flags ask for: replicated (MarginHead) or this process's shard (ShardedMarginHead)."""
+        args, world = self.args, self.world
+        if args.head is None:
+            args.head = 'sharded' if world.world_size > 1 else 'replicated'
+        self.sharded = args.head == 'sharded'
+        if args.loss == 'adaface' and args.batch_size * world.world_size < 2:
+            raise UserError('--loss adaface needs a global batch of at least 2 images (its margin scales with the '
+                            'batch\'s feature-norm spread); raise --batch-size')
+        common = dict(kind=args.loss, s=args.scale, m=args.margin, sample_rate=args.sample_rate, h=args.adaface_h,
+                      t_alpha=args.adaface_t_alpha)
+        if not self.sharded:
+            return MarginHead(embed_dim, self.num_classes, **common)
+        if self.num_classes < world.world_size:
+            raise UserError(f'--head sharded: {self.num_classes} identities cannot be split over {world.world_size} '
+                            f'processes; use --head replicated')
+        if world.world_size == 1:
+            _logger.warning('--head sharded with one process: a single shard holding every class (the same loss '
+                            'and gradients as --head replicated)')
+        # each rank initialises its own slice (seed + rank): no process ever materialises all C centres
+        state = torch.get_rng_state()
+        torch.manual_seed(args.seed + 1000003 * world.rank)
+        head = ShardedMarginHead(embed_dim, self.num_classes, world.world_size, world.rank, **common)
+        torch.set_rng_state(state)
+        return head
+
+    def _head_memory(self) -> Dict[str, Any]:
+        """Bytes of the head's centres, their gradients and their optimizer state on this process."""
+        weights = sum(p.numel() * p.element_size() for p in self.head.parameters())
+        per_weight = 2 if self.args.opt == 'adamw' else (1 if self.args.momentum else 0)  # Adam: m and v
+        mb = 1 / 2 ** 20
+        local = self.head.weight.shape[0]
+        where = (f'{self.world.world_size} shard{"s" if self.world.world_size > 1 else ""}, {local} on this process'
+                 if self.sharded else f'replicated on {self.world.world_size} process'
+                 f'{"es" if self.world.world_size > 1 else ""}')
+        total = weights * (1 + per_weight)
+        line = (f'head: {self.num_classes} classes, {where}, {total * mb:.3g} MB per process (centres '
+                f'{weights * mb:.3g} MB + optimizer state {weights * per_weight * mb:.3g} MB; gradients add '
+                f'{weights * mb:.3g} MB)')
+        return dict(kind=self.args.head, classes_per_process=local, weights_mb=weights * mb,
+                    optimizer_state_mb=weights * per_weight * mb, gradients_mb=weights * mb, per_process_mb=total * mb,
+                    line=line)
 
     def _check_output(self) -> None:
         state = self.out / STATE_NAME
@@ -448,30 +515,45 @@ class Trainer:
     def save_checkpoint(self) -> None:
         rng = self.world.gather(dict(cpu=torch.get_rng_state(),
                                      cuda=torch.cuda.get_rng_state() if self.device.type == 'cuda' else None))
+        opt_tensors, opt_rest = _optimizer_tensors(self.optimizer)
+        name = f'checkpoint-{self.step:08d}.safetensors'
+        shards: List[str] = []
+        if self.sharded:  # every process writes its centres and their optimizer state
+            head_keys = {k for k in opt_tensors if int(k.split('.')[1]) in self.head_indices}
+            shards = [self._shard_name(self.step, r) for r in range(self.world.world_size)]
+            shard = dict(_prefixed('head', self.head.state_dict()), **{k: opt_tensors.pop(k) for k in head_keys})
+            save_safetensors(self.out / shards[self.world.rank], shard, metadata=dict(
+                step=str(self.step), rank=str(self.world.rank), world_size=str(self.world.world_size),
+                class_start=str(self.head.class_start), num_classes=str(self.head.num_local)))
+            self.world.barrier()  # every shard is on disk before last.json names them
         if not self.world.main:
             return
-        tensors = dict(_prefixed('model', self.backbone.state_dict()), **_prefixed('head', self.head.state_dict()))
+        tensors = _prefixed('model', self.backbone.state_dict())
+        if not self.sharded:
+            tensors.update(_prefixed('head', self.head.state_dict()))
         if self.ema is not None:
             tensors.update(_prefixed('ema', self.ema.module.state_dict()))
-        opt_tensors, opt_rest = _optimizer_tensors(self.optimizer)
         tensors.update(opt_tensors)
         for r, state in enumerate(rng):
             tensors[f'rng.cpu.{r}'] = state['cpu']
             if state['cuda'] is not None:
                 tensors[f'rng.cuda.{r}'] = state['cuda']
-        name = f'checkpoint-{self.step:08d}.safetensors'
         save_safetensors(self.out / name, tensors, metadata=dict(step=str(self.step)))
         state = dict(
             step=self.step, epoch=self.step // self.steps_per_epoch, total_steps=self.total_steps,
-            steps_per_epoch=self.steps_per_epoch, checkpoint=name, run=self._run_config(),
+            steps_per_epoch=self.steps_per_epoch, checkpoint=name, head_shards=shards, run=self._run_config(),
             lr_scheduler=self.lr_scheduler.state_dict(), optimizer=opt_rest,
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             best=self.best, command=self.args.command, data=self.args.data, time=time.time())
         _json_write(self.out / STATE_NAME, state)  # the commit point: last.json names a complete checkpoint
         for old in self.out.glob('checkpoint-*.safetensors'):
-            if old.name != name:
+            if old.name != name and old.name not in shards:
                 old.unlink(missing_ok=True)
         _logger.info(f'step {self.step}: checkpoint {self.out / name}')
+
+    @staticmethod
+    def _shard_name(step: int, rank: int) -> str:
+        return f'checkpoint-{step:08d}.head-{rank}.safetensors'
 
     def _resume(self) -> None:
         from safetensors.torch import load_file
@@ -480,12 +562,21 @@ class Trainer:
             tensors = load_file(str(self.out / state['checkpoint']), device='cpu')
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f'--resume: cannot read the checkpoint in {self.out} ({e})') from None
-        saved, now = state['run'], self._run_config()
-        changed = [k for k in saved if k in now and saved[k] != now[k]]
+        saved, now = dict(RUN_DEFAULTS, **state['run']), self._run_config()
+        changed = [k for k in RUN_DEFINING if k in saved and k in now and saved[k] != now[k]]
         if changed:
-            k = changed[0]
-            raise UserError(f'--resume: {self.out} was started with {k}={saved[k]!r}, now {now[k]!r}; a resumed '
-                            f'run keeps its flags (start a new --output to change them)')
+            was = ', '.join(f'{k}={saved[k]!r}' for k in changed)
+            is_now = ', '.join(f'{k}={now[k]!r}' for k in changed)
+            hint = (' (world_size: the number of processes; a run resumes on as many as it started with)'
+                    if 'world_size' in changed else '')
+            raise UserError(f'--resume: {self.out} was started with {was}, now {is_now}; a resumed run keeps its '
+                            f'flags{hint} (start a new --output to change them)')
+        if self.sharded:
+            try:
+                shard = state['head_shards'][self.world.rank]
+                tensors.update(load_file(str(self.out / shard), device='cpu'))
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+                raise UserError(f'--resume: cannot read this process\'s head shard in {self.out} ({e})') from None
         self.backbone.load_state_dict(_strip('model', tensors))
         self.head.load_state_dict(_strip('head', tensors))
         if self.ema is not None:
@@ -585,17 +676,41 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
+            self._agree_on_overflow()
+            grad_norm = self._clip_grad_norm(max_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
+            grad_norm = self._clip_grad_norm(max_norm)
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.backbone, step=self.step)
         return dict(loss=loss.item(), lr=self.optimizer.param_groups[0]['lr'], weight_decay=wd,
                     grad_norm=float(grad_norm))
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """The gradient norm of the whole model (clipped to max_norm), as clip_grad_norm_ computes it; with a sharded
+        head, the head's part is summed over the processes' shards, so every process clips by the same factor."""
+        if not (self.sharded and self.world.world_size > 1):
+            return nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
+        grads = lambda module: [p.grad for p in module.parameters() if p.grad is not None]  # noqa: E731
+        backbone = nn.utils.get_total_norm(grads(self.backbone)).to(self.device)
+        head_sq = nn.utils.get_total_norm(grads(self.head)).to(self.device) ** 2
+        dist.all_reduce(head_sq)
+        total = torch.sqrt(backbone ** 2 + head_sq)
+        if math.isfinite(max_norm):
+            nn.utils.clip_grads_with_norm_(self.net.parameters(), max_norm, total)
+        return total
+
+    def _agree_on_overflow(self) -> None:
+        """GradScaler skips a step where a gradient overflowed; with a sharded head, an overflow in one process's
+        centres must skip the step everywhere, or the backbones would drift apart."""
+        if not (self.sharded and self.world.world_size > 1):
+            return
+        state = self.scaler._per_optimizer_states[id(self.optimizer)]  # GradScaler keeps no public view of it
+        for found in state['found_inf_per_device'].values():
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
 
     def fit(self) -> Dict[str, Any]:
         args, t_start = self.args, time.perf_counter()
@@ -637,12 +752,21 @@ class Trainer:
                     break
         summary = dict(
             model=args.model, data=args.data, num_images=len(self.dataset), num_classes=self.num_classes,
-            world_size=self.world.world_size, steps=self.step, total_steps=self.total_steps, epochs=args.epochs,
+            world_size=self.world.world_size, head={k: v for k, v in self.head_memory.items() if k != 'line'},
+            steps=self.step, total_steps=self.total_steps, epochs=args.epochs,
             first_loss=first_loss, last_loss=last_loss, best=self.best, output=str(self.out),
+            peak_memory_mb=self._peak_memory_mb(),
             seconds=round(time.perf_counter() - t_start, 3), command=args.command)
         if self.world.main:
             summary['export'] = self.export() if args.export else None
         return summary
+
+    def _peak_memory_mb(self) -> float:
+        """Peak memory of this process: allocated on the GPU (torch's allocator), or the peak RSS on CPU."""
+        if self.device.type == 'cuda':
+            return round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+        import resource
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     def export(self) -> Dict[str, Any]:
         """The best weights (or the final ones without --val) through timm_mobileone.hub export into OUTPUT/hub."""
