@@ -45,6 +45,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--onnx', default='', metavar='MODEL.onnx',
                         help='run this ONNX model (FP32 or INT8, from timm_mobileone.export) in ONNX Runtime instead; '
                              "--model then only supplies the preprocessing cfg")
+    parser.add_argument('--runtime', default=None, choices=('onnx', 'executorch', 'ncnn'),
+                        help='run --artifact (from timm_mobileone.export --format) in this runtime instead of PyTorch: '
+                             'the same protocol on exactly what ships; fixed-batch artifacts run one image at a time')
+    parser.add_argument('--artifact', default='', metavar='PATH', help='the exported model for --runtime (.onnx, '
+                        '.pte, ncnn .param with its .bin beside it)')
     parser.add_argument('--checkpoint', default='', help='load this checkpoint (state dict) into the model')
     parser.add_argument('-b', '--batch-size', type=int, default=64, help='images per forward pass')
     parser.add_argument('-j', '--workers', type=int, default=DEFAULT_WORKERS,
@@ -117,9 +122,55 @@ class OnnxModel:
         return torch.from_numpy(np.concatenate(outs))
 
 
+class ArtifactModel:
+    """An exported artifact in its on-device runtime (ExecuTorch, ncnn), called like a model; batch 1 per run."""
+
+    def __init__(self, runtime: str, path: str, pretrained_cfg: Dict):
+        from timm_mobileone import deploy
+        with deploy.quiet():
+            deploy.require(runtime)
+        try:
+            with deploy.quiet():
+                self.run_one = (deploy.executorch_runner(path) if runtime == 'executorch' else
+                                deploy.ncnn_runner(path))
+                probe = np.zeros((1, *pretrained_cfg['input_size']), np.float32)
+                self.run_one(probe)
+        except deploy.DeployError as e:
+            raise UserError(f'--artifact {e}') from None
+        except Exception as e:  # the runtime's own complaint, e.g. an input shape the program was not exported for
+            raise UserError(f'--artifact {path}: {runtime} cannot run it on --model\'s input '
+                            f'{"x".join(map(str, pretrained_cfg["input_size"]))} ({first_line(e)})') from None
+        self.pretrained_cfg = pretrained_cfg
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(np.concatenate([self.run_one(x[i:i + 1]) for i in range(len(x))]))
+
+
+def _artifact(args) -> Tuple[str, str]:
+    """(runtime, path) of an exported model to evaluate, or ('', '') for the PyTorch model."""
+    runtime, path = getattr(args, 'runtime', None) or '', getattr(args, 'artifact', '')
+    if args.onnx:
+        if runtime not in ('', 'onnx') or path:
+            raise UserError('--onnx PATH is --runtime onnx --artifact PATH: give one or the other')
+        return 'onnx', args.onnx
+    if bool(runtime) != bool(path):
+        raise UserError('--runtime and --artifact go together (e.g. --runtime executorch --artifact s0.pte)')
+    return runtime, path
+
+
 def create_model(args):
     import timm
     import timm_mobileone  # noqa: F401  (registers the mobileone_112 models)
+    runtime, path = _artifact(args)
+    if runtime and runtime != 'onnx':
+        if not Path(path).is_file():
+            raise UserError(f'--artifact {path}: no such file')
+        if args.checkpoint or args.pretrained:
+            raise UserError('--artifact holds its weights: --checkpoint and --pretrained do not apply')
+        return ArtifactModel(runtime, path, timm.create_model(args.model).pretrained_cfg)
+    if runtime == 'onnx' and not args.onnx:
+        args.onnx = path
     if args.onnx:
         if not Path(args.onnx).is_file():
             raise UserError(f'--onnx {args.onnx}: no such file')
@@ -323,7 +374,7 @@ def run(args, datasets: List[VerificationSet], model: Optional[torch.nn.Module] 
         model = None
     else:
         model = create_model(args) if model is None else model
-        if isinstance(model, OnnxModel):
+        if isinstance(model, (OnnxModel, ArtifactModel)):
             args.channels_last = False
             data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)
         else:
@@ -351,10 +402,12 @@ def run(args, datasets: List[VerificationSet], model: Optional[torch.nn.Module] 
         model=args.model if not args.embeddings else None,
         tag=(model.pretrained_cfg.get('tag') if model is not None else None),
         onnx=args.onnx or None,
+        runtime=_artifact(args)[0] or ('pytorch' if not args.embeddings else None),
+        artifact=_artifact(args)[1] or None,
         checkpoint=args.checkpoint or None,
         embeddings=args.embeddings or None,
         flip=bool(args.flip and not args.embeddings),
-        reparam=bool(args.reparam and not args.embeddings and not args.onnx),
+        reparam=bool(args.reparam and not args.embeddings and not _artifact(args)[0]),
         input_size=list(data_cfg['input_size']) if data_cfg else None,
         num_folds=args.num_folds,
         command=args.command,

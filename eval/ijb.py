@@ -23,8 +23,8 @@ from timm_mobileone.data import read_npy
 
 from . import _ijb as J
 from ._common import (
-    OnnxModel, UserError, _versions, add_model_flags, cli, create_model, embed_batches, finish, parse, roc_figure,
-    save_roc)
+    ArtifactModel, OnnxModel, UserError, _versions, add_model_flags, cli, create_model, embed_batches, finish, parse,
+    roc_figure, save_roc)
 
 _logger = logging.getLogger('eval')
 FEATURE_CHUNK = 4096  # precomputed features pooled this many images at a time (they may be a memory-mapped file)
@@ -51,8 +51,8 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument('--save-features', default='', metavar='F.npy',
                         help='save the raw per-image outputs (N x 2 x D, or N x D with --no-flip), for --features')
     args = parse(parser, argv)
-    if args.features and (args.save_features or args.checkpoint or args.onnx or args.pretrained):
-        parser.error('--features scores saved outputs: it takes no --checkpoint, --onnx, --pretrained or '
+    if args.features and (args.save_features or args.checkpoint or args.onnx or args.artifact or args.pretrained):
+        parser.error('--features scores saved outputs: it takes no --checkpoint, --onnx, --artifact, --pretrained or '
                      '--save-features')
     if args.faceness and not args.features:
         parser.error('--faceness goes with --features (a model run reads the scores from the meta file)')
@@ -121,7 +121,7 @@ def _embed_and_pool(args, meta: J.IJBMeta, pooler: J.TemplatePooler, faceness) -
     import timm
     _check_images(meta)
     model = create_model(args)
-    if isinstance(model, OnnxModel):
+    if isinstance(model, (OnnxModel, ArtifactModel)):
         args.channels_last = False
         data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)
     else:

@@ -12,31 +12,19 @@ import timm
 from eval import lfw
 from timm_mobileone import export
 
-from conftest import make_pack
-
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
-def pack(tmp_path_factory):
-    return make_pack(tmp_path_factory.mktemp('packs') / 'faces.bin', num_pairs=20, seed=5)
+def pack(face_pack):
+    return face_pack
 
 
 @pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory, pack):
-    """S0 with BN statistics calibrated on images like the pack's (as training would leave them)."""
-    torch.manual_seed(0)
-    images = export.load_face_images(str(make_pack(tmp_path_factory.mktemp('calib') / 'bn.bin', num_pairs=16,
-                                                   seed=9)), (3, 112, 112), (0.5,) * 3, (0.5,) * 3, 32)
-    model = timm.create_model('mobileone_112_s0').train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.from_numpy(images))
-    path = tmp_path_factory.mktemp('ckpt') / 's0.pth'
-    torch.save(model.state_dict(), path)
-    return path
+def checkpoint(calibrated_s0):
+    return calibrated_s0
 
 
 @pytest.fixture(scope='module')

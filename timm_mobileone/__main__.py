@@ -1,13 +1,17 @@
 """The zoo report: `python -m timm_mobileone` prints every mobileone_112 variant's size, fusion error and CPU speed.
-
-For each variant at the pretrained cfg's input size (112x112): params and GMACs of the train-time (multi-branch)
-and fused (reparameterized) forms; the max relative error of fused vs train-time in float64 on a batch after
-calibrating BN statistics (random-init S4 is chaotic in float32); CPU latency at batch 1 and time per image at
-batch 64 (medians of repeated runs) for the train-time form in PyTorch eager, the fused form in eager, and the
-fused form in ONNX Runtime (when onnxruntime is installed). `--peers` adds the same rows for mobile backbones
-people use at 112x112. Random weights with calibrated BN statistics and flush-to-zero denormals: fresh-init
-MobileOne activations explode, and exploding or denormal values distort timings. No data, no network.
+For each variant at the pretrained cfg's input size (112x112): params and GMACs of the train-time (multi-branch) and
+fused (reparameterized) forms; the max relative error of fused vs train-time in float64 on a batch after calibrating
+BN statistics (random-init S4 is chaotic in float32); CPU latency at batch 1 and time per image at batch 64 (medians
+of repeated runs, timed round-robin over every model and form so that load drifts alike) for the train-time form in
+PyTorch eager, the fused form in eager, and the fused form in ONNX Runtime (when onnxruntime is installed).
+`--peers` adds the same rows for mobile backbones people use at 112x112. Random weights with calibrated BN
+statistics and flush-to-zero denormals: fresh-init MobileOne activations explode, and exploding or denormal values
+distort timings. No data, no network.
 `--json` prints one JSON object instead of the table; `--plot` saves latency vs GMACs.
+
+`--runtimes` prints the deploy table instead (runtimes.py): batch-1 latency of the fused models (default: the five
+variants and the reference MobileFaceNet) in PyTorch eager, ONNX Runtime, ExecuTorch XNNPACK FP32 and INT8 and
+ncnn, timed round-robin over every (model, runtime) pair.
 """
 import argparse
 import copy
@@ -24,7 +28,7 @@ from timm.utils import reparameterize_model
 
 from . import __version__
 from ._io import first_line, keep_freed_memory_for_reuse
-from .profile import count_macs, count_params, fusion_error, median_seconds
+from .profile import count_macs, count_params, fusion_error, time_round_robin
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -44,6 +48,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
     parser.add_argument('--plot', default='', metavar='PNG', help='save a latency (batch 1) vs GMACs plot')
     parser.add_argument('--json', action='store_true', help='print one JSON object instead of a markdown table')
+    parser.add_argument('--runtimes', action='store_true',
+                        help='the deploy table: batch-1 latency per runtime (eager, ONNX Runtime, ExecuTorch FP32 '
+                             'and INT8, ncnn) of the fused models, interleaved; needs pip install ".[deploy]"')
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batch_size < 1:
         parser.error('--repeats and --batch-size must be >= 1')
@@ -58,27 +65,36 @@ def _calibrate(model: torch.nn.Module, input_size, dtype=torch.float32, steps: i
     return model.eval()
 
 
-@torch.no_grad()
-def time_eager(model: torch.nn.Module, input_size, batch_size: int, repeats: int) -> Dict[str, float]:
-    """Median batch-1 latency (ms) and per-image time at `batch_size` (ms), channels_last (faster on CPU)."""
+def eager_calls(model: torch.nn.Module, input_size, batch_size: int):
+    """(batch-1 call, batch-`batch_size` call) of `model` in eager, channels_last (faster on CPU), warmed up."""
     model = model.eval().to(memory_format=torch.channels_last)
     x1 = torch.randn((1, *input_size)).contiguous(memory_format=torch.channels_last)
     xb = torch.randn((batch_size, *input_size)).contiguous(memory_format=torch.channels_last)
-    return dict(latency_ms=median_seconds(lambda: model(x1), repeats) * 1e3,
-                per_image_ms=median_seconds(lambda: model(xb), max(3, repeats // 3)) * 1e3 / batch_size)
+
+    @torch.no_grad()
+    def one():
+        return model(x1)
+
+    @torch.no_grad()
+    def many():
+        return model(xb)
+    one(), many()
+    return one, many
 
 
-def time_onnx(model: torch.nn.Module, input_size, batch_size: int, repeats: int, threads: int) -> Dict[str, Any]:
+def onnx_calls(model: torch.nn.Module, input_size, batch_size: int, threads: int):
+    """The same two calls in ONNX Runtime (dynamic-batch export of `model`), warmed up."""
     from .export import export_onnx, ort_run, ort_session
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / 'model.onnx')
         model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', {}), input_size=tuple(input_size))
         export_onnx(model, path, dynamic_batch=True)
-        session = ort_session(path, threads)
-        x1 = np.random.randn(1, *input_size).astype(np.float32)
-        xb = np.random.randn(batch_size, *input_size).astype(np.float32)
-        return dict(latency_ms=median_seconds(lambda: ort_run(session, x1), repeats) * 1e3,
-                    per_image_ms=median_seconds(lambda: ort_run(session, xb), max(3, repeats // 3)) * 1e3 / batch_size)
+        session = ort_session(path, threads)  # the session holds the model: the file may go
+    x1 = np.random.randn(1, *input_size).astype(np.float32)
+    xb = np.random.randn(batch_size, *input_size).astype(np.float32)
+    one, many = (lambda: ort_run(session, x1)), (lambda: ort_run(session, xb))
+    one(), many()
+    return one, many
 
 
 def _onnx_available() -> bool:
@@ -108,21 +124,35 @@ def report_row(name: str, model: torch.nn.Module, args, kind: str, bar=None) -> 
     except RuntimeError as e:  # some peers' reparameterization builds float32 tensors whatever the model's dtype
         print(f'warning: {name}: no float64 fusion check ({first_line(e)[:200]})', file=sys.stderr)
         row['fusion_rel_err_f64'] = None
+    calls = {}  # timed later, round-robin over every model and form (time_all)
     for form, m in (('train_eager', model), ('fused_eager', fused)):
-        t = time_eager(copy.deepcopy(m), input_size, args.batch_size, args.repeats)
-        row[f'{form}_latency_ms'], row[f'{form}_per_image_ms'] = t['latency_ms'], t['per_image_ms']
+        calls[form] = eager_calls(copy.deepcopy(m), input_size, args.batch_size)
         if bar is not None:
             bar.update(1)
+    row['fused_ort_latency_ms'] = row['fused_ort_per_image_ms'] = None
     if args.onnx:
         try:
-            t = time_onnx(copy.deepcopy(fused), input_size, args.batch_size, args.repeats, args.threads)
-            row['fused_ort_latency_ms'], row['fused_ort_per_image_ms'] = t['latency_ms'], t['per_image_ms']
+            calls['fused_ort'] = onnx_calls(copy.deepcopy(fused), input_size, args.batch_size, args.threads)
         except Exception as e:  # an exporter gap in a peer must not end the report
             print(f'warning: {name}: ONNX export failed ({first_line(e)[:200]})', file=sys.stderr)
-            row['fused_ort_latency_ms'] = row['fused_ort_per_image_ms'] = None
         if bar is not None:
             bar.update(1)
+    row['_calls'] = calls
     return row
+
+
+def time_all(rows: List[Dict[str, Any]], args) -> None:
+    """Fill every row's latency (batch 1) and per-image time (batch B) columns, timing all (model, form) calls
+    round-robin: `args.repeats` rounds at batch 1, a third as many at batch B, medians."""
+    ones = {(i, form): c[0] for i, r in enumerate(rows) for form, c in r['_calls'].items()}
+    manys = {(i, form): c[1] for i, r in enumerate(rows) for form, c in r['_calls'].items()}
+    t1 = time_round_robin(ones, args.repeats)
+    tb = time_round_robin(manys, max(3, args.repeats // 3))
+    for (i, form), seconds in t1.items():
+        rows[i][f'{form}_latency_ms'] = seconds * 1e3
+        rows[i][f'{form}_per_image_ms'] = tb[(i, form)] * 1e3 / args.batch_size
+    for r in rows:
+        del r['_calls']
 
 
 def _fmt(v, spec):
@@ -187,6 +217,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f'error: unknown model(s) {", ".join(unknown)}; choose from {", ".join(available)}', file=sys.stderr)
         raise SystemExit(2)
     peers = list(PEERS) if args.peers else list(dict.fromkeys(args.peer))
+    if args.runtimes:  # a fused DBB model is the fused MobileOne model of its size: one row each
+        names = args.model or [n for n in names if '_dbb_' not in n]
+        return _runtimes(args, names, peers or (['mobilefacenet'] if not args.model else []))
     if args.onnx and not args.sizes_only and not _onnx_available():
         print('warning: onnx/onnxruntime/onnxscript not installed: no ONNX Runtime column', file=sys.stderr)
         args.onnx = False
@@ -209,6 +242,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             # peers run at the face crop size, whatever their own cfg says
             model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', {}), input_size=(3, 112, 112))
             rows.append(report_row(name, model, args, 'peer', bar))
+    if not args.sizes_only:
+        time_all(rows, args)
     result = dict(
         models=rows, batch_size=args.batch_size, repeats=args.repeats,
         threads=torch.get_num_threads(),
@@ -218,6 +253,42 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         plot(rows, args.plot)
     print(json.dumps(result) if args.json else table(rows))
     return result
+
+
+def _runtimes(args, names: List[str], peers: List[str]) -> Dict:
+    """The deploy table (runtimes.py): every fused model in every runtime installed here, interleaved."""
+    from . import runtimes
+    from .peers import create_peer
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    models = []
+    for name in names + peers:
+        model = timm.create_model(name) if name in names else create_peer(name)
+        model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', {}), input_size=(3, 112, 112))
+        torch.manual_seed(0)
+        _calibrate(model, (3, 112, 112))
+        models.append((name, reparameterize_model(model.eval())))
+    out = runtimes.run(models, max(args.repeats, 20))
+    table_md = runtimes.table(out['names'], out['medians'])
+    if args.plot:
+        runtimes.plot(out['names'], out['medians'], args.plot)
+    result = dict(runtimes=out['rows'], repeats=max(args.repeats, 20), threads=torch.get_num_threads(),
+                  versions=dict(timm_mobileone=__version__, timm=timm.__version__, torch=torch.__version__,
+                                **_runtime_versions()))
+    print(json.dumps(result) if args.json else table_md)
+    return result
+
+
+def _runtime_versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in ('onnxruntime', 'executorch', 'ncnn', 'pnnx'):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 if __name__ == '__main__':

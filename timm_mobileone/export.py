@@ -1,7 +1,16 @@
-"""ONNX export of the fused (reparameterized) form, with an optional INT8 (QDQ) model calibrated on face crops.
+"""Export of the fused (reparameterized) form: ONNX (+ INT8 QDQ), ExecuTorch (XNNPACK, FP32 / INT8), Core ML, ncnn.
 
     python -m timm_mobileone.export --model mobileone_112_s0 --checkpoint CKPT --onnx s0.onnx [--opset 18]
         [--dynamic-batch] [--int8 --calib lfw.bin|DIR [--int8-onnx s0_int8.onnx]]
+    python -m timm_mobileone.export --model NAME [--checkpoint CKPT | --pretrained] --format FMT --out PATH
+        [--int8 --calib DIR|PACK] [--verbose]        # FMT: onnx, executorch (.pte), coreml (.mlpackage), ncnn (.param)
+
+ExecuTorch, Core ML and ncnn need `pip install "timm-mobileone[deploy]"`; what each does is in deploy.py. Every
+format fuses first, checks the artifact (its ops, where the format allows), runs it where its runtime runs here
+(ExecuTorch and ncnn: on held-out `--calib` crops, else on random inputs) and compares it with the PyTorch fused
+model: FP32 must reach a relative error <= 1e-4 and a cosine >= 0.99999, else the export fails and leaves no file.
+Core ML is checked from its spec only (prediction needs macOS). The exporters' progress lines go nowhere unless
+`--verbose`.
 
 The exported graph holds only Conv, Relu, the SE ops of S4 (ReduceMean, Sigmoid, Mul), Reshape/Flatten and Gemm:
 no BatchNormalization, no Add of branches (checked on every export). ONNX Runtime's output is compared with the
@@ -14,6 +23,9 @@ the calibration) and the latency ratio at batch 1. stdout carries one JSON objec
 """
 import argparse
 import contextlib
+import io
+import os
+import shutil
 import json
 import logging
 import shlex
@@ -48,8 +60,10 @@ def onnx_ops(path: str) -> List[str]:
     return sorted({n.op_type for n in onnx.load(path, load_external_data=False).graph.node})
 
 
-def export_onnx(model: torch.nn.Module, path: str, opset: int = 18, dynamic_batch: bool = False) -> None:
-    """torch.onnx's exporter on the fused model; its progress lines go to stderr (stdout is the JSON result)."""
+def export_onnx(model: torch.nn.Module, path: str, opset: int = 18, dynamic_batch: bool = False,
+                verbose: bool = False) -> None:
+    """torch.onnx's exporter on the fused model; its progress lines (`[torch.onnx] ...`) go to stderr with
+    `verbose`, else nowhere (stdout is the JSON result)."""
     input_size = tuple(model.pretrained_cfg['input_size'])
     x = torch.randn(1, *input_size)
     kwargs: Dict[str, Any] = dict(dynamo=True, opset_version=opset, input_names=['input'], output_names=['output'],
@@ -60,7 +74,7 @@ def export_onnx(model: torch.nn.Module, path: str, opset: int = 18, dynamic_batc
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_file = Path(tmp) / out.name
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
             torch.onnx.export(model.eval(), (x,), str(tmp_file), **kwargs)
         atomic_write(out, lambda f: f.write(tmp_file.read_bytes()))
 
@@ -186,10 +200,110 @@ def create_fused(args) -> torch.nn.Module:
     return reparameterize_model(model.eval())
 
 
+def _compare(run_one, fused: torch.nn.Module, images: np.ndarray) -> Tuple[float, float, float]:
+    """(max relative error, min cosine, mean cosine) of an artifact's outputs, one image at a time, vs the PyTorch
+    fused model."""
+    got = np.concatenate([run_one(images[i:i + 1]) for i in range(len(images))])
+    with torch.no_grad():
+        ref = fused(torch.from_numpy(images)).numpy()
+    rel = max(float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-12)) for g, r in zip(got, ref))
+    cos = cosine(got, ref)
+    return rel, float(cos.min()), float(cos.mean())
+
+
+def _run_artifact(deploy, fmt: str, art: Path, fused: torch.nn.Module, images: np.ndarray):
+    """[(max relative error, min cosine)] of the artifact in its runtime here (ncnn: fp32, then its fp16 default)."""
+    if fmt == 'executorch':
+        return [_compare(deploy.executorch_runner(str(art)), fused, images)]
+    if fmt == 'ncnn':
+        return [_compare(deploy.ncnn_runner(str(art), fp16=fp16), fused, images) for fp16 in (False, True)]
+    return []
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Into place (same folder, so a rename); a folder artifact (.mlpackage) replaces an older one."""
+    if src.is_dir() and dst.exists():
+        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    os.replace(src, dst)
+
+
+def run_deploy(args, fused: torch.nn.Module, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """--format executorch | coreml | ncnn: export into a temporary folder, check, run, compare, then move."""
+    from . import deploy
+    fmt, out = args.format, Path(args.out)
+    with deploy.quiet(args.verbose):
+        deploy.require(fmt)
+    if args.int8 and fmt == 'ncnn':
+        raise ExportError('--format ncnn --int8: not supported (ncnn\'s INT8 needs its own calibration table tool, '
+                          'ncnn2table); export FP32')
+    if args.int8 and fmt == 'executorch' and not args.calib:
+        raise ExportError('--int8 needs --calib DIR_OR_PACK (aligned face images)')
+    if args.calib:
+        calib, images = calib_and_heldout(args.calib, cfg, args.calib_images, args.heldout_images)
+        inputs = f'{len(images)} held-out face crops from {args.calib}'
+    else:
+        calib = None
+        images = torch.randn((8, *cfg['input_size']), generator=torch.Generator().manual_seed(0)).numpy()
+        inputs = '8 random normal inputs (no --calib)'
+    example = torch.from_numpy(images[:1].copy())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint or None, format=fmt, path=str(out),
+                                  input_size=list(cfg['input_size']), batch=1, inputs=inputs)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix='.export-') as tmp:
+        art = Path(tmp) / out.name
+        try:
+            with deploy.quiet(args.verbose):
+                if fmt == 'executorch':
+                    result.update(deploy.export_executorch(fused, art, example, calib if args.int8 else None))
+                elif fmt == 'ncnn':
+                    result.update(deploy.export_ncnn(fused, art, example))
+                else:
+                    result.update(deploy.export_coreml(fused, art, example, cfg['mean'], cfg['std'],
+                                                       args.coreml_input, args.coreml_precision, args.int8))
+        except deploy.DeployError:
+            raise
+        except Exception as e:  # a converter's own failure: one line, no file
+            raise ExportError(f'--format {fmt}: the converter failed ({type(e).__name__}: '
+                              f'{(str(e).strip().splitlines() or [""])[0][:300]})') from None
+        with deploy.quiet(args.verbose):
+            compared = _run_artifact(deploy, fmt, art, fused, images)
+        if fmt == 'executorch':
+            rel, cos, cos_mean = compared[0]
+            result.update(runtime='ExecuTorch (Python runtime, XNNPACK delegate)', ran=True,
+                          precision='int8 weights and activations (PT2E, XNNPACK quantizer, per-channel)'
+                          if args.int8 else 'fp32 (XNNPACK fp32 kernels)')
+        elif fmt == 'ncnn':
+            (rel, cos, cos_mean), (rel16, cos16, _) = compared
+            result.update(runtime='ncnn (Python bindings)', ran=True, precision='fp32 weights; checked with ncnn\'s '
+                          'fp16/bf16 storage and arithmetic off (set opt.use_fp16_* = false in the app)',
+                          fp16_runtime=dict(max_rel_err=rel16, min_cosine=cos16))
+        else:
+            rel = cos = cos_mean = None
+            result.update(runtime='Core ML', ran=False)
+        result.update(max_rel_err=rel, min_cosine=cos)
+        if args.int8:
+            result.update(int8_vs_fp32_cosine_min=cos, int8_vs_fp32_cosine_mean=cos_mean)
+        elif rel is not None and not (rel <= ORT_TOLERANCE and cos >= 0.99999):
+            raise ExportError(f'{out}: {result["runtime"]} output differs from PyTorch (relative error {rel:.3g}, '
+                              f'cosine {cos:.6f}); nothing written')
+        files = [art] + ([art.with_suffix('.bin')] if fmt == 'ncnn' else [])
+        for f in files:
+            _move(f, out.parent / f.name)
+        result['files'] = [str(out.parent / f.name) for f in files]
+        result['size_bytes'] = sum(_size(out.parent / f.name) for f in files)
+    return result
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob('*') if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def run(args) -> Dict[str, Any]:
     fused = create_fused(args)
     cfg = timm.data.resolve_model_data_config(fused)
-    export_onnx(fused, args.onnx, args.opset, args.dynamic_batch)
+    if args.format != 'onnx':
+        return run_deploy(args, fused, cfg)
+    export_onnx(fused, args.onnx, args.opset, args.dynamic_batch, args.verbose)
     ops = onnx_ops(args.onnx)
     bad = sorted(set(ops) - ALLOWED_OPS)
     if bad:
@@ -204,7 +318,8 @@ def run(args) -> Dict[str, Any]:
     err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
     if not err <= ORT_TOLERANCE:
         raise ExportError(f'{args.onnx}: ONNX Runtime output differs from PyTorch (relative error {err:.3g})')
-    result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint or None, onnx=args.onnx,
+    result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint or None, format='onnx', onnx=args.onnx,
+                                  path=args.onnx, size_bytes=Path(args.onnx).stat().st_size,
                                   opset=args.opset, dynamic_batch=args.dynamic_batch, ops=ops,
                                   ort_rel_err=err, input_size=list(cfg['input_size']))
     if args.int8:
@@ -234,10 +349,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="model: registry name (with .tag), 'hf-hub:ORG/NAME' or 'local-dir:DIR'")
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained weights of --model')
     parser.add_argument('--checkpoint', default='', help='train-time checkpoint to load before fusing')
-    parser.add_argument('--onnx', required=True, help='output ONNX file (the fused FP32 model)')
+    parser.add_argument('--format', default='onnx', choices=('onnx', 'executorch', 'coreml', 'ncnn'),
+                        help='onnx (.onnx), executorch (.pte, XNNPACK), coreml (.mlpackage), ncnn (.param + .bin)')
+    parser.add_argument('--out', default='', help='output path (the artifact of --format)')
+    parser.add_argument('--onnx', default='', help='output ONNX file (the fused FP32 model): --format onnx --out')
+    parser.add_argument('--verbose', action='store_true', help='show the exporters\' progress lines on stderr')
+    parser.add_argument('--coreml-input', default='image', choices=('image', 'tensor'),
+                        help='Core ML input: an RGB image with the normalization folded in, or the normalized tensor')
+    parser.add_argument('--coreml-precision', default='float16', choices=('float16', 'float32'),
+                        help='Core ML compute precision')
     parser.add_argument('--opset', type=int, default=18, help='ONNX opset')
     parser.add_argument('--dynamic-batch', action='store_true', help='export with a dynamic batch dimension')
-    parser.add_argument('--int8', action='store_true', help='also write a statically quantized INT8 (QDQ) model')
+    parser.add_argument('--int8', action='store_true',
+                        help='onnx: also write a statically quantized INT8 (QDQ) model; executorch: the .pte is INT8 '
+                             '(PT2E, XNNPACK quantizer); coreml: 8-bit weights')
     parser.add_argument('--int8-onnx', default='', help='INT8 output file (default: <onnx stem>_int8.onnx)')
     parser.add_argument('--calib', default='', help='aligned face images for calibration: a folder or a .bin pack')
     parser.add_argument('--calib-images', type=int, default=200, help='images used to calibrate')
@@ -250,20 +375,30 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.calib_images < 1 or args.heldout_images < 1:
         parser.error('--calib-images and --heldout-images must be >= 1')
+    if args.onnx and args.out and args.format == 'onnx' and args.onnx != args.out:
+        parser.error('--onnx and --out name two files; give one')
+    if args.format == 'onnx':
+        args.onnx = args.onnx or args.out
+        if not args.onnx:
+            parser.error('the output file is required: --out PATH (or --onnx PATH)')
+    elif not args.out:
+        parser.error(f'--format {args.format} needs --out PATH')
     return args
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    from .deploy import DeployError
     args = parse_args(argv)
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        print('error: ONNX export needs onnx and onnxruntime: pip install "timm-mobileone[onnx]"', file=sys.stderr)
-        raise SystemExit(2) from None
+    if args.format == 'onnx':
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            print('error: ONNX export needs onnx and onnxruntime: pip install "timm-mobileone[onnx]"', file=sys.stderr)
+            raise SystemExit(2) from None
     try:
         result = run(args)
-    except ExportError as e:
+    except (ExportError, DeployError) as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
     result['command'] = 'python -m timm_mobileone.export ' + shlex.join(sys.argv[1:] if argv is None else argv)

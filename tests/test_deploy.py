@@ -1,0 +1,167 @@
+"""On-device formats: ExecuTorch (XNNPACK FP32 and INT8) and ncnn run here and match PyTorch; Core ML's spec;
+insightface's model zoo as a real client of the ONNX export; what bad input gets."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import timm
+from timm_mobileone import deploy, export
+
+pytest.importorskip('executorch')
+pytest.importorskip('ncnn')
+pytest.importorskip('coremltools')
+
+
+def _export(_, *argv, capsys=None):
+    result = export.main(['--model', 'mobileone_112_s0', *argv])
+    if capsys is not None:
+        assert json.loads(capsys.readouterr().out) == result  # one JSON object is all of stdout
+    return result
+
+
+@pytest.fixture(scope='module')
+def heldout_args(face_pack):
+    return ['--calib', str(face_pack), '--calib-images', '24', '--heldout-images', '16']
+
+
+@pytest.fixture(scope='module')
+def pte(calibrated_s0, heldout_args, tmp_path_factory):
+    path = tmp_path_factory.mktemp('et') / 's0.pte'
+    return path, _export(None, '--checkpoint', str(calibrated_s0), '--format', 'executorch', '--out', str(path),
+                         *heldout_args)
+
+
+@pytest.fixture(scope='module')
+def ncnn_param(calibrated_s0, heldout_args, tmp_path_factory):
+    path = tmp_path_factory.mktemp('ncnn') / 's0.param'
+    return path, _export(None, '--checkpoint', str(calibrated_s0), '--format', 'ncnn', '--out', str(path),
+                         *heldout_args)
+
+
+def test_executorch_fp32_and_int8_run_and_match(pte, calibrated_s0, heldout_args, tmp_path, capsys):
+    path, fp32 = pte
+    assert fp32['ran'] and fp32['batch'] == 1 and fp32['not_delegated'] == [] and fp32['delegates'] >= 1
+    assert fp32['max_rel_err'] <= 1e-4 and fp32['min_cosine'] >= 0.99999
+    assert fp32['inputs'].startswith('16 held-out face crops')
+    assert fp32['size_bytes'] == path.stat().st_size
+    # INT8 of the fresh-init S0, as test_export's ONNX INT8 check: random weights with data-calibrated BN statistics
+    # are chaotic and quantize to cosines far below (README, Deployment), which says nothing of trained weights
+    int8 = _export(tmp_path, '--format', 'executorch', '--int8', '--out', str(tmp_path / 's0_int8.pte'),
+                   *heldout_args, capsys=capsys)
+    assert int8['int8_vs_fp32_cosine_min'] >= 0.99
+    assert int8['size_bytes'] < 0.35 * fp32['size_bytes']  # int8 weights
+    # the artifact runs again from the file, as an app would load it
+    run = deploy.executorch_runner(str(path))
+    x = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+    model = timm.create_model('mobileone_112_s0')
+    model.load_state_dict(torch.load(calibrated_s0))
+    with torch.no_grad():
+        ref = timm.utils.reparameterize_model(model.eval())(x).numpy()
+    assert np.abs(run(x.numpy()) - ref).max() / np.abs(ref).max() <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['s0_int8.pte']  # no temporary folder left
+
+
+def test_ncnn_fp32_weights_and_the_fp16_runtime(ncnn_param):
+    path, result = ncnn_param
+    assert result['layers'] == ['Convolution', 'ConvolutionDepthWise', 'Flatten', 'InnerProduct', 'Input']
+    assert result['max_rel_err'] <= 1e-4 and result['min_cosine'] >= 0.99999
+    # ncnn's own fp16 default: reported beside, an order of magnitude or more further off
+    assert result['fp16_runtime']['max_rel_err'] > 10 * result['max_rel_err']
+    assert sorted(p.name for p in path.parent.iterdir()) == ['s0.bin', 's0.param']
+
+
+def test_eval_lfw_on_the_deployed_artifacts(pte, ncnn_param, calibrated_s0, face_pack, capsys):
+    """`eval.lfw --runtime R --artifact A`: the protocol and JSON of the PyTorch run, on exactly what ships."""
+    from eval import lfw
+    common = ['--data', str(face_pack), '--workers', '0', '--no-progress', '--batch-size', '8']
+    ref = lfw.main(common + ['--checkpoint', str(calibrated_s0)])
+    assert ref['runtime'] == 'pytorch'
+    for runtime, (path, _) in (('executorch', pte), ('ncnn', ncnn_param)):
+        got = lfw.main(common + ['--runtime', runtime, '--artifact', str(path)])
+        assert got['runtime'] == runtime and got['artifact'] == str(path) and got['reparam'] is False
+        assert got['accuracy'] == ref['accuracy'] and got['thresholds'] == ref['thresholds'], runtime
+    capsys.readouterr()
+
+
+def test_coreml_spec_is_checked_not_run(calibrated_s0, tmp_path):
+    result = _export(tmp_path, '--checkpoint', str(calibrated_s0), '--format', 'coreml', '--out',
+                     str(tmp_path / 's0.mlpackage'))
+    assert result['ran'] is False and 'macOS' in result['note'] and result['max_rel_err'] is None
+    assert result['input'] == 'image' and result['input_shape'] == [1, 3, 112, 112]
+    assert result['output_shape'] == [1, 512]
+    ops = result['ops']
+    assert 'batch_norm' not in ops and ops.get('add') == 1 and ops.get('mul') == 1  # the image's scale and bias
+    assert ops['conv'] == 44 and ops['linear'] == 1
+    assert (tmp_path / 's0.mlpackage' / 'Manifest.json').is_file()
+    tensor = _export(tmp_path, '--checkpoint', str(calibrated_s0), '--format', 'coreml', '--coreml-input', 'tensor',
+                     '--int8', '--out', str(tmp_path / 's0_int8.mlpackage'))
+    assert 'add' not in tensor['ops'] and 'constexpr_affine_dequantize' in tensor['ops']
+    assert tensor['size_bytes'] < 0.6 * result['size_bytes']  # 8-bit vs 16-bit weights
+
+
+@pytest.mark.parametrize('dynamic', [False, True])
+def test_insightface_model_zoo_loads_the_onnx_export(calibrated_s0, face_pack, tmp_path, dynamic):
+    """insightface's own recognition class (ArcFaceONNX, mean = std = 127.5, BGR crops) gives our eval's
+    embedding for an aligned crop."""
+    insightface = pytest.importorskip('insightface')
+    from insightface.model_zoo import get_model
+    from timm_mobileone.data import PairImages, load_pack
+    path = tmp_path / 's0.onnx'
+    _export(tmp_path, '--checkpoint', str(calibrated_s0), '--out', str(path), *(['--dynamic-batch'] * dynamic))
+    rec = get_model(str(path), providers=['CPUExecutionProvider'])
+    assert type(rec).__name__ == 'ArcFaceONNX' and rec.input_mean == rec.input_std == 127.5, insightface.__version__
+    reader = PairImages(load_pack(face_pack), (112, 112))
+    model = timm.create_model('mobileone_112_s0')
+    model.load_state_dict(torch.load(calibrated_s0))
+    fused = timm.utils.reparameterize_model(model.eval())
+    for i in range(3):
+        _, rgb, err = reader[i]  # our eval's decoding: uint8 RGB, CHW
+        assert not err
+        bgr = np.ascontiguousarray(rgb.numpy().transpose(1, 2, 0)[:, :, ::-1])
+        theirs = rec.get_feat(bgr)[0]
+        with torch.no_grad():
+            ours = fused((rgb[None].float() / 255 - 0.5) / 0.5)[0].numpy()
+        assert float(theirs @ ours / np.linalg.norm(theirs) / np.linalg.norm(ours)) >= 0.9999
+
+
+def test_deploy_bad_input(calibrated_s0, face_pack, tmp_path, capsys, monkeypatch):
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            export.main(['--model', 'mobileone_112_s0', *argv])
+        assert e.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert 'Traceback' not in '\n'.join(lines)
+        return lines[-1]
+
+    assert '--out' in error(['--format', 'executorch'])
+    assert 'ncnn2table' in error(['--format', 'ncnn', '--int8', '--out', str(tmp_path / 'a.param')])
+    assert '--calib' in error(['--format', 'executorch', '--int8', '--out', str(tmp_path / 'a.pte')])
+    # a runtime that is not installed names the extra
+    real_import = deploy.importlib.import_module
+    monkeypatch.setattr(deploy.importlib, 'import_module',
+                        lambda name: (_ for _ in ()).throw(ImportError(name)) if name == 'ncnn' else real_import(name))
+    line = error(['--format', 'ncnn', '--out', str(tmp_path / 'a.param')])
+    assert line.startswith('error: --format ncnn needs ncnn') and 'timm-mobileone[deploy]' in line
+    monkeypatch.undo()
+    # an artifact that does not compute what PyTorch computes: refused, and nothing is left behind
+    monkeypatch.setattr(export, '_compare', lambda run_one, fused, images: (0.5, 0.9, 0.9))
+    line = error(['--checkpoint', str(calibrated_s0), '--format', 'executorch', '--out', str(tmp_path / 'b.pte')])
+    assert 'differs from PyTorch' in line and 'nothing written' in line
+    monkeypatch.undo()
+    # a corrupt program
+    (tmp_path / 'bad.pte').write_bytes(b'\x00' * 64)
+    with pytest.raises(deploy.DeployError, match='ExecuTorch cannot load it'):
+        deploy.executorch_runner(str(tmp_path / 'bad.pte'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.pte']
+    # ... and given to the eval, with the other artifact mistakes
+    from eval import lfw
+    for argv, match in [(['--runtime', 'executorch'], '--runtime and --artifact go together'),
+                        (['--runtime', 'ncnn', '--artifact', str(tmp_path / 'none.param')], 'no such file'),
+                        (['--runtime', 'executorch', '--artifact', str(tmp_path / 'bad.pte')], 'cannot load it'),
+                        (['--onnx', 'a.onnx', '--runtime', 'ncnn', '--artifact', 'a.param'], 'one or the other')]:
+        with pytest.raises(SystemExit) as e:
+            lfw.main(['--data', str(face_pack), '--no-progress', *argv])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and line.startswith('error: ') and match in line, line

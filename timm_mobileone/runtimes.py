@@ -1,0 +1,120 @@
+"""The deploy table: batch-1 latency of the fused models in every runtime installed here, side by side.
+
+`python -m timm_mobileone --runtimes [-m NAME ...] [--peer mobilefacenet] [--repeats N] [--plot PNG] [--json]`
+
+For each model (default: the five fused mobileone_112 variants and the reference MobileFaceNet): BN statistics
+calibrated on random inputs (as the zoo report), fused, then exported to each runtime: PyTorch eager
+(channels_last), ONNX Runtime (FP32), ExecuTorch XNNPACK FP32 and INT8 (PT2E, calibrated on random inputs: the
+timing needs no data; the accuracy of these INT8 programs means nothing), and ncnn (FP32 weights, fp16 runtime
+options off). Then every (model, runtime) pair is timed one call at a time, round-robin over all pairs for
+`--repeats` rounds, and the median is reported: the machine's load drifts alike for every column. A runtime that is
+not installed or whose export fails is a blank cell with a warning line.
+"""
+import copy
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from ._io import first_line
+from .profile import time_round_robin
+
+RUNTIMES = ('eager', 'onnxruntime', 'executorch_fp32', 'executorch_int8', 'ncnn')
+LABELS = dict(eager='PyTorch eager', onnxruntime='ONNX Runtime', executorch_fp32='ExecuTorch XNNPACK FP32',
+              executorch_int8='ExecuTorch XNNPACK INT8', ncnn='ncnn FP32')
+
+
+def _runner(runtime: str, fused: torch.nn.Module, x: torch.Tensor, tmp: Path) -> Callable[[], Any]:
+    """A zero-argument call that runs `x` (batch 1) through `fused` exported to `runtime`."""
+    from . import deploy
+    if runtime == 'eager':
+        model = copy.deepcopy(fused).to(memory_format=torch.channels_last)  # .to() would convert `fused` itself
+        xc = x.contiguous(memory_format=torch.channels_last)
+
+        def run():
+            with torch.no_grad():
+                return model(xc)
+        return run
+    if runtime == 'onnxruntime':
+        from .export import export_onnx, ort_run, ort_session
+        export_onnx(fused, str(tmp / 'm.onnx'))
+        session, xn = ort_session(str(tmp / 'm.onnx')), x.numpy()
+        return lambda: ort_run(session, xn)
+    fmt = 'ncnn' if runtime == 'ncnn' else 'executorch'
+    deploy.require(fmt)
+    if fmt == 'executorch':
+        path = tmp / f'{runtime}.pte'
+        calib = torch.randn((16, *x.shape[1:]), generator=torch.Generator().manual_seed(1)).numpy() \
+            if runtime == 'executorch_int8' else None
+        deploy.export_executorch(fused, path, x, calib)
+        run_one = deploy.executorch_runner(str(path))
+    else:
+        path = tmp / 'm.param'
+        deploy.export_ncnn(fused, path, x)
+        run_one = deploy.ncnn_runner(str(path), fp16=False)
+    xn = x.numpy()
+    return lambda: run_one(xn)
+
+
+def build(models: List[Tuple[str, torch.nn.Module]], runtimes=RUNTIMES, tmp: Path = None) -> Dict[Tuple[str, str],
+                                                                                                   Callable]:
+    """{(model, runtime): call} for every pair that exports and runs here; failures warn and are left out."""
+    from . import deploy
+    calls = {}
+    for name, fused in models:
+        x = torch.randn((1, *fused.pretrained_cfg['input_size']), generator=torch.Generator().manual_seed(0))
+        for runtime in runtimes:
+            where = Path(tmp) / f'{name}_{runtime}'
+            where.mkdir(parents=True)
+            try:
+                with deploy.quiet():
+                    call = _runner(runtime, fused, x, where)
+                    call()  # warm-up (and the first call's one-time setup)
+                calls[(name, runtime)] = call
+            except Exception as e:  # an optional runtime missing, or an exporter gap in a peer
+                print(f'warning: {name} / {LABELS[runtime]}: {first_line(e)[:200]}', file=sys.stderr)
+    return calls
+
+
+def table(models: List[str], medians: Dict[Tuple[str, str], float], runtimes=RUNTIMES) -> str:
+    lines = ['| model | ' + ' | '.join(f'{LABELS[r]} (ms)' for r in runtimes) + ' | fastest | fastest vs eager |',
+             '|---|' + '---:|' * (len(runtimes) + 2)]
+    for name in models:
+        cells = {r: medians.get((name, r)) for r in runtimes}
+        timed = {r: v for r, v in cells.items() if v is not None}
+        best = min(timed, key=timed.get) if timed else None
+        ratio = (timed[best] / timed['eager']) if best and 'eager' in timed else None
+        lines.append(f'| {name} | ' + ' | '.join('' if v is None else f'{v * 1e3:.2f}' for v in cells.values()) +
+                     f' | {LABELS[best] if best else ""} | {"" if ratio is None else f"{ratio:.2f}x"} |')
+    return '\n'.join(lines)
+
+
+def plot(models: List[str], medians: Dict[Tuple[str, str], float], path: str, runtimes=RUNTIMES) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(runtimes)
+    for i, r in enumerate(runtimes):
+        ys = [medians.get((m, r), np.nan) * 1e3 for m in models]
+        ax.bar(np.arange(len(models)) + i * width, ys, width, label=LABELS[r])
+    ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models, rotation=20, ha='right')
+    ax.set_ylabel('batch-1 latency, median (ms)')
+    ax.set_yscale('log')
+    ax.legend(fontsize=8)
+    ax.set_title('Fused models per runtime (CPU, interleaved)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(models: List[Tuple[str, torch.nn.Module]], repeats: int) -> Dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        calls = build(models, tmp=Path(tmp))
+        medians = time_round_robin(calls, repeats)
+    names = [n for n, _ in models]
+    rows = [dict(model=n, **{f'{r}_ms': (medians[(n, r)] * 1e3 if (n, r) in medians else None) for r in RUNTIMES})
+            for n in names]
+    return dict(rows=rows, names=names, medians=medians)
