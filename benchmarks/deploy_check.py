@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'tests'))
 sys.path.insert(0, str(REPO))
 
-SUFFIX = dict(onnx='.onnx', executorch='.pte', ncnn='.param', coreml='.mlpackage')
+from timm_mobileone.deploy import SUFFIX  # noqa: E402  (after the sys.path lines above)
 
 
 def main(argv=None) -> dict:

@@ -143,8 +143,8 @@ class ArtifactModel:
         self.pretrained_cfg = pretrained_cfg
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(np.concatenate([self.run_one(x[i:i + 1]) for i in range(len(x))]))
+        from timm_mobileone.deploy import run_each
+        return torch.from_numpy(run_each(self.run_one, x.detach().cpu().numpy()))
 
 
 def _artifact(args) -> Tuple[str, str]:
@@ -398,16 +398,17 @@ def run(args, datasets: List[VerificationSet], model: Optional[torch.nn.Module] 
         _logger.info(f"{ds.name}: accuracy {metrics['accuracy']:.5f} +- {metrics['accuracy_std']:.5f}")
     if args.plot:
         _plot(args.plot, curves)
+    runtime, artifact = _artifact(args)
     common = dict(
         model=args.model if not args.embeddings else None,
         tag=(model.pretrained_cfg.get('tag') if model is not None else None),
         onnx=args.onnx or None,
-        runtime=_artifact(args)[0] or ('pytorch' if not args.embeddings else None),
-        artifact=_artifact(args)[1] or None,
+        runtime=runtime or ('pytorch' if not args.embeddings else None),
+        artifact=artifact or None,
         checkpoint=args.checkpoint or None,
         embeddings=args.embeddings or None,
         flip=bool(args.flip and not args.embeddings),
-        reparam=bool(args.reparam and not args.embeddings and not _artifact(args)[0]),
+        reparam=bool(args.reparam and not args.embeddings and not runtime),
         input_size=list(data_cfg['input_size']) if data_cfg else None,
         num_folds=args.num_folds,
         command=args.command,

@@ -17,11 +17,9 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 import timm
 from timm.utils import reparameterize_model
@@ -29,6 +27,7 @@ from timm.utils import reparameterize_model
 from . import __version__
 from ._io import first_line, keep_freed_memory_for_reuse
 from .profile import count_macs, count_params, fusion_error, time_round_robin
+from .runtimes import eager_calls, onnx_calls
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -63,38 +62,6 @@ def _calibrate(model: torch.nn.Module, input_size, dtype=torch.float32, steps: i
     for _ in range(steps):
         model(torch.randn((batch, *input_size), dtype=dtype))
     return model.eval()
-
-
-def eager_calls(model: torch.nn.Module, input_size, batch_size: int):
-    """(batch-1 call, batch-`batch_size` call) of `model` in eager, channels_last (faster on CPU), warmed up."""
-    model = model.eval().to(memory_format=torch.channels_last)
-    x1 = torch.randn((1, *input_size)).contiguous(memory_format=torch.channels_last)
-    xb = torch.randn((batch_size, *input_size)).contiguous(memory_format=torch.channels_last)
-
-    @torch.no_grad()
-    def one():
-        return model(x1)
-
-    @torch.no_grad()
-    def many():
-        return model(xb)
-    one(), many()
-    return one, many
-
-
-def onnx_calls(model: torch.nn.Module, input_size, batch_size: int, threads: int):
-    """The same two calls in ONNX Runtime (dynamic-batch export of `model`), warmed up."""
-    from .export import export_onnx, ort_run, ort_session
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / 'model.onnx')
-        model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', {}), input_size=tuple(input_size))
-        export_onnx(model, path, dynamic_batch=True)
-        session = ort_session(path, threads)  # the session holds the model: the file may go
-    x1 = np.random.randn(1, *input_size).astype(np.float32)
-    xb = np.random.randn(batch_size, *input_size).astype(np.float32)
-    one, many = (lambda: ort_run(session, x1)), (lambda: ort_run(session, xb))
-    one(), many()
-    return one, many
 
 
 def _onnx_available() -> bool:

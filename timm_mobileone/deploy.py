@@ -34,11 +34,15 @@ import torch
 FORMATS = ('onnx', 'executorch', 'coreml', 'ncnn')
 DEPLOY_EXTRA = 'pip install "timm-mobileone[deploy]"'
 # which modules each format needs (to export it, or to run it here)
-REQUIRES = dict(onnx=('onnx', 'onnxruntime'), executorch=('executorch', 'torchao'), coreml=('coremltools',),
-                ncnn=('pnnx', 'ncnn'))
+REQUIRES = dict(executorch=('executorch', 'torchao'), coreml=('coremltools',), ncnn=('pnnx', 'ncnn'))
 SUFFIX = dict(onnx='.onnx', executorch='.pte', coreml='.mlpackage', ncnn='.param')
 
 Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def run_each(run_one: Runner, images: np.ndarray) -> np.ndarray:
+    """`run_one`'s outputs for `images`, one image per call (artifacts exported at batch 1)."""
+    return np.concatenate([run_one(images[i:i + 1]) for i in range(len(images))])
 
 
 class DeployError(Exception):
@@ -164,9 +168,7 @@ def ncnn_runner(param: str, fp16: bool = False) -> Runner:
         ret, out = ex.extract(names_out[0])
         if ret != 0:
             raise DeployError(f'{param}: ncnn failed to run (error {ret})')
-        result = np.array(out, dtype=np.float32).reshape(1, -1)
-        del image
-        return result
+        return np.array(out, dtype=np.float32).reshape(1, -1)
     return run
 
 

@@ -42,6 +42,7 @@ from timm.utils import reparameterize_model
 
 from .data import IMAGE_EXTS
 from ._io import ModelLoadError, atomic_write, create_model_checked
+from .deploy import FORMATS
 from .profile import median_seconds
 
 _logger = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ def calib_and_heldout(source: str, cfg: Dict[str, Any], calib_images: int,
 
 def ort_run_each(session, images: np.ndarray) -> np.ndarray:
     """`session`'s outputs for `images`, one image per run (INT8 models are exported at batch 1)."""
-    return np.concatenate([ort_run(session, images[i:i + 1]) for i in range(len(images))])
+    from .deploy import run_each
+    return run_each(lambda x: ort_run(session, x), images)
 
 
 def cpu_saturates_u8s8() -> bool:
@@ -203,7 +205,8 @@ def create_fused(args) -> torch.nn.Module:
 def _compare(run_one, fused: torch.nn.Module, images: np.ndarray) -> Tuple[float, float, float]:
     """(max relative error, min cosine, mean cosine) of an artifact's outputs, one image at a time, vs the PyTorch
     fused model."""
-    got = np.concatenate([run_one(images[i:i + 1]) for i in range(len(images))])
+    from .deploy import run_each
+    got = run_each(run_one, images)
     with torch.no_grad():
         ref = fused(torch.from_numpy(images)).numpy()
     rel = max(float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-12)) for g, r in zip(got, ref))
@@ -212,7 +215,8 @@ def _compare(run_one, fused: torch.nn.Module, images: np.ndarray) -> Tuple[float
 
 
 def _run_artifact(deploy, fmt: str, art: Path, fused: torch.nn.Module, images: np.ndarray):
-    """[(max relative error, min cosine)] of the artifact in its runtime here (ncnn: fp32, then its fp16 default)."""
+    """[(max relative error, min cosine, mean cosine)] of the artifact in its runtime here (ncnn: fp32, then its
+    fp16 default)."""
     if fmt == 'executorch':
         return [_compare(deploy.executorch_runner(str(art)), fused, images)]
     if fmt == 'ncnn':
@@ -349,7 +353,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="model: registry name (with .tag), 'hf-hub:ORG/NAME' or 'local-dir:DIR'")
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained weights of --model')
     parser.add_argument('--checkpoint', default='', help='train-time checkpoint to load before fusing')
-    parser.add_argument('--format', default='onnx', choices=('onnx', 'executorch', 'coreml', 'ncnn'),
+    parser.add_argument('--format', default='onnx', choices=FORMATS,
                         help='onnx (.onnx), executorch (.pte, XNNPACK), coreml (.mlpackage), ncnn (.param + .bin)')
     parser.add_argument('--out', default='', help='output path (the artifact of --format)')
     parser.add_argument('--onnx', default='', help='output ONNX file (the fused FP32 model): --format onnx --out')

@@ -27,22 +27,46 @@ LABELS = dict(eager='PyTorch eager', onnxruntime='ONNX Runtime', executorch_fp32
               executorch_int8='ExecuTorch XNNPACK INT8', ncnn='ncnn FP32')
 
 
+def eager_calls(model: torch.nn.Module, input_size, batch_size: int):
+    """(batch-1 call, batch-`batch_size` call) of `model` in eager, channels_last (faster on CPU), warmed up."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    x1 = torch.randn((1, *input_size)).contiguous(memory_format=torch.channels_last)
+    xb = torch.randn((batch_size, *input_size)).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def one():
+        return model(x1)
+
+    @torch.no_grad()
+    def many():
+        return model(xb)
+    one(), many()
+    return one, many
+
+
+def onnx_calls(model: torch.nn.Module, input_size, batch_size: int, threads: int = 0, dynamic_batch: bool = True):
+    """The same two calls in ONNX Runtime (an export of `model`; a fixed batch-1 graph without `dynamic_batch`,
+    whose batch-`batch_size` call is then the batch-1 call), warmed up."""
+    from .export import export_onnx, ort_run, ort_session
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / 'model.onnx')
+        model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', {}), input_size=tuple(input_size))
+        export_onnx(model, path, dynamic_batch=dynamic_batch)
+        session = ort_session(path, threads)  # the session holds the model: the file may go
+    x1 = np.random.randn(1, *input_size).astype(np.float32)
+    xb = np.random.randn(batch_size if dynamic_batch else 1, *input_size).astype(np.float32)
+    one, many = (lambda: ort_run(session, x1)), (lambda: ort_run(session, xb))
+    one(), many()
+    return one, many
+
+
 def _runner(runtime: str, fused: torch.nn.Module, x: torch.Tensor, tmp: Path) -> Callable[[], Any]:
     """A zero-argument call that runs `x` (batch 1) through `fused` exported to `runtime`."""
     from . import deploy
-    if runtime == 'eager':
-        model = copy.deepcopy(fused).to(memory_format=torch.channels_last)  # .to() would convert `fused` itself
-        xc = x.contiguous(memory_format=torch.channels_last)
-
-        def run():
-            with torch.no_grad():
-                return model(xc)
-        return run
+    if runtime == 'eager':  # a copy: eager_calls converts its model to channels_last in place
+        return eager_calls(copy.deepcopy(fused), tuple(x.shape[1:]), 1)[0]
     if runtime == 'onnxruntime':
-        from .export import export_onnx, ort_run, ort_session
-        export_onnx(fused, str(tmp / 'm.onnx'))
-        session, xn = ort_session(str(tmp / 'm.onnx')), x.numpy()
-        return lambda: ort_run(session, xn)
+        return onnx_calls(copy.deepcopy(fused), tuple(x.shape[1:]), 1, dynamic_batch=False)[0]
     fmt = 'ncnn' if runtime == 'ncnn' else 'executorch'
     deploy.require(fmt)
     if fmt == 'executorch':

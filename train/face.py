@@ -427,13 +427,12 @@ class Trainer:
         args, world = self.args, self.world
         if args.head is None:
             args.head = 'sharded' if world.world_size > 1 else 'replicated'
-        self.sharded = args.head == 'sharded'
         if args.loss == 'adaface' and args.batch_size * world.world_size < 2:
             raise UserError('--loss adaface needs a global batch of at least 2 images (its margin scales with the '
                             'batch\'s feature-norm spread); raise --batch-size')
         common = dict(kind=args.loss, s=args.scale, m=args.margin, sample_rate=args.sample_rate, h=args.adaface_h,
                       t_alpha=args.adaface_t_alpha)
-        if not self.sharded:
+        if args.head == 'replicated':
             return MarginHead(embed_dim, self.num_classes, **common)
         if self.num_classes < world.world_size:
             raise UserError(f'--head sharded: {self.num_classes} identities cannot be split over {world.world_size} '
@@ -447,6 +446,10 @@ class Trainer:
         head = ShardedMarginHead(embed_dim, self.num_classes, world.world_size, world.rank, **common)
         torch.set_rng_state(state)
         return head
+
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.head, ShardedMarginHead)
 
     def _head_memory(self) -> Dict[str, Any]:
         """Bytes of the head's centres, their gradients and their optimizer state on this process."""
