@@ -56,6 +56,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help='DataLoader worker processes decoding JPEGs (0: decode in the main process)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     parser.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 on CUDA)')
+    parser.add_argument('--mean', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
+                        help="input mean as fractions of 255, as timm's validate.py (default: the model's cfg)")
+    parser.add_argument('--std', type=float, nargs=3, default=None, metavar=('R', 'G', 'B'),
+                        help="input std as fractions of 255, as timm's validate.py (default: the model's cfg)")
+    parser.add_argument('--raw-pixels', action='store_true',
+                        help='feed 0..255 pixel values unnormalized: for artifacts that normalize inside their graph '
+                             "(insightface's mxnet2ncnn files, many published ONNX face models)")
+    parser.add_argument('--channel-order', default='rgb', choices=('rgb', 'bgr'),
+                        help='channel order the model or artifact takes (insightface ONNX models: bgr)')
     parser.add_argument('--no-flip', dest='flip', action='store_false',
                         help='embed each image alone (default: image + horizontal flip, summed)')
     parser.add_argument('--no-reparam', dest='reparam', action='store_false',
@@ -83,7 +92,9 @@ def build_parser(prog: str, description: str, default_targets: Sequence[str], mu
     parser.add_argument('--embeddings', action='append', default=None, metavar='E.npy',
                         help='score precomputed (2N x D, interleaved pairs) embeddings instead of running a model; '
                              'one per dataset, in --data order; labels come from the data')
-    parser.add_argument('--num-folds', type=int, default=10, help='cross-validation folds')
+    parser.add_argument('--num-folds', type=int, default=None,
+                        help="cross-validation folds (default: the count a pairs.txt header declares, LFW's "
+                             "'10 300'; else 10, insightface's packs)")
     parser.add_argument('--save-embeddings', default='', metavar='PATH.npy',
                         help='save the normalized 2N x D embeddings the metric saw (PATH_<dataset>.npy for several)')
     return parser
@@ -147,6 +158,34 @@ class ArtifactModel:
         return torch.from_numpy(run_each(self.run_one, x.detach().cpu().numpy()))
 
 
+def normalizes_inside(runtime: str, path: str) -> str:
+    """A description of the input normalization an artifact's graph applies itself (first op on the input: a
+    subtraction or scaling by a scalar, as mxnet2ncnn files and many published ONNX face models have), or ''."""
+    try:
+        if runtime == 'ncnn':
+            lines = Path(path).read_text(encoding='utf-8', errors='replace').splitlines()[2:]
+            fields = [ln.split() for ln in lines if ln.split()]
+            inputs = {f[-1] for f in fields if f[0] == 'Input'}
+            for f in fields:
+                if f[0] == 'BinaryOp' and f[2] == '1' and f[4] in inputs:
+                    params = dict(kv.split('=', 1) for kv in f[6:] if '=' in kv)
+                    if params.get('1') == '1':
+                        return f'BinaryOp {f[1]} (op {params.get("0", "0")}, scalar {params.get("2", "0")})'
+        elif runtime == 'onnx':
+            import onnx
+            graph = onnx.load(path, load_external_data=False).graph
+            consts = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer if np.prod(i.dims) <= 3}
+            first = graph.input[0].name
+            for node in graph.node:
+                if node.op_type in ('Sub', 'Mul', 'Div', 'Add') and first in node.input:
+                    other = [consts[n] for n in node.input if n in consts]
+                    if other and float(np.abs(other[0]).max()) >= 2:  # a 0..255 scale, not the cfg's mean/std
+                        return f'{node.op_type} by {other[0].ravel().tolist()}'
+    except Exception:  # an unreadable artifact is reported by its runtime's own loading, with its message
+        return ''
+    return ''
+
+
 def _artifact(args) -> Tuple[str, str]:
     """(runtime, path) of an exported model to evaluate, or ('', '') for the PyTorch model."""
     runtime, path = getattr(args, 'runtime', None) or '', getattr(args, 'artifact', '')
@@ -159,10 +198,29 @@ def _artifact(args) -> Tuple[str, str]:
     return runtime, path
 
 
+def input_cfg(data_cfg: Dict, args) -> Dict:
+    """The data cfg with the user's --mean/--std/--raw-pixels/--channel-order applied."""
+    data_cfg = dict(data_cfg)
+    if getattr(args, 'mean', None):
+        data_cfg['mean'] = tuple(args.mean)
+    if getattr(args, 'std', None):
+        if not all(s > 0 for s in args.std):
+            raise UserError(f'--std {" ".join(map(str, args.std))}: must be positive')
+        data_cfg['std'] = tuple(args.std)
+    data_cfg['raw_pixels'] = bool(getattr(args, 'raw_pixels', False))
+    data_cfg['channel_order'] = getattr(args, 'channel_order', 'rgb')
+    return data_cfg
+
+
 def create_model(args):
     import timm
     import timm_mobileone  # noqa: F401  (registers the mobileone_112 models)
     runtime, path = _artifact(args)
+    if runtime and Path(path).is_file() and not getattr(args, 'raw_pixels', False):
+        inside = normalizes_inside(runtime, path)
+        if inside:
+            raise UserError(f'--artifact {path} normalizes its input inside its graph ({inside}): it takes 0..255 '
+                            f'pixels; add --raw-pixels (and --channel-order bgr if it was exported for BGR)')
     if runtime and runtime != 'onnx':
         if not Path(path).is_file():
             raise UserError(f'--artifact {path}: no such file')
@@ -232,11 +290,14 @@ def embed_batches(model, images: torch.utils.data.Dataset, name: str, data_cfg: 
                 inputs = torch.empty((args.batch_size * (2 if args.flip else 1), *batch.shape[1:]))
                 inputs = inputs.contiguous(memory_format=memory_format)
             views = inputs[:2 * n] if args.flip else inputs[:n]
+            if data_cfg.get('channel_order', 'rgb') == 'bgr':
+                batch = batch.flip(1)
             views[:n].copy_(batch)
             if args.flip:
                 views[n:].copy_(batch.flip(3))
-            # the cfg's normalization, in insightface's order: (x / 255 - mean) / std, float32
-            views.div_(255).sub_(mean).div_(std)
+            if not data_cfg.get('raw_pixels'):
+                # the cfg's normalization, in insightface's order: (x / 255 - mean) / std, float32
+                views.div_(255).sub_(mean).div_(std)
             views = views.to(device)
             t0 = time.perf_counter()
             with amp:
@@ -274,11 +335,30 @@ def embed(model, dataset: VerificationSet, data_cfg: Dict, args) -> Tuple[np.nda
     return raw, raw_flip, forward_s
 
 
+def resolve_folds(dataset: VerificationSet, num_folds: Optional[int]) -> Tuple[int, str]:
+    """(fold count, where it came from): --num-folds, else the pairs.txt header, else insightface's 10."""
+    if num_folds is not None:
+        return num_folds, '--num-folds'
+    if dataset.folds is not None:
+        return dataset.folds, 'pairs.txt header'
+    return 10, 'default (insightface)'
+
+
 def score(dataset: VerificationSet, embeddings: np.ndarray, num_folds: int) -> Dict:
     if dataset.num_pairs < num_folds:
         raise UserError(f'{dataset.source}: {dataset.num_pairs} pairs cannot make {num_folds} folds '
                         f'(use --num-folds)')
-    return V.evaluate(embeddings, dataset.issame, num_folds=num_folds)
+    metrics = V.evaluate(embeddings, dataset.issame, num_folds=num_folds)
+    # LFW's lists give each fold's same-person pairs before its different ones: over a subset (or the wrong fold
+    # count) a cross-validation fold can hold one class, where a model without signal scores near 0, not 0.5
+    single = sum(bool(dataset.issame[test].all() or not dataset.issame[test].any())
+                 for _, test in V.fold_indices(dataset.num_pairs, num_folds))
+    metrics['single_class_folds'] = single
+    if single:
+        _logger.warning(f'{dataset.name}: {single} of {num_folds} folds hold pairs of one class only (LFW lists a '
+                        f'fold\'s same-person pairs first): the fold accuracy is not meaningful there, the AUC is; '
+                        f'use the pairs.txt header\'s fold count (--num-folds)')
+    return metrics
 
 
 def _rounded(x):
@@ -286,11 +366,14 @@ def _rounded(x):
 
 
 def dataset_result(dataset: VerificationSet, metrics: Dict, xnorm: Optional[float], seconds: float,
-                   images_per_s: Optional[float]) -> Dict:
+                   images_per_s: Optional[float], folds: Tuple[int, str] = (10, '--num-folds')) -> Dict:
     return dict(
         dataset=dataset.name,
         data=dataset.source,
         num_pairs=dataset.num_pairs,
+        num_folds=folds[0],
+        folds_from=folds[1],
+        single_class_folds=metrics.get('single_class_folds', 0),
         accuracy=_rounded(metrics['accuracy']),
         accuracy_std=_rounded(metrics['accuracy_std']),
         accuracies=[_rounded(a) for a in metrics['accuracies']],
@@ -379,6 +462,7 @@ def run(args, datasets: List[VerificationSet], model: Optional[torch.nn.Module] 
             data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)
         else:
             data_cfg = timm.data.resolve_model_data_config(model)
+        data_cfg = input_cfg(data_cfg, args)
     for i, ds in enumerate(datasets):
         t0 = time.perf_counter()
         if args.embeddings:
@@ -390,10 +474,11 @@ def run(args, datasets: List[VerificationSet], model: Optional[torch.nn.Module] 
             embeddings = V.combine_views(raw, raw_flip)
             x_norm = V.xnorm(raw, raw_flip) if raw_flip is not None else V.xnorm(raw)
             images_per_s = len(ds.images) / max(time.perf_counter() - t0, 1e-9)
-        metrics = score(ds, embeddings, args.num_folds)
+        folds = resolve_folds(ds, args.num_folds)
+        metrics = score(ds, embeddings, folds[0])
         if args.save_embeddings:
             _save_embeddings(args.save_embeddings, ds.name, embeddings, len(datasets) > 1)
-        results.append(dataset_result(ds, metrics, x_norm, time.perf_counter() - t0, images_per_s))
+        results.append(dataset_result(ds, metrics, x_norm, time.perf_counter() - t0, images_per_s, folds))
         curves.append((ds.name, metrics))
         _logger.info(f"{ds.name}: accuracy {metrics['accuracy']:.5f} +- {metrics['accuracy_std']:.5f}")
     if args.plot:
@@ -410,7 +495,10 @@ def run(args, datasets: List[VerificationSet], model: Optional[torch.nn.Module] 
         flip=bool(args.flip and not args.embeddings),
         reparam=bool(args.reparam and not args.embeddings and not runtime),
         input_size=list(data_cfg['input_size']) if data_cfg else None,
-        num_folds=args.num_folds,
+        preprocessing=None if not data_cfg else dict(
+            pixels='0..255' if data_cfg.get('raw_pixels') else 'normalized', mean=list(data_cfg['mean']),
+            std=list(data_cfg['std']), channel_order=data_cfg.get('channel_order', 'rgb')),
+        num_folds=results[0]['num_folds'] if len(results) == 1 else args.num_folds,
         command=args.command,
     )
     return dict(common=common, results=results, seconds=round(time.perf_counter() - t_start, 3),
@@ -454,6 +542,6 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]):
         parser.error('--batch-size must be >= 1')
     if args.workers < 0:
         parser.error('--workers must be >= 0')
-    if getattr(args, 'num_folds', 2) < 2:
+    if (getattr(args, 'num_folds', 2) or 2) < 2:
         parser.error('--num-folds must be >= 2')
     return args

@@ -23,8 +23,8 @@ from timm_mobileone.data import read_npy
 
 from . import _ijb as J
 from ._common import (
-    ArtifactModel, OnnxModel, UserError, _versions, add_model_flags, cli, create_model, embed_batches, finish, parse,
-    roc_figure, save_roc)
+    ArtifactModel, OnnxModel, UserError, _versions, add_model_flags, cli, create_model, embed_batches, finish, input_cfg,
+    parse, roc_figure, save_roc)
 
 _logger = logging.getLogger('eval')
 FEATURE_CHUNK = 4096  # precomputed features pooled this many images at a time (they may be a memory-mapped file)
@@ -126,6 +126,7 @@ def _embed_and_pool(args, meta: J.IJBMeta, pooler: J.TemplatePooler, faceness) -
         data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)
     else:
         data_cfg = timm.data.resolve_model_data_config(model)
+    data_cfg = input_cfg(data_cfg, args)
     if tuple(data_cfg['input_size'][-2:]) != (J.CROP_SIZE, J.CROP_SIZE):
         raise UserError(f'--model {args.model}: input size {data_cfg["input_size"][-2:]}; the IJB alignment '
                         f'template makes {J.CROP_SIZE}x{J.CROP_SIZE} crops')

@@ -356,6 +356,58 @@ def _ijb_strategy():
             lambda d: dict(valid, **{which: d})))
 
 
+def mxnet_ndarray_bytes(array: np.ndarray, version: str = 'v2') -> bytes:
+    """One NDArray as MXNet's NDArray::Save writes it (v2: magic + storage type + int64 dims; legacy: uint32)."""
+    flags = {np.dtype('<f4'): 0, np.dtype('<f8'): 1, np.dtype('<f2'): 2, np.dtype('u1'): 3, np.dtype('<i4'): 4}
+    a = np.ascontiguousarray(array)
+    if version == 'v2':
+        head = struct.pack('<Ii', 0xF993FAC9, 0) + struct.pack('<I', a.ndim) + struct.pack(f'<{a.ndim}q', *a.shape)
+    else:
+        head = struct.pack('<I', a.ndim) + struct.pack(f'<{a.ndim}I', *a.shape)
+    return head + struct.pack('<iii', 1, 0, flags[a.dtype.newbyteorder('<') if a.dtype.itemsize > 1 else a.dtype]) \
+        + a.astype(a.dtype.newbyteorder('<')).tobytes()
+
+
+def mxnet_params_bytes(arrays: Dict[str, np.ndarray], version: str = 'v2') -> bytes:
+    """An MXNet `.params` file (NDArray list: magic 0x112, arrays, names) holding `arrays` ('arg:NAME' keys)."""
+    out = struct.pack('<QQQ', 0x112, 0, len(arrays))
+    out += b''.join(mxnet_ndarray_bytes(a, version) for a in arrays.values())
+    out += struct.pack('<Q', len(arrays))
+    for name in arrays:
+        raw = name.encode()
+        out += struct.pack('<Q', len(raw)) + raw
+    return out
+
+
+MXNET_VALID = {'arg:conv_1_conv2d_weight': np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+               'aux:conv_1_batchnorm_moving_var': np.ones(2, np.float32), 'arg:scale': np.float64([0.5, 2.0])}
+
+
+def _read_mxnet(folder: Path, data: bytes):
+    from timm_mobileone.mxnet import read_params
+    path = folder / 'model-0000.params'
+    path.write_bytes(data)
+    return read_params(path)
+
+
+def _mxnet_strategy():
+    valid = [mxnet_params_bytes(MXNET_VALID), mxnet_params_bytes(MXNET_VALID, 'legacy')]
+    # header fields set to what breaks readers: array count, ndim, a dimension, the dtype flag, a name length
+    first = 24  # the first NDArray starts after the list header and the array count
+    fields = st.sampled_from([(16, '<Q'), (first + 8, '<I'), (first + 12, '<q'), (first + 52, '<i'), (first + 4, '<i')])
+    values = st.one_of(st.sampled_from(HUGE), st.integers(-3, 40))
+    edited = st.tuples(fields, values).map(
+        lambda fv: _apply(valid[0], [('overwrite', fv[0][0], struct.pack(fv[0][1], fv[1] % 2 ** (
+            8 * struct.calcsize(fv[0][1])) if fv[0][1][1].isupper() else max(min(fv[1], 2 ** 31 - 1), -2 ** 31)
+            if fv[0][1] in ('<i',) else min(fv[1], 2 ** 63 - 1)))]))
+    return st.one_of(st.sampled_from(valid).flatmap(mutated), edited)
+
+
+def _errors_mxnet():
+    from timm_mobileone.mxnet import MXNetError
+    return (MXNetError,)
+
+
 def _errors_pack():
     from timm_mobileone.data import PackError
     return (PackError,)
@@ -384,6 +436,7 @@ TARGETS = {t.name: t for t in [
     Target('checkpoint', _checkpoint_strategy, _read_checkpoint, _errors_checkpoint),
     Target('npy', _npy_strategy, _read_npy, _errors_pack),
     Target('ijb_meta', _ijb_strategy, _read_ijb_meta, _errors_pack),
+    Target('mxnet_params', _mxnet_strategy, _read_mxnet, _errors_mxnet),
 ]}
 
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 import fuzz_targets as F  # noqa: E402
 
 EXAMPLES = {'bin_pack': 250, 'image': 150, 'pairs_txt': 200, 'recordio': 200, 'checkpoint': 250, 'npy': 250,
-            'ijb_meta': 200}
+            'ijb_meta': 200, 'mxnet_params': 250}
 SLOWEST_EXAMPLE_S = 10.0  # generous: a shared 2-core machine; a hang or a quadratic blow-up is far above it
 GROWTH_MB = 300  # no example may raise the process's peak RSS by more than this
 

@@ -74,6 +74,12 @@ def read_state_dict(path: Union[str, Path], flag: str = '--checkpoint'):
     p = Path(path)
     if not p.is_file():
         raise ModelLoadError(f'{flag} {path}: no such file')
+    if p.suffix == '.params':  # insightface's MXNet checkpoints: arrays by MXNet name, converted on loading
+        from .mxnet import MXNetError, read_params
+        try:
+            return {k: torch.from_numpy(v) for k, v in read_params(p).items()}
+        except MXNetError as e:
+            raise ModelLoadError(f'{flag} {e}') from None
     try:
         if p.suffix == '.safetensors':
             from safetensors.torch import load_file
@@ -94,12 +100,48 @@ def read_state_dict(path: Union[str, Path], flag: str = '--checkpoint'):
 
 
 def create_model_checked(model_name: str, pretrained: bool = False, checkpoint: str = '', **kwargs):
-    """`timm.create_model` for the CLIs: a missing checkpoint, unknown name or unusable weights raise one line."""
+    """`timm.create_model` for the CLIs: a missing checkpoint, unknown name or unusable weights raise one line.
+
+    An MXNet `.params` checkpoint (insightface) loads into a model that has an MXNet port (`mobilefacenet`), its
+    `-symbol.json` beside it checked against the model first.
+    """
     import timm
-    from . import mobileone_112  # noqa: F401  (registers the models)
-    if checkpoint:
-        read_state_dict(checkpoint)  # a file timm's loader would choke on is named here, in one line
+    from . import mobileone_112, mobilefacenet  # noqa: F401  (registers the models)
+    state = read_state_dict(checkpoint) if checkpoint else None  # a file timm's loader would choke on: one line
+    mxnet = bool(checkpoint) and Path(checkpoint).suffix == '.params'
     try:
-        return timm.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint or None, **kwargs)
+        model = timm.create_model(model_name, pretrained=pretrained,
+                                  checkpoint_path=checkpoint if checkpoint and not mxnet else None, **kwargs)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         raise ModelLoadError(f'cannot create model {model_name!r}: {first_line(e)}') from None
+    if mxnet:
+        _load_mxnet(model, model_name, checkpoint, state)
+    return model
+
+
+def _load_mxnet(model, model_name: str, checkpoint: str, state) -> None:
+    """Load MXNet arrays (by MXNet name) into `model` through its family's port, or raise ModelLoadError."""
+    import sys
+    from .mxnet import MXNetError, read_symbol, symbol_path_for
+    check = getattr(sys.modules.get(type(model).__module__), 'check_mxnet_symbol', None)
+    if check is None:
+        raise ModelLoadError(f'--checkpoint {checkpoint}: an MXNet checkpoint, and {model_name} has no MXNet port '
+                             f'(mobilefacenet has)')
+    symbol = symbol_path_for(checkpoint)
+    try:
+        if symbol.is_file():
+            check(read_symbol(symbol), model, str(symbol))
+        result = model.load_state_dict(state, strict=False)
+    except MXNetError as e:
+        raise ModelLoadError(f'--checkpoint {e}') from None
+    except KeyError as e:
+        raise ModelLoadError(f'--checkpoint {checkpoint}: {e.args[0]}') from None
+    except RuntimeError as e:  # size mismatch
+        detail = [line.strip() for line in str(e).splitlines() if 'size mismatch' in line]
+        raise ModelLoadError(f'--checkpoint {checkpoint} does not fit {model_name}: '
+                             f'{detail[0] if detail else first_line(e)}') from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f'--checkpoint {checkpoint} does not fit {model_name}: it lacks {len(result.missing_keys)} tensors the '
+            f'model needs ({", ".join(result.missing_keys[:4])}{" ..." if len(result.missing_keys) > 4 else ""})'
+            + (f', holds {len(result.unexpected_keys)} it lacks' if result.unexpected_keys else ''))

@@ -148,6 +148,7 @@ class VerificationSet:
     source: str
     issame: np.ndarray
     images: Optional[Sequence[Union[bytes, np.ndarray, str]]] = None
+    folds: Optional[int] = None  # the fold count a pairs.txt header declares (LFW: `10 300`), if any
 
     @property
     def num_pairs(self) -> int:
@@ -240,6 +241,7 @@ def load_pairs_folder(path: Union[str, Path], name: Optional[str] = None) -> Ver
         raise PackError(f'{pairs_file}: no such file (an aligned folder needs a pairs.txt)')
     images: List[str] = []
     issame: List[bool] = []
+    folds: Optional[int] = None
     try:
         lines = pairs_file.read_text(encoding='utf-8').splitlines()
     except UnicodeDecodeError as e:
@@ -251,7 +253,8 @@ def load_pairs_folder(path: Union[str, Path], name: Optional[str] = None) -> Ver
         if not fields:
             continue
         if line_no == 1 and len(fields) == 2 and all(f.isdigit() for f in fields):
-            continue  # header: folds, pairs per fold
+            folds = int(fields[0]) if len(fields[0]) <= 6 else None  # header: folds, pairs per fold
+            continue
         if len(fields) == 3:
             images += [_find_image(root, fields[0], fields[1], pairs_file, line_no),
                        _find_image(root, fields[0], fields[2], pairs_file, line_no)]
@@ -264,7 +267,10 @@ def load_pairs_folder(path: Union[str, Path], name: Optional[str] = None) -> Ver
             raise PackError(f'{pairs_file}:{line_no}: expected "name n1 n2" or "name1 n1 name2 n2", got {line!r}')
     if not issame:
         raise PackError(f'{pairs_file}: no pairs')
-    return VerificationSet(name=name or root.name, source=str(pairs_file), issame=np.array(issame), images=images)
+    if folds is not None and not 2 <= folds <= len(issame):
+        folds = None  # a header that cannot define folds over these pairs is ignored (eval uses --num-folds)
+    return VerificationSet(name=name or root.name, source=str(pairs_file), issame=np.array(issame), images=images,
+                           folds=folds)
 
 
 def load_verification_set(path: Union[str, Path]) -> VerificationSet:

@@ -161,10 +161,13 @@ def ncnn_runner(param: str, fp16: bool = False) -> Runner:
 
     def run(x: np.ndarray) -> np.ndarray:
         # ncnn.Mat(array) wraps the array's memory without a reference to it: the array must be a named local that
-        # outlives the extraction (a temporary is freed as soon as Mat() returns, and ncnn then reads freed memory)
+        # outlives the copy (a temporary is freed as soon as Mat() returns, and ncnn then reads freed memory). The
+        # copy (clone) is needed too: a first layer that works in place (a BinaryOp with a scalar, as mxnet2ncnn
+        # writes the input normalization) crashed ncnn with a segmentation fault on a Mat that wraps foreign memory
         image = np.ascontiguousarray(x[0], np.float32)
+        mat = ncnn.Mat(image).clone()
         ex = net.create_extractor()
-        ex.input(names_in[0], ncnn.Mat(image))
+        ex.input(names_in[0], mat)
         ret, out = ex.extract(names_out[0])
         if ret != 0:
             raise DeployError(f'{param}: ncnn failed to run (error {ret})')

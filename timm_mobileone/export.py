@@ -199,7 +199,13 @@ def create_fused(args) -> torch.nn.Module:
         model = create_model_checked(args.model, args.pretrained, args.checkpoint)
     except ModelLoadError as e:
         raise ExportError(str(e)) from None
-    return reparameterize_model(model.eval())
+    fused = reparameterize_model(model.eval())
+    if getattr(args, 'equalize', False):
+        from .quant import equalize
+        if not hasattr(fused, 'equalization_pairs'):
+            raise ExportError(f'--equalize: {args.model} lists no layer pairs to equalize (mobilefacenet does)')
+        equalize(fused)
+    return fused
 
 
 def _compare(run_one, fused: torch.nn.Module, images: np.ndarray) -> Tuple[float, float, float]:
@@ -309,10 +315,11 @@ def run(args) -> Dict[str, Any]:
         return run_deploy(args, fused, cfg)
     export_onnx(fused, args.onnx, args.opset, args.dynamic_batch, args.verbose)
     ops = onnx_ops(args.onnx)
-    bad = sorted(set(ops) - ALLOWED_OPS)
+    allowed = getattr(fused, 'deploy_onnx_ops', ALLOWED_OPS)  # a family with adds and PReLU (MobileFaceNet) says so
+    bad = sorted(set(ops) - allowed)
     if bad:
         raise ExportError(f'{args.onnx}: the fused graph holds {", ".join(bad)} (expected only '
-                          f'{", ".join(sorted(ALLOWED_OPS))}); reparameterization is incomplete')
+                          f'{", ".join(sorted(allowed))}); reparameterization is incomplete')
     session = ort_session(args.onnx)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((2 if args.dynamic_batch else 1, *cfg['input_size']), generator=g)
@@ -367,6 +374,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--int8', action='store_true',
                         help='onnx: also write a statically quantized INT8 (QDQ) model; executorch: the .pte is INT8 '
                              '(PT2E, XNNPACK quantizer); coreml: 8-bit weights')
+    parser.add_argument('--equalize', action='store_true',
+                        help='cross-layer equalization of the fused model before export (same FP32 function, '
+                             'per-channel ranges evened out for INT8; timm_mobileone.quant)')
     parser.add_argument('--int8-onnx', default='', help='INT8 output file (default: <onnx stem>_int8.onnx)')
     parser.add_argument('--calib', default='', help='aligned face images for calibration: a folder or a .bin pack')
     parser.add_argument('--calib-images', type=int, default=200, help='images used to calibrate')

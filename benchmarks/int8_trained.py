@@ -1,0 +1,107 @@
+"""INT8 judged on a trained face model: insightface's MobileFaceNet through the project's INT8 paths, on real LFW.
+
+    python benchmarks/int8_trained.py --data ../shared/data/lfw_dev \
+        --checkpoint ../shared/data/mobilefacenet_y1/model-0000.params --out /tmp/int8 [--variants plain,equalize]
+
+For each variant (`plain`: the fused model as it is; `equalize`: cross-layer equalization first, `export
+--equalize`), each runtime (ONNX Runtime static QDQ; ExecuTorch PT2E with the XNNPACK quantizer) and each
+precision: the LFW-dev accuracy through `python -m eval.lfw` on the exported artifact (insightface's protocol, the
+pairs.txt header's folds), and INT8 vs FP32 cosine of the flip-summed, normalized embeddings verification uses
+(mean, min over all 6,922 pair images). Calibration crops are people who appear in no pair of `pairs.txt` (the
+folder's 1,468 unpaired people), one image each, the first `--calib-images` by name. Prints one JSON object.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.lfw import main as lfw_main  # noqa: E402
+from timm_mobileone.export import main as export_main  # noqa: E402
+
+
+def unpaired_people(data: Path):
+    paired = set()
+    for i, line in enumerate((data / 'pairs.txt').read_text().splitlines()):
+        f = line.split()
+        if i == 0 and len(f) == 2:
+            continue
+        paired.update([f[0]] if len(f) == 3 else [f[0], f[2]])
+    return sorted(p.name for p in data.iterdir() if p.is_dir() and p.name not in paired)
+
+
+def calib_folder(data: Path, out: Path, count: int) -> Path:
+    folder = out / 'calib'
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in unpaired_people(data)[:count]:
+        src = sorted((data / name).glob('*.jpg'))[0]
+        dst = folder / src.name
+        if not dst.exists():
+            dst.symlink_to(src.resolve())
+    return folder
+
+
+def lfw(args, extra, save):
+    r = lfw_main(['--model', 'mobilefacenet', '--data', str(args.data), '--no-progress', '--save-embeddings', save]
+                 + extra)
+    return r
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--data', type=Path, required=True)
+    p.add_argument('--checkpoint', required=True)
+    p.add_argument('--out', type=Path, required=True)
+    p.add_argument('--variants', default='plain,equalize')
+    p.add_argument('--runtimes', default='onnx,executorch')
+    p.add_argument('--calib-images', type=int, default=200)
+    p.add_argument('--calib-method', default='minmax', choices=('minmax', 'percentile', 'entropy'))
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    calib = calib_folder(args.data, args.out, args.calib_images + 100)
+    rows = []
+    for variant in args.variants.split(','):
+        flags = ['--equalize'] if variant == 'equalize' else []
+        base = ['--model', 'mobilefacenet', '--checkpoint', args.checkpoint] + flags
+        for runtime in args.runtimes.split(','):
+            t0 = time.time()
+            stem = args.out / f'mfn_{variant}'
+            if runtime == 'onnx':
+                fp32, int8 = f'{stem}.onnx', f'{stem}_int8.onnx'
+                export_main(base + ['--out', fp32, '--dynamic-batch', '--int8', '--int8-onnx', int8, '--calib',
+                                    str(calib), '--calib-images', str(args.calib_images),
+                                    '--calib-method', args.calib_method])
+                runs = {'fp32': ['--onnx', fp32], 'int8': ['--onnx', int8]}
+            else:
+                fp32, int8 = f'{stem}.pte', f'{stem}_int8.pte'
+                export_main(base + ['--format', 'executorch', '--out', fp32])
+                export_main(base + ['--format', 'executorch', '--out', int8, '--int8', '--calib', str(calib),
+                                    '--calib-images', str(args.calib_images)])
+                runs = {'fp32': ['--runtime', 'executorch', '--artifact', fp32],
+                        'int8': ['--runtime', 'executorch', '--artifact', int8]}
+            res, emb = {}, {}
+            for precision, extra in runs.items():
+                save = str(args.out / f'emb_{variant}_{runtime}_{precision}.npy')
+                res[precision] = lfw(args, extra, save)
+                emb[precision] = np.load(save)
+            cos = np.sum(emb['fp32'] * emb['int8'], axis=1)
+            rows.append(dict(variant=variant, runtime=runtime, calib_method=args.calib_method if runtime == 'onnx'
+                             else 'histogram (XNNPACK quantizer default)',
+                             fp32_accuracy=res['fp32']['accuracy'], int8_accuracy=res['int8']['accuracy'],
+                             points_lost=round(100 * (res['fp32']['accuracy'] - res['int8']['accuracy']), 3),
+                             cosine_mean=round(float(cos.mean()), 5), cosine_min=round(float(cos.min()), 5),
+                             fp32_auc=res['fp32']['auc'], int8_auc=res['int8']['auc'], seconds=round(time.time() - t0)))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    result = dict(model='mobilefacenet', checkpoint=args.checkpoint, data=str(args.data),
+                  calib=f'{args.calib_images} crops of unpaired lfw_dev people', rows=rows,
+                  command='python benchmarks/int8_trained.py ' + ' '.join(sys.argv[1:] if argv is None else argv))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == '__main__':
+    main()
