@@ -3,9 +3,9 @@
     python benchmarks/int8_trained.py --data ../shared/data/lfw_dev \
         --checkpoint ../shared/data/mobilefacenet_y1/model-0000.params --out /tmp/int8 [--variants plain,equalize]
 
-For each variant (`plain`: the fused model as it is; `equalize`: cross-layer equalization first, `export
---equalize`), each runtime (ONNX Runtime static QDQ; ExecuTorch PT2E with the XNNPACK quantizer) and each
-precision: the LFW-dev accuracy through `python -m eval.lfw` on the exported artifact (insightface's protocol, the
+For each variant (`plain`: the fused model as it is, `export --equalize off`; `equalize`: cross-layer
+equalization first, `--equalize on`, what `--int8` does by default for models that list their layer pairs), each
+runtime (ONNX Runtime static QDQ; ExecuTorch PT2E with the XNNPACK quantizer; ncnn, FP32 only) and precision: the LFW-dev accuracy through `python -m eval.lfw` on the exported artifact (insightface's protocol, the
 pairs.txt header's folds), and INT8 vs FP32 cosine of the flip-summed, normalized embeddings verification uses
 (mean, min over all 6,922 pair images). Calibration crops are people who appear in no pair of `pairs.txt` (the
 folder's 1,468 unpaired people), one image each, the first `--calib-images` by name. Prints one JSON object.
@@ -45,6 +45,41 @@ def calib_folder(data: Path, out: Path, count: int) -> Path:
     return folder
 
 
+def activation_spread(checkpoint: str, calib: Path, images: int = 64):
+    """Per layer (each PReLU output and the GDC conv's): largest / median per-channel max |activation| over
+    `images` calibration crops, for the fused model as trained and after cross-layer equalization; the five worst."""
+    import copy
+    import timm
+    import torch
+    from PIL import Image
+    from timm_mobileone._io import create_model_checked
+    from timm_mobileone.quant import equalize
+    fused = timm.utils.reparameterize_model(create_model_checked('mobilefacenet', checkpoint=checkpoint).eval())
+    cfg = fused.pretrained_cfg
+    files = sorted(calib.glob('*.jpg'))[:images]
+    x = np.stack([np.array(Image.open(f).convert('RGB')) for f in files]).astype(np.float32).transpose(0, 3, 1, 2)
+    x = torch.from_numpy((x / 255 - np.float32(cfg['mean'][0])) / np.float32(cfg['std'][0]))
+
+    def spreads(model):
+        out, hooks = {}, []
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.PReLU) or name == 'head.conv_dw':
+                def hook(_, __, o, name=name):
+                    r = o.detach().abs().amax(dim=(0, 2, 3))
+                    out[name] = (float(r.max() / r.median().clamp_min(1e-12)), float(r.max()))
+                hooks.append(mod.register_forward_hook(hook))
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        return out
+    plain, equalized = spreads(fused), spreads(equalize(copy.deepcopy(fused)))
+    worst = sorted(plain, key=lambda k: -plain[k][0])[:5]
+    return [dict(layer=k, spread_plain=round(plain[k][0], 1), spread_equalized=round(equalized[k][0], 1),
+                 tensor_max_plain=round(plain[k][1], 1), tensor_max_equalized=round(equalized[k][1], 1))
+            for k in worst]
+
+
 def lfw(args, extra, save):
     r = lfw_main(['--model', 'mobilefacenet', '--data', str(args.data), '--no-progress', '--save-embeddings', save]
                  + extra)
@@ -65,7 +100,7 @@ def main(argv=None):
     calib = calib_folder(args.data, args.out, args.calib_images + 100)
     rows = []
     for variant in args.variants.split(','):
-        flags = ['--equalize'] if variant == 'equalize' else []
+        flags = ['--equalize', 'on' if variant == 'equalize' else 'off']
         base = ['--model', 'mobilefacenet', '--checkpoint', args.checkpoint] + flags
         for runtime in args.runtimes.split(','):
             t0 = time.time()
@@ -76,6 +111,10 @@ def main(argv=None):
                                     str(calib), '--calib-images', str(args.calib_images),
                                     '--calib-method', args.calib_method])
                 runs = {'fp32': ['--onnx', fp32], 'int8': ['--onnx', int8]}
+            elif runtime == 'ncnn':  # FP32 only (ncnn's INT8 needs its own table tool); the export's pnnx path
+                fp32 = f'{stem}.param'
+                export_main(base + ['--format', 'ncnn', '--out', fp32])
+                runs = {'fp32': ['--runtime', 'ncnn', '--artifact', fp32]}
             else:
                 fp32, int8 = f'{stem}.pte', f'{stem}_int8.pte'
                 export_main(base + ['--format', 'executorch', '--out', fp32])
@@ -88,16 +127,20 @@ def main(argv=None):
                 save = str(args.out / f'emb_{variant}_{runtime}_{precision}.npy')
                 res[precision] = lfw(args, extra, save)
                 emb[precision] = np.load(save)
-            cos = np.sum(emb['fp32'] * emb['int8'], axis=1)
-            rows.append(dict(variant=variant, runtime=runtime, calib_method=args.calib_method if runtime == 'onnx'
-                             else 'histogram (XNNPACK quantizer default)',
-                             fp32_accuracy=res['fp32']['accuracy'], int8_accuracy=res['int8']['accuracy'],
-                             points_lost=round(100 * (res['fp32']['accuracy'] - res['int8']['accuracy']), 3),
-                             cosine_mean=round(float(cos.mean()), 5), cosine_min=round(float(cos.min()), 5),
-                             fp32_auc=res['fp32']['auc'], int8_auc=res['int8']['auc'], seconds=round(time.time() - t0)))
+            row = dict(variant=variant, runtime=runtime, fp32_accuracy=res['fp32']['accuracy'],
+                       fp32_auc=res['fp32']['auc'], fp32_xnorm=res['fp32']['xnorm'])
+            if 'int8' in res:
+                cos = np.sum(emb['fp32'] * emb['int8'], axis=1)
+                row.update(calib_method=args.calib_method if runtime == 'onnx' else
+                           'histogram (XNNPACK quantizer default)', int8_accuracy=res['int8']['accuracy'],
+                           points_lost=round(100 * (res['fp32']['accuracy'] - res['int8']['accuracy']), 3),
+                           cosine_mean=round(float(cos.mean()), 5), cosine_min=round(float(cos.min()), 5),
+                           int8_auc=res['int8']['auc'])
+            rows.append(dict(row, seconds=round(time.time() - t0)))
             print(json.dumps(rows[-1]), file=sys.stderr)
     result = dict(model='mobilefacenet', checkpoint=args.checkpoint, data=str(args.data),
                   calib=f'{args.calib_images} crops of unpaired lfw_dev people', rows=rows,
+                  activation_spread=activation_spread(args.checkpoint, calib),
                   command='python benchmarks/int8_trained.py ' + ' '.join(sys.argv[1:] if argv is None else argv))
     print(json.dumps(result))
     return result

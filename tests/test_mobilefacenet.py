@@ -86,6 +86,13 @@ def test_cross_layer_equalization_keeps_the_function_and_evens_ranges():
     assert hi2 / lo2 < (hi / lo) / 10
     with pytest.raises(ValueError, match='reparameterize first'):
         equalize(timm.create_model('mobilefacenet'))
+    # a fused MobileOne is a plain conv/ReLU chain: every pair of consecutive blocks equalizes, same function
+    s0 = timm.utils.reparameterize_model(calibrate_bn(timm.create_model('mobileone_112_s0').double(),
+                                                      dtype=torch.float64))
+    with torch.no_grad():
+        ref = s0(x)
+        assert len(s0.equalization_pairs()) == 44
+        assert rel_err(equalize(s0)(x), ref) < 1e-10
 
 
 # ----------------------------------------------------------------------------------------------------------------

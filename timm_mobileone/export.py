@@ -200,11 +200,13 @@ def create_fused(args) -> torch.nn.Module:
     except ModelLoadError as e:
         raise ExportError(str(e)) from None
     fused = reparameterize_model(model.eval())
-    if getattr(args, 'equalize', False):
+    mode = getattr(args, 'equalize', 'off')
+    if mode == 'on' or (mode == 'auto' and args.int8 and hasattr(fused, 'equalization_pairs')):
         from .quant import equalize
         if not hasattr(fused, 'equalization_pairs'):
-            raise ExportError(f'--equalize: {args.model} lists no layer pairs to equalize (mobilefacenet does)')
+            raise ExportError(f'--equalize on: {args.model} lists no layer pairs to equalize')
         equalize(fused)
+        args.equalized = True
     return fused
 
 
@@ -374,9 +376,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--int8', action='store_true',
                         help='onnx: also write a statically quantized INT8 (QDQ) model; executorch: the .pte is INT8 '
                              '(PT2E, XNNPACK quantizer); coreml: 8-bit weights')
-    parser.add_argument('--equalize', action='store_true',
-                        help='cross-layer equalization of the fused model before export (same FP32 function, '
-                             'per-channel ranges evened out for INT8; timm_mobileone.quant)')
+    parser.add_argument('--equalize', default='auto', choices=('auto', 'on', 'off'),
+                        help='cross-layer equalization of the fused model before export: the same FP32 function '
+                             'with per-channel ranges evened out, which per-tensor INT8 activations need '
+                             '(timm_mobileone.quant); auto: on with --int8 for models that list their layer pairs')
     parser.add_argument('--int8-onnx', default='', help='INT8 output file (default: <onnx stem>_int8.onnx)')
     parser.add_argument('--calib', default='', help='aligned face images for calibration: a folder or a .bin pack')
     parser.add_argument('--calib-images', type=int, default=200, help='images used to calibrate')
@@ -415,6 +418,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     except (ExportError, DeployError) as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
+    result['equalized'] = bool(getattr(args, 'equalized', False))
     result['command'] = 'python -m timm_mobileone.export ' + shlex.join(sys.argv[1:] if argv is None else argv)
     print(json.dumps(result))
     return result

@@ -34,7 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from timm.layers import get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from .mobileone_112 import GDCHead, feat_size_for, feature_take_indices
+from .mobileone_112 import GDCHead, feat_size_for, feature_take_indices, upstream_checkpoint_hook
 
 __all__ = ['ConvBnPReLU', 'Bottleneck', 'MobileFaceNet']
 
@@ -364,17 +364,8 @@ def convert_mxnet(state_dict: Dict[str, Any], model: Optional[nn.Module] = None)
     return out
 
 
-def _load_state_dict_pre_hook(module, state_dict, prefix, *args, **kwargs) -> None:
-    # MXNet names load through load_state_dict() too, so `checkpoint_path=` of a safetensors file holding the
-    # raw MXNet arrays works (timm's load_checkpoint does not apply filter fns)
-    sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not is_mxnet_checkpoint(sub):
-        return
-    converted = convert_mxnet(sub, module)
-    for k in sub:
-        del state_dict[prefix + k]
-    for k, v in converted.items():
-        state_dict[prefix + k] = v
+# MXNet names load through load_state_dict() too (the project's CLIs, a safetensors file of raw MXNet arrays)
+_load_state_dict_pre_hook = upstream_checkpoint_hook(is_mxnet_checkpoint, convert_mxnet)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

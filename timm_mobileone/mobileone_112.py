@@ -29,7 +29,7 @@ import re
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -524,6 +524,21 @@ class MobileOne112(nn.Module):
         reparameterize_model(self, inplace=True)
         self.inference_mode = True
 
+    @torch.jit.ignore
+    def equalization_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """(layer, next layer) pairs of the fused model with only a ReLU between them, for cross-layer equalization
+        (`timm_mobileone.quant.equalize`): consecutive fused blocks (a fused MobileOne or DBB network is a plain
+        conv/ReLU chain), then the last block, the GDC conv and the projection. A block whose output passes an SE
+        unit (S4) starts no pair: SE is not positive-homogeneous."""
+        blocks = [m for m in self.modules() if hasattr(m, 'reparam_conv')]
+        if any(b.reparam_conv is None for b in blocks):
+            raise ValueError('equalization pairs exist in the fused model: reparameterize first')
+        plain = [isinstance(b.act, nn.ReLU) and isinstance(b.attn, nn.Identity) for b in blocks]
+        pairs = [(a.reparam_conv, b.reparam_conv) for a, b, ok in zip(blocks, blocks[1:], plain) if ok]
+        if isinstance(self.head, GDCHead) and plain[-1] and isinstance(self.head.conv_dw, nn.Conv2d):
+            pairs += [(blocks[-1].reparam_conv, self.head.conv_dw), (self.head.conv_dw, self.head.proj)]
+        return pairs
+
 
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -604,17 +619,25 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return state_dict
 
 
-def _load_state_dict_pre_hook(module, state_dict, prefix, *args, **kwargs) -> None:
-    # Lets `model.load_state_dict(...)` and `create_model(..., checkpoint_path=...)` take Apple's checkpoints:
-    # timm's load_checkpoint does not apply the pretrained filter fn.
-    sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not _is_imagenet_checkpoint(sub):
-        return
-    adapted = checkpoint_filter_fn(sub, module)
-    for k in sub:
-        del state_dict[prefix + k]
-    for k, v in adapted.items():
-        state_dict[prefix + k] = v
+def upstream_checkpoint_hook(is_upstream: Callable[[Dict[str, Any]], bool],
+                             adapt: Callable[[Dict[str, Any], nn.Module], Dict[str, torch.Tensor]]) -> Callable:
+    """A `load_state_dict` pre-hook that rewrites an upstream checkpoint (recognized by `is_upstream`) with
+    `adapt(state_dict, module)`, so that `model.load_state_dict(...)` and `create_model(..., checkpoint_path=...)`
+    take it too: timm's load_checkpoint does not apply the pretrained filter fn."""
+
+    def hook(module, state_dict, prefix, *args, **kwargs) -> None:
+        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not is_upstream(sub):
+            return
+        adapted = adapt(sub, module)
+        for k in sub:
+            del state_dict[prefix + k]
+        for k, v in adapted.items():
+            state_dict[prefix + k] = v
+    return hook
+
+
+_load_state_dict_pre_hook = upstream_checkpoint_hook(_is_imagenet_checkpoint, checkpoint_filter_fn)  # Apple's keys
 
 
 FUSED_WEIGHTS_NAME = 'model_fused.safetensors'

@@ -66,7 +66,10 @@ def equalize(model: nn.Module, iterations: int = 20, tol: float = 1e-3) -> nn.Mo
     pairs_fn = getattr(model, 'equalization_pairs', None)
     if pairs_fn is None:
         raise ValueError(f'{type(model).__name__} lists no equalization pairs')
-    pairs: List[Tuple[nn.Module, nn.Module]] = pairs_fn()
+    try:
+        pairs: List[Tuple[nn.Module, nn.Module]] = pairs_fn()
+    except ValueError:
+        raise ValueError('equalize a fused model (reparameterize first): BatchNorm sits between the pairs') from None
     for first, second in pairs:
         if isinstance(first, nn.Conv2d) and first.bias is None:
             raise ValueError('equalize a fused model (reparameterize first): BatchNorm sits between the pairs')
