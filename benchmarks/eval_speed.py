@@ -60,11 +60,11 @@ def forward_only(args) -> dict:
     import torch
     import timm
     import timm_mobileone  # noqa: F401
-    from timm_mobileone.data import PairImages, load_pack
+    from timm_mobileone.data import PairImages, load_verification_set
     from timm_mobileone._io import keep_freed_memory_for_reuse
     keep_freed_memory_for_reuse()  # as the eval CLI does: both sides run under the same allocator setting
     torch.set_flush_denormal(True)
-    ds = load_pack(args.data)
+    ds = load_verification_set(args.data)
     images = PairImages(ds, (112, 112))
     decoded = torch.stack([images[i][1] for i in range(len(images))])
     model = timm.create_model(args.model, checkpoint_path=args.checkpoint).eval()
@@ -94,7 +94,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--model', default='mobileone_112_s0', help='model to evaluate')
-    parser.add_argument('--data', default='', help='an existing pack (default: build an LFW-size one)')
+    parser.add_argument('--data', default='', help='an existing pack or aligned folder with pairs.txt (real crops: '
+                        '../shared/data/lfw_dev; default: build an LFW-size pack of generated crops)')
     parser.add_argument('--num-pairs', type=int, default=6000, help='pairs in the generated pack')
     parser.add_argument('-b', '--batch-size', type=int, default=64, help='images per batch (x2 with flip)')
     parser.add_argument('-j', '--workers', type=int, default=1, help='DataLoader workers of the eval')

@@ -159,6 +159,11 @@ def _cli_lfw_checkpoint(example, folder):
             '--results-file', str(folder / 'r.json')], [folder / 'r.json']
 
 
+def _cli_export_mxnet(example, folder):
+    return ['-m', 'timm_mobileone.export', '--model', 'mobilefacenet', '--checkpoint',
+            _file(folder, 'model-0000.params', example), '--out', str(folder / 'm.onnx')], [folder / 'm.onnx']
+
+
 def _cli_hub_export(example, folder):
     return ['-m', 'timm_mobileone.hub', 'export', '--model', 'mobileone_112_s0', '--checkpoint',
             _file(folder, 'ck.safetensors', example),
@@ -218,6 +223,7 @@ CLI_CASES = {
     'cli eval.ijb meta': ('ijb_meta', None, _cli_ijb_meta),
     'cli eval.ijb --features': ('npy', None, _cli_ijb_features),
     'cli train.face --data RECORDIO': ('recordio', None, _cli_train_face),
+    'cli export --checkpoint MXNET': ('mxnet_params', None, _cli_export_mxnet),
 }
 
 

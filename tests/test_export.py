@@ -140,3 +140,31 @@ def test_export_json_is_the_only_stdout(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result['ops'] == ['Conv', 'Gemm', 'Relu', 'Reshape']
+
+
+def test_fp32_acceptance_gates_on_cosine_and_a_reordering_proof_bound(checkpoint, tmp_path, monkeypatch, capsys):
+    """Float32 reordering (other kernels, other summation orders) moves outputs by ~1e-4 of their largest value and
+    must pass; a conversion bug moves them by far more and must fail, leaving no file."""
+    real_run = export.ort_run
+
+    def perturbed(scale):
+        def run(session, x):
+            out = real_run(session, x)
+            return out + scale * np.abs(out).max() * np.sign(np.random.default_rng(0).standard_normal(out.shape))
+        return run
+    argv = ['--model', 'mobileone_112_s0', '--checkpoint', str(checkpoint), '--onnx', str(tmp_path / 'a.onnx')]
+    monkeypatch.setattr(export, 'ort_run', perturbed(2e-4))  # like ncnn's 1.2e-4 on a random-BN S0: accepted
+    result = export.main(argv)
+    assert 1e-4 < result['ort_rel_err'] <= 1e-3 and result['ort_cosine_min'] >= 0.99999
+    monkeypatch.setattr(export, 'ort_run', perturbed(2e-2))  # a bug's size: refused, nothing left
+    (tmp_path / 'a.onnx').unlink()
+    with pytest.raises(SystemExit) as e:
+        export.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'limit 0.001' in err and 'cosine' in err and not (tmp_path / 'a.onnx').exists()
+
+
+def test_int8_without_calib_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        export.main(['--model', 'mobileone_112_s0', '--onnx', str(tmp_path / 'x.onnx'), '--int8'])
+    assert e.value.code == 2 and '--calib' in capsys.readouterr().err and not list(tmp_path.iterdir())

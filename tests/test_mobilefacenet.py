@@ -289,3 +289,22 @@ def test_third_party_ncnn_artifact_scores_alike_with_raw_pixels(tmp_path, capsys
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert 'normalizes its input inside' in err and 'Traceback' not in err
+
+
+def test_bad_mxnet_checkpoint_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from eval.lfw import main as lfw_main
+    from timm_mobileone.export import main as export_main
+    bad = tmp_path / 'model-0000.params'
+    bad.write_bytes(F.mxnet_params_bytes(F.MXNET_VALID)[:-30])
+    pack = tmp_path / 'p.bin'
+    pack.write_bytes(F.pack_bytes())
+    for main, argv, out in (
+            (lfw_main, ['--model', 'mobilefacenet', '--checkpoint', str(bad), '--data', str(pack),
+                        '--results-file', str(tmp_path / 'r.json')], tmp_path / 'r.json'),
+            (export_main, ['--model', 'mobilefacenet', '--checkpoint', str(bad), '--out', str(tmp_path / 'm.onnx')],
+             tmp_path / 'm.onnx')):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith('error: ') and err.count('\n') == 1, err
+        assert 'truncated or corrupt' in err and not out.exists()

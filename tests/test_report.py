@@ -1,5 +1,6 @@
 """`python -m timm_mobileone`: the zoo report."""
 import json
+import re
 import subprocess
 import sys
 
@@ -27,7 +28,11 @@ def test_report_sizes_json(capsys):
 def test_report_timing_and_fusion_error(capsys):
     pytest.importorskip('onnxruntime')
     result = main(['--json', '-m', 'mobileone_112_s0', '--peer', 'mobilefacenet', '--repeats', '2',
-                   '--batch-size', '4', '--no-progress'])
+                   '--batch-size', '4', '--train-batch'])
+    # not a terminal: progress as one line per step, so a log shows where the run is
+    err = capsys.readouterr().err
+    assert re.search(r'zoo: \[1/8\] +\d+ s  mobileone_112_s0: fused ONNX export', err)
+    assert 'timing batch 1, round 1/2' in err and 'timing batch 4, mobilefacenet, round 1/3' in err
     rows = {r['model']: r for r in result['models']}
     s0 = rows['mobileone_112_s0']
     assert s0['fusion_rel_err_f64'] <= 1e-8
@@ -58,3 +63,13 @@ def test_report_table_and_bad_model():
     bad = subprocess.run([sys.executable, '-m', 'timm_mobileone', '-m', 'resnet50'], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count('\n') == 0 and 'unknown model' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+def test_deploy_table_shows_gmacs_per_second_beside_latency():
+    from timm_mobileone.runtimes import table
+    medians = {('a', 'eager'): 0.004, ('a', 'ncnn'): 0.002, ('b', 'eager'): 0.010}
+    md = table(['a', 'b'], medians, runtimes=('eager', 'ncnn'), gmacs={'a': 0.262, 'b': 1.0})
+    lines = md.splitlines()
+    assert lines[0].startswith('| model | GMACs | PyTorch eager ms (GMAC/s) | ncnn FP32 ms (GMAC/s) |')
+    assert lines[2] == '| a | 0.262 | 4.00 (66) | 2.00 (131) | ncnn FP32 | 0.50x |'
+    assert lines[3] == '| b | 1.000 | 10.00 (100) |  | PyTorch eager | 1.00x |'

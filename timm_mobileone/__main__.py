@@ -1,12 +1,16 @@
-"""The zoo report: `python -m timm_mobileone` prints every mobileone_112 variant's size, fusion error and CPU speed.
+"""The zoo report: `python -m timm_mobileone` prints the mobileone_112 variants' size, fusion error and CPU speed.
 For each variant at the pretrained cfg's input size (112x112): params and GMACs of the train-time (multi-branch) and
 fused (reparameterized) forms; the max relative error of fused vs train-time in float64 on a batch after calibrating
-BN statistics (random-init S4 is chaotic in float32); CPU latency at batch 1 and time per image at batch 64 (medians
-of repeated runs, timed round-robin over every model and form so that load drifts alike) for the train-time form in
-PyTorch eager, the fused form in eager, and the fused form in ONNX Runtime (when onnxruntime is installed).
-`--peers` adds the same rows for mobile backbones people use at 112x112. Random weights with calibrated BN
+BN statistics (random-init S4 is chaotic in float32); CPU latency at batch 1 (train-time form in PyTorch eager, fused
+form in eager and in ONNX Runtime when installed) and time per image at batch 64 (fused forms), medians of repeated
+runs timed round-robin over every model and form so that load drifts alike. Random weights with calibrated BN
 statistics and flush-to-zero denormals: fresh-init MobileOne activations explode, and exploding or denormal values
 distort timings. No data, no network.
+
+The default run (the five MobileOne variants, batch B = 16) takes about 70 s and 2.1 GB on a 2-core machine; `--dbb` adds the DBB family
+(the train-time forms differ; fused, a DBB model is its MobileOne model), `--peers` the comparison models,
+`--train-batch` the train-time form at batch B, and `--full` all three at batch 64 (8.6 minutes and 7.6 GB peak on
+the project's 2-core box: the train-time DBB forms at batch 64 dominate). Progress goes to stderr: a bar on a terminal, a line per step in a log.
 `--json` prints one JSON object instead of the table; `--plot` saves latency vs GMACs.
 
 `--runtimes` prints the deploy table instead (runtimes.py): batch-1 latency of the fused models (default: the five
@@ -17,6 +21,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -25,7 +30,7 @@ import timm
 from timm.utils import reparameterize_model
 
 from . import __version__
-from ._io import first_line, keep_freed_memory_for_reuse
+from ._io import first_line, keep_freed_memory_for_reuse, release_freed_memory
 from .profile import count_macs, count_params, fusion_error, time_round_robin
 from .runtimes import eager_calls, onnx_calls
 
@@ -36,12 +41,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         prog='python -m timm_mobileone', description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('-m', '--model', action='append', default=None, metavar='NAME',
-                        help='variant to report (repeatable); default: all mobileone_112_* models')
+                        help='variant to report (repeatable); default: the five MobileOne variants')
+    parser.add_argument('--dbb', action='store_true', help='add the DBB family mobileone_112_dbb_s0..s4')
+    parser.add_argument('--train-batch', action='store_true',
+                        help='also time the train-time form at batch --batch-size (the slowest, largest part)')
+    parser.add_argument('--full', action='store_true',
+                        help='the full sweep: --dbb --peers --train-batch at batch 64 (8.6 minutes and 7.6 GB peak '
+                             'on 2 cores)')
     parser.add_argument('--peers', action='store_true', help=f'add the peers: {", ".join(PEERS)}')
     parser.add_argument('--peer', action='append', default=[], choices=sorted(PEERS), help='add one peer (repeatable)')
     parser.add_argument('--sizes-only', action='store_true', help='params and GMACs only: no timing, no fusion check')
     parser.add_argument('--repeats', type=int, default=15, help='timed runs per measurement (median reported)')
-    parser.add_argument('-b', '--batch-size', type=int, default=64, help='batch for the per-image throughput time')
+    parser.add_argument('-b', '--batch-size', type=int, default=None,
+                        help='batch for the per-image throughput time (default 16, 64 with --full: per-image times '
+                             'barely change past 16 on CPU, memory grows with the batch)')
     parser.add_argument('--threads', type=int, default=0, help='torch / ORT intra-op threads (0: library default)')
     parser.add_argument('--no-onnx', dest='onnx', action='store_false', help='skip the ONNX Runtime column')
     parser.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
@@ -51,9 +64,38 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help='the deploy table: batch-1 latency per runtime (eager, ONNX Runtime, ExecuTorch FP32 '
                              'and INT8, ncnn) of the fused models, interleaved; needs pip install ".[deploy]"')
     args = parser.parse_args(argv)
+    if args.full:
+        args.dbb = args.peers = args.train_batch = True
+    if args.batch_size is None:
+        args.batch_size = 64 if args.full else 16
     if args.repeats < 1 or args.batch_size < 1:
         parser.error('--repeats and --batch-size must be >= 1')
     return args
+
+
+class Progress:
+    """Where the run is, on stderr: a tqdm bar on a terminal, one line per step otherwise (a log shows it too)."""
+
+    def __init__(self, total: int, enabled: bool, desc: str = 'zoo') -> None:
+        from tqdm import tqdm
+        self.total, self.done, self.desc, self.start = total, 0, desc, time.perf_counter()
+        self.lines = enabled and total > 0 and not sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit='step', file=sys.stderr,
+                        disable=not (enabled and total and sys.stderr.isatty()))
+
+    def step(self, what: str) -> None:
+        """Say what starts now; counts the previous step as done."""
+        if self.lines:
+            print(f'{self.desc}: [{self.done + 1}/{self.total}] {time.perf_counter() - self.start:5.0f} s  {what}',
+                  file=sys.stderr, flush=True)
+        self.bar.set_postfix_str(what)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @torch.no_grad()
@@ -74,7 +116,7 @@ def _onnx_available() -> bool:
         return False
 
 
-def report_row(name: str, model: torch.nn.Module, args, kind: str, bar=None) -> Dict[str, Any]:
+def report_row(name: str, model: torch.nn.Module, args, kind: str, bar: Optional[Progress] = None) -> Dict[str, Any]:
     input_size = tuple(model.pretrained_cfg['input_size'])
     torch.manual_seed(0)
     _calibrate(model, input_size)
@@ -92,34 +134,58 @@ def report_row(name: str, model: torch.nn.Module, args, kind: str, bar=None) -> 
         print(f'warning: {name}: no float64 fusion check ({first_line(e)[:200]})', file=sys.stderr)
         row['fusion_rel_err_f64'] = None
     calls = {}  # timed later, round-robin over every model and form (time_all)
-    for form, m in (('train_eager', model), ('fused_eager', fused)):
-        calls[form] = eager_calls(copy.deepcopy(m), input_size, args.batch_size)
-        if bar is not None:
-            bar.update(1)
     row['fused_ort_latency_ms'] = row['fused_ort_per_image_ms'] = None
-    if args.onnx:
+    if args.onnx:  # first: the eager calls below convert their models to channels_last in place (no copies kept)
+        if bar is not None:
+            bar.step(f'{name}: fused ONNX export')
         try:
-            calls['fused_ort'] = onnx_calls(copy.deepcopy(fused), input_size, args.batch_size, args.threads)
+            calls['fused_ort'] = onnx_calls(fused, input_size, args.batch_size, args.threads)
         except Exception as e:  # an exporter gap in a peer must not end the report
             print(f'warning: {name}: ONNX export failed ({first_line(e)[:200]})', file=sys.stderr)
+        if bar is not None:
+            bar.update(1)
+    for form, m in (('train_eager', model), ('fused_eager', fused)):
+        if bar is not None:
+            bar.step(f'{name}: {form.replace("_", " ")}')
+        calls[form] = eager_calls(m, input_size, args.batch_size, batched=form != 'train_eager' or args.train_batch)
         if bar is not None:
             bar.update(1)
     row['_calls'] = calls
     return row
 
 
-def time_all(rows: List[Dict[str, Any]], args) -> None:
+def time_all(rows: List[Dict[str, Any]], args, bar: Optional[Progress] = None) -> None:
     """Fill every row's latency (batch 1) and per-image time (batch B) columns, timing all (model, form) calls
     round-robin: `args.repeats` rounds at batch 1, a third as many at batch B, medians."""
     ones = {(i, form): c[0] for i, r in enumerate(rows) for form, c in r['_calls'].items()}
-    manys = {(i, form): c[1] for i, r in enumerate(rows) for form, c in r['_calls'].items()}
-    t1 = time_round_robin(ones, args.repeats)
-    tb = time_round_robin(manys, max(3, args.repeats // 3))
+    manys = {(i, form): c[1] for i, r in enumerate(rows) for form, c in r['_calls'].items() if c[1] is not None}
+    rounds_b = max(3, args.repeats // 5)
+
+    def progress(label: str):
+        if bar is None:
+            return None
+        return lambda k, n: bar.step(f'timing {label}, round {k + 1}/{n}') if k == 0 or (k + 1) % 5 == 0 else None
+    t1 = time_round_robin(ones, args.repeats, on_round=progress('batch 1'))
+    del ones  # the batch-1 calls hold every model and session: release them before the batched ones grow
+    if bar is not None:
+        bar.update(1)
+    # Batch B: round-robin over each model's forms, one model at a time, whose calls (models, ONNX Runtime sessions
+    # and the arenas they grew) are released before the next: peak memory is one model's, not all of them (about
+    # 1 GB per model at batch 64); the forms of a row are compared under the same load, as at batch 1.
+    tb: Dict = {}
+    for i, r in enumerate(rows):
+        mine = {key: call for key, call in manys.items() if key[0] == i}
+        for key in mine:
+            del manys[key]
+        if mine:
+            tb.update(time_round_robin(mine, rounds_b, on_round=progress(f'batch {args.batch_size}, {r["model"]}')))
+        del mine
+        del r['_calls']
+    if bar is not None:
+        bar.update(1)
     for (i, form), seconds in t1.items():
         rows[i][f'{form}_latency_ms'] = seconds * 1e3
-        rows[i][f'{form}_per_image_ms'] = tb[(i, form)] * 1e3 / args.batch_size
-    for r in rows:
-        del r['_calls']
+        rows[i][f'{form}_per_image_ms'] = tb[(i, form)] * 1e3 / args.batch_size if (i, form) in tb else None
 
 
 def _fmt(v, spec):
@@ -141,7 +207,7 @@ def table(rows: List[Dict[str, Any]]) -> str:
         if timed:
             line += (f" {_fmt(r['fusion_rel_err_f64'], '.1e')} | {r['train_eager_latency_ms']:.2f} / "
                      f"{r['fused_eager_latency_ms']:.2f} / {_fmt(r.get('fused_ort_latency_ms'), '.2f')} | "
-                     f"{r['train_eager_per_image_ms']:.2f} / {r['fused_eager_per_image_ms']:.2f} / "
+                     f"{_fmt(r['train_eager_per_image_ms'], '.2f') or '-'} / {r['fused_eager_per_image_ms']:.2f} / "
                      f"{_fmt(r.get('fused_ort_per_image_ms'), '.2f')} |")
         lines.append(line)
     return '\n'.join(lines)
@@ -178,7 +244,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     from .peers import PEERS, create_peer
     available = timm.list_models('mobileone_112_*')
-    names = args.model or available
+    names = args.model or [n for n in available if args.dbb or args.runtimes or '_dbb_' not in n]
     unknown = [n for n in names if n not in available]
     if unknown:
         print(f'error: unknown model(s) {", ".join(unknown)}; choose from {", ".join(available)}', file=sys.stderr)
@@ -193,24 +259,26 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    keep_freed_memory_for_reuse()
-    from tqdm import tqdm
-    steps = 0 if args.sizes_only else (len(names) + len(peers)) * (3 if args.onnx else 2)
-    bar = tqdm(total=steps, desc='zoo', unit='form', file=sys.stderr,
-               disable=not (args.progress and steps and sys.stderr.isatty()))
+    steps = 0 if args.sizes_only else (len(names) + len(peers)) * (3 if args.onnx else 2) + 2
+    bar = Progress(steps, args.progress)
     rows = []
-    with bar:
+    try:
         for name in names:
-            bar.set_postfix_str(name)
             rows.append(report_row(name, timm.create_model(name), args, 'mobileone_112', bar))
+            release_freed_memory()
         for name in peers:
-            bar.set_postfix_str(name)
             model = create_peer(name)
             # peers run at the face crop size, whatever their own cfg says
             model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', {}), input_size=(3, 112, 112))
             rows.append(report_row(name, model, args, 'peer', bar))
-    if not args.sizes_only:
-        time_all(rows, args)
+            release_freed_memory()
+        if not args.sizes_only:
+            # from here on, large freed blocks stay in the heap for the next call (no page faults per batched call;
+            # eval's measurements); not before, or every build step's freed peak would stay resident too
+            keep_freed_memory_for_reuse()
+            time_all(rows, args, bar)
+    finally:
+        bar.close()
     result = dict(
         models=rows, batch_size=args.batch_size, repeats=args.repeats,
         threads=torch.get_num_threads(),
@@ -237,7 +305,7 @@ def _runtimes(args, names: List[str], peers: List[str]) -> Dict:
         _calibrate(model, (3, 112, 112))
         models.append((name, reparameterize_model(model.eval())))
     out = runtimes.run(models, max(args.repeats, 20))
-    table_md = runtimes.table(out['names'], out['medians'])
+    table_md = runtimes.table(out['names'], out['medians'], gmacs=out['gmacs'])
     if args.plot:
         runtimes.plot(out['names'], out['medians'], args.plot)
     result = dict(runtimes=out['rows'], repeats=max(args.repeats, 20), threads=torch.get_num_threads(),

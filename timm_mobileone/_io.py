@@ -60,6 +60,20 @@ def keep_freed_memory_for_reuse() -> bool:
         return False
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; no-op elsewhere). Between the steps of a long
+    job: each step's freed peak (a float64 copy, an export) otherwise stays resident. Returns whether it ran."""
+    import ctypes
+    import ctypes.util
+    import sys
+    if not sys.platform.startswith('linux'):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 class ModelLoadError(Exception):
     """A model the user named cannot be created or loaded (one line, for the CLIs' `error:` output)."""
 

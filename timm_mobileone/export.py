@@ -8,13 +8,14 @@
 ExecuTorch, Core ML and ncnn need `pip install "timm-mobileone[deploy]"`; what each does is in deploy.py. Every
 format fuses first, checks the artifact (its ops, where the format allows), runs it where its runtime runs here
 (ExecuTorch and ncnn: on held-out `--calib` crops, else on random inputs) and compares it with the PyTorch fused
-model: FP32 must reach a relative error <= 1e-4 and a cosine >= 0.99999, else the export fails and leaves no file.
+model: FP32 must reach a cosine >= 0.99999 (what verification uses) and a relative error <= 1e-3 (a bound float32
+reordering cannot trip; conversion bugs do), else the export fails and leaves no file; the JSON reports both.
 Core ML is checked from its spec only (prediction needs macOS). The exporters' progress lines go nowhere unless
 `--verbose`.
 
 The exported graph holds only Conv, Relu, the SE ops of S4 (ReduceMean, Sigmoid, Mul), Reshape/Flatten and Gemm:
 no BatchNormalization, no Add of branches (checked on every export). ONNX Runtime's output is compared with the
-PyTorch fused model's (relative error <= 1e-4), else the export fails.
+PyTorch fused model's (the same two bounds), else the export fails and the file is removed.
 
 `--int8` writes a statically quantized model (onnxruntime.quantization: QDQ format, per-channel int8 weights, uint8
 activations, MinMax calibration by default) calibrated on aligned face images from a folder or an insightface
@@ -49,7 +50,14 @@ _logger = logging.getLogger(__name__)
 
 ALLOWED_OPS = {'Conv', 'Relu', 'Flatten', 'Reshape', 'Gemm', 'MatMul',  # every variant
                'GlobalAveragePool', 'ReduceMean', 'Sigmoid', 'Mul'}  # the SE blocks of S4
-ORT_TOLERANCE = 1e-4
+# FP32 acceptance, by what verification uses: the embedding's direction (cosine against PyTorch fused; what
+# accuracy depends on) must hold to 1e-5, and the max error relative to the output's largest value must stay below a
+# bound that float32 reordering cannot trip on a legitimate model (ncnn's and XNNPACK's kernels sum in other orders:
+# up to 1.2e-4 measured on an S0 with BN calibrated on random batches) but any real conversion bug does (a dropped BN,
+# a wrong padding or a flipped channel order: 1e-2 and far more)
+FP32_MIN_COSINE = 0.99999
+FP32_MAX_REL_ERR = 1e-3
+ORT_TOLERANCE = FP32_MAX_REL_ERR
 
 
 class ExportError(Exception):
@@ -295,9 +303,9 @@ def run_deploy(args, fused: torch.nn.Module, cfg: Dict[str, Any]) -> Dict[str, A
         result.update(max_rel_err=rel, min_cosine=cos)
         if args.int8:
             result.update(int8_vs_fp32_cosine_min=cos, int8_vs_fp32_cosine_mean=cos_mean)
-        elif rel is not None and not (rel <= ORT_TOLERANCE and cos >= 0.99999):
+        elif rel is not None and not (rel <= FP32_MAX_REL_ERR and cos >= FP32_MIN_COSINE):
             raise ExportError(f'{out}: {result["runtime"]} output differs from PyTorch (relative error {rel:.3g}, '
-                              f'cosine {cos:.6f}); nothing written')
+                              f'limit {FP32_MAX_REL_ERR:g}; cosine {cos:.6f}, limit {FP32_MIN_COSINE}); nothing written')
         files = [art] + ([art.with_suffix('.bin')] if fmt == 'ncnn' else [])
         for f in files:
             _move(f, out.parent / f.name)
@@ -311,6 +319,8 @@ def _size(path: Path) -> int:
 
 
 def run(args) -> Dict[str, Any]:
+    if args.int8 and not args.calib and args.format in ('onnx', 'executorch'):  # before anything is written
+        raise ExportError('--int8 needs --calib DIR_OR_PACK (aligned face images)')
     fused = create_fused(args)
     cfg = timm.data.resolve_model_data_config(fused)
     if args.format != 'onnx':
@@ -329,12 +339,15 @@ def run(args) -> Dict[str, Any]:
         ref = fused(x).numpy()
     got = ort_run(session, x.numpy())
     err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
-    if not err <= ORT_TOLERANCE:
-        raise ExportError(f'{args.onnx}: ONNX Runtime output differs from PyTorch (relative error {err:.3g})')
+    cos = float(cosine(got, ref).min())
+    if not (err <= FP32_MAX_REL_ERR and cos >= FP32_MIN_COSINE):
+        Path(args.onnx).unlink(missing_ok=True)
+        raise ExportError(f'{args.onnx}: ONNX Runtime output differs from PyTorch (relative error {err:.3g}, limit '
+                          f'{FP32_MAX_REL_ERR:g}; cosine {cos:.6f}, limit {FP32_MIN_COSINE}); nothing written')
     result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint or None, format='onnx', onnx=args.onnx,
                                   path=args.onnx, size_bytes=Path(args.onnx).stat().st_size,
                                   opset=args.opset, dynamic_batch=args.dynamic_batch, ops=ops,
-                                  ort_rel_err=err, input_size=list(cfg['input_size']))
+                                  ort_rel_err=err, ort_cosine_min=cos, input_size=list(cfg['input_size']))
     if args.int8:
         if not args.calib:
             raise ExportError('--int8 needs --calib DIR_OR_PACK (aligned face images)')

@@ -1,7 +1,7 @@
 """Model measurements: parameters, multiply-accumulates, fusion error and median timings."""
 import copy
 import time
-from typing import Callable, Dict, Hashable, List, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 import numpy as np
 
@@ -69,8 +69,9 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return float(np.median(times))
 
 
-def time_round_robin(calls: Dict[Hashable, Callable[[], object]], repeats: int,
-                     pause: float = 0.05) -> Dict[Hashable, float]:
+def time_round_robin(calls: Dict[Hashable, Callable[[], object]], repeats: int, pause: float = 0.05,
+                     on_round: Optional[Callable[[int, int], object]] = None,
+                     long_call: float = 0.25) -> Dict[Hashable, float]:
     """Median seconds per call of each entry, timed round-robin: every round times each call once, in the same
     order, so that the machine's load drifts alike for every entry (comparisons within one run stay fair).
 
@@ -78,13 +79,18 @@ def time_round_robin(calls: Dict[Hashable, Callable[[], object]], repeats: int,
     after a call (ONNX Runtime's intra-op pool, torch's OpenMP threads) and steal the cores from whatever runs next:
     measured on this 2-core box, MobileFaceNet in eager took 9.6 ms right after ONNX Runtime calls and 5.2 ms alone;
     with the pause and the warm-up call, 5.9 ms (and ONNX Runtime 2.2 ms vs 1.4 ms alone). What remains is the
-    price of switching, paid alike by every entry.
+    price of switching, paid alike by every entry. An entry whose last timed call took longer than `long_call`
+    (s) gets no untimed call: a pool that spins for a millisecond is noise there, and the untimed call would double
+    the time of the slowest (batched) measurements. `on_round(k, repeats)` is called before round k (progress).
     """
     times: Dict[Hashable, List[float]] = {k: [] for k in calls}
-    for _ in range(repeats):
+    for k in range(repeats):
+        if on_round is not None:
+            on_round(k, repeats)
         for key, call in calls.items():
             time.sleep(pause)
-            call()
+            if not times[key] or times[key][-1] < long_call:
+                call()
             t0 = time.perf_counter()
             call()
             times[key].append(time.perf_counter() - t0)

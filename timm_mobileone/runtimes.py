@@ -14,24 +14,25 @@ import copy
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ._io import first_line
-from .profile import time_round_robin
+from .profile import count_macs, time_round_robin
 
 RUNTIMES = ('eager', 'onnxruntime', 'executorch_fp32', 'executorch_int8', 'ncnn')
 LABELS = dict(eager='PyTorch eager', onnxruntime='ONNX Runtime', executorch_fp32='ExecuTorch XNNPACK FP32',
               executorch_int8='ExecuTorch XNNPACK INT8', ncnn='ncnn FP32')
 
 
-def eager_calls(model: torch.nn.Module, input_size, batch_size: int):
-    """(batch-1 call, batch-`batch_size` call) of `model` in eager, channels_last (faster on CPU), warmed up."""
+def eager_calls(model: torch.nn.Module, input_size, batch_size: int, batched: bool = True):
+    """(batch-1 call, batch-`batch_size` call or None without `batched`) of `model` in eager, channels_last
+    (faster on CPU), the batch-1 call warmed up."""
     model = model.eval().to(memory_format=torch.channels_last)
     x1 = torch.randn((1, *input_size)).contiguous(memory_format=torch.channels_last)
-    xb = torch.randn((batch_size, *input_size)).contiguous(memory_format=torch.channels_last)
+    xb = torch.randn((batch_size, *input_size)).contiguous(memory_format=torch.channels_last) if batched else None
 
     @torch.no_grad()
     def one():
@@ -40,13 +41,13 @@ def eager_calls(model: torch.nn.Module, input_size, batch_size: int):
     @torch.no_grad()
     def many():
         return model(xb)
-    one(), many()
-    return one, many
+    one()  # the batched call is warmed by time_round_robin's first untimed call, when its turn comes
+    return one, (many if batched else None)
 
 
 def onnx_calls(model: torch.nn.Module, input_size, batch_size: int, threads: int = 0, dynamic_batch: bool = True):
     """The same two calls in ONNX Runtime (an export of `model`; a fixed batch-1 graph without `dynamic_batch`,
-    whose batch-`batch_size` call is then the batch-1 call), warmed up."""
+    whose batch-`batch_size` call is then the batch-1 call), the batch-1 call warmed up."""
     from .export import export_onnx, ort_run, ort_session
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / 'model.onnx')
@@ -56,7 +57,7 @@ def onnx_calls(model: torch.nn.Module, input_size, batch_size: int, threads: int
     x1 = np.random.randn(1, *input_size).astype(np.float32)
     xb = np.random.randn(batch_size if dynamic_batch else 1, *input_size).astype(np.float32)
     one, many = (lambda: ort_run(session, x1)), (lambda: ort_run(session, xb))
-    one(), many()
+    one()  # not many(): ORT's arena would grow to batch size now and hold it through every other measurement
     return one, many
 
 
@@ -103,15 +104,24 @@ def build(models: List[Tuple[str, torch.nn.Module]], runtimes=RUNTIMES, tmp: Pat
     return calls
 
 
-def table(models: List[str], medians: Dict[Tuple[str, str], float], runtimes=RUNTIMES) -> str:
-    lines = ['| model | ' + ' | '.join(f'{LABELS[r]} (ms)' for r in runtimes) + ' | fastest | fastest vs eager |',
-             '|---|' + '---:|' * (len(runtimes) + 2)]
+def table(models: List[str], medians: Dict[Tuple[str, str], float], runtimes=RUNTIMES,
+          gmacs: Optional[Dict[str, float]] = None) -> str:
+    """Markdown: batch-1 ms per runtime (with the model's GMACs per second of it, when `gmacs` is given)."""
+    unit = 'ms (GMAC/s)' if gmacs else 'ms'
+    lines = ['| model | ' + ('GMACs | ' if gmacs else '') + ' | '.join(f'{LABELS[r]} {unit}' for r in runtimes) +
+             ' | fastest | fastest vs eager |', '|---|' + '---:|' * (len(runtimes) + 2 + bool(gmacs))]
     for name in models:
         cells = {r: medians.get((name, r)) for r in runtimes}
         timed = {r: v for r, v in cells.items() if v is not None}
         best = min(timed, key=timed.get) if timed else None
         ratio = (timed[best] / timed['eager']) if best and 'eager' in timed else None
-        lines.append(f'| {name} | ' + ' | '.join('' if v is None else f'{v * 1e3:.2f}' for v in cells.values()) +
+
+        def cell(v):
+            if v is None:
+                return ''
+            return f'{v * 1e3:.2f}' + (f' ({gmacs[name] / v:.0f})' if gmacs else '')
+        lines.append(f'| {name} | ' + (f'{gmacs[name]:.3f} | ' if gmacs else '') +
+                     ' | '.join(cell(v) for v in cells.values()) +
                      f' | {LABELS[best] if best else ""} | {"" if ratio is None else f"{ratio:.2f}x"} |')
     return '\n'.join(lines)
 
@@ -135,10 +145,15 @@ def plot(models: List[str], medians: Dict[Tuple[str, str], float], path: str, ru
 
 
 def run(models: List[Tuple[str, torch.nn.Module]], repeats: int) -> Dict[str, Any]:
+    """Build every (model, runtime) call, time them round-robin; rows carry ms and GMAC/s (the fused model's
+    multiply-accumulates per second of median latency: efficiency, comparable across models of other sizes)."""
+    gmacs = {n: count_macs(m, tuple(m.pretrained_cfg['input_size'])) / 1e9 for n, m in models}
     with tempfile.TemporaryDirectory() as tmp:
         calls = build(models, tmp=Path(tmp))
         medians = time_round_robin(calls, repeats)
     names = [n for n, _ in models]
-    rows = [dict(model=n, **{f'{r}_ms': (medians[(n, r)] * 1e3 if (n, r) in medians else None) for r in RUNTIMES})
+    rows = [dict(model=n, gmacs=gmacs[n],
+                 **{f'{r}_ms': (medians[(n, r)] * 1e3 if (n, r) in medians else None) for r in RUNTIMES},
+                 **{f'{r}_gmac_per_s': (gmacs[n] / medians[(n, r)] if (n, r) in medians else None) for r in RUNTIMES})
             for n in names]
-    return dict(rows=rows, names=names, medians=medians)
+    return dict(rows=rows, names=names, medians=medians, gmacs=gmacs)
