@@ -3,12 +3,13 @@
     python benchmarks/int8_trained.py --data ../shared/data/lfw_dev \
         --checkpoint ../shared/data/mobilefacenet_y1/model-0000.params --out /tmp/int8 [--variants plain,equalize]
 
-For each variant (`plain`: the fused model as it is, `export --equalize off`; `equalize`: cross-layer
-equalization first, `--equalize on`, what `--int8` does by default for models that list their layer pairs), each
-runtime (ONNX Runtime static QDQ; ExecuTorch PT2E with the XNNPACK quantizer; ncnn, FP32 only) and precision: the LFW-dev accuracy through `python -m eval.lfw` on the exported artifact (insightface's protocol, the
-pairs.txt header's folds), and INT8 vs FP32 cosine of the flip-summed, normalized embeddings verification uses
-(mean, min over all 6,922 pair images). Calibration crops are people who appear in no pair of `pairs.txt` (the
-folder's 1,468 unpaired people), one image each, the first `--calib-images` by name. Prints one JSON object.
+For each variant (`plain`: the fused model as it is, `export --equalize off`; `equalize`: cross-layer equalization
+first, `--equalize on`, what `--int8` does by default for models that list their layer pairs), each runtime (ONNX
+Runtime static QDQ; ExecuTorch PT2E with the XNNPACK quantizer; ncnn, FP32 only) and precision: the LFW-dev accuracy
+through `python -m eval.lfw` on the exported artifact (insightface's protocol, the pairs.txt header's folds), and
+INT8 vs FP32 cosine of the flip-summed, normalized embeddings verification uses (mean, min over all 6,922 pair
+images). Calibration crops are people who appear in no pair of `pairs.txt` (the folder's 1,468 unpaired people), one
+image each, the first `--calib-images` by name. Prints one JSON object.
 """
 import argparse
 import json

@@ -179,7 +179,8 @@ def test_port_equals_insightface_ncnn_fc1(mfn):
 def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     arrays = {('aux:' if 'moving' in k else 'arg:') + k: v for k, v in read_params(PARAMS).items()}
     cases = {
-        'lacks': ({k: v for k, v in arrays.items() if 'res_4_block5_conv_dw' not in k}, r'lacks 6 tensors the model needs \(stages.1.6.conv_dw'),
+        'lacks': ({k: v for k, v in arrays.items() if 'res_4_block5_conv_dw' not in k},
+                  r'lacks 6 tensors the model needs \(stages.1.6.conv_dw'),
         'extra': (dict(arrays, **{'arg:res_9_block0_conv_sep_conv2d_weight': np.ones((2, 2, 1, 1), np.float32)}),
                   'layers the model lacks: res_9_block0_conv_sep_conv2d_weight'),
         'shape': (dict(arrays, **{'arg:conv_1_conv2d_weight': np.ones((64, 3, 5, 5), np.float32)}),

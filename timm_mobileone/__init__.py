@@ -9,4 +9,5 @@ from .mobileone_112 import GDCHead, MobileOne112, MobileOneBlock, checkpoint_fil
 from .mobilefacenet import MobileFaceNet
 
 __version__ = '0.1.0'
-__all__ = ['GDCHead', 'MobileFaceNet', 'MobileOne112', 'MobileOneBlock', 'checkpoint_filter_fn', 'feat_size_for', '__version__']
+__all__ = ['GDCHead', 'MobileFaceNet', 'MobileOne112', 'MobileOneBlock', 'checkpoint_filter_fn', 'feat_size_for',
+           '__version__']

@@ -2,15 +2,16 @@
 For each variant at the pretrained cfg's input size (112x112): params and GMACs of the train-time (multi-branch) and
 fused (reparameterized) forms; the max relative error of fused vs train-time in float64 on a batch after calibrating
 BN statistics (random-init S4 is chaotic in float32); CPU latency at batch 1 (train-time form in PyTorch eager, fused
-form in eager and in ONNX Runtime when installed) and time per image at batch 64 (fused forms), medians of repeated
+form in eager and in ONNX Runtime when installed) and time per image at batch B (fused forms), medians of repeated
 runs timed round-robin over every model and form so that load drifts alike. Random weights with calibrated BN
 statistics and flush-to-zero denormals: fresh-init MobileOne activations explode, and exploding or denormal values
 distort timings. No data, no network.
 
-The default run (the five MobileOne variants, batch B = 16) takes about 70 s and 2.1 GB on a 2-core machine; `--dbb` adds the DBB family
-(the train-time forms differ; fused, a DBB model is its MobileOne model), `--peers` the comparison models,
-`--train-batch` the train-time form at batch B, and `--full` all three at batch 64 (8.6 minutes and 7.6 GB peak on
-the project's 2-core box: the train-time DBB forms at batch 64 dominate). Progress goes to stderr: a bar on a terminal, a line per step in a log.
+The default run (the five MobileOne variants, batch B = 16) takes about 70 s and 2.1 GB on a 2-core machine; `--dbb`
+adds the DBB family (the train-time forms differ; fused, a DBB model is its MobileOne model), `--peers` the
+comparison models, `--train-batch` the train-time form at batch B, and `--full` all three at batch 64 (8.6 minutes
+and 7.6 GB peak on the project's 2-core box: the train-time DBB forms at batch 64 dominate). Progress goes to
+stderr: a bar on a terminal, a line per step in a log.
 `--json` prints one JSON object instead of the table; `--plot` saves latency vs GMACs.
 
 `--runtimes` prints the deploy table instead (runtimes.py): batch-1 latency of the fused models (default: the five

@@ -305,7 +305,8 @@ def run_deploy(args, fused: torch.nn.Module, cfg: Dict[str, Any]) -> Dict[str, A
             result.update(int8_vs_fp32_cosine_min=cos, int8_vs_fp32_cosine_mean=cos_mean)
         elif rel is not None and not (rel <= FP32_MAX_REL_ERR and cos >= FP32_MIN_COSINE):
             raise ExportError(f'{out}: {result["runtime"]} output differs from PyTorch (relative error {rel:.3g}, '
-                              f'limit {FP32_MAX_REL_ERR:g}; cosine {cos:.6f}, limit {FP32_MIN_COSINE}); nothing written')
+                              f'limit {FP32_MAX_REL_ERR:g}; cosine {cos:.6f}, limit {FP32_MIN_COSINE}); '
+                              f'nothing written')
         files = [art] + ([art.with_suffix('.bin')] if fmt == 'ncnn' else [])
         for f in files:
             _move(f, out.parent / f.name)

@@ -1,0 +1,123 @@
+"""Where the time goes, per operator kind: ONNX Runtime's own profiler on fused S0 and MobileFaceNet at batch 1.
+
+    python benchmarks/op_profile.py [--models mobileone_112_s0,mobilefacenet] [--runs 200] [--out docs/op_profile.md]
+
+Each model (BN statistics calibrated on random batches, fused) is exported to ONNX (fixed batch 1), run `--runs`
+times in ONNX Runtime with `enable_profiling`, and the profiler's per-node kernel times are summed by kind: full
+3x3 conv, depthwise conv, 1x1 (pointwise) conv, the GDC (7x7 depthwise) conv, PReLU, Add, Gemm, other. Each kind
+gets its share of the kernel time, its MACs (from the graph's shapes) and its GMAC/s, so a reader sees which layers
+cost what and which kernels run far below the model's average. Prints one JSON object; `--out` also writes the
+markdown table.
+"""
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def conv_kinds(model_path: str):
+    """{node name: (kind, MACs)} for the graph's Conv and Gemm nodes, from the initializers' shapes."""
+    import onnx
+    from onnx import shape_inference
+    m = shape_inference.infer_shapes(onnx.load(model_path))
+    inits = {i.name: list(i.dims) for i in m.graph.initializer}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in
+              list(m.graph.value_info) + list(m.graph.output)}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type == 'Conv':
+            w = inits[n.input[1]]
+            group = next((a.i for a in n.attribute if a.name == 'group'), 1)
+            o = shapes.get(n.output[0])
+            macs = int(np.prod(w)) * (o[2] * o[3] if o and len(o) == 4 else 0)
+            if group > 1 and group == w[0]:
+                kind = 'conv depthwise 7x7 (GDC)' if w[2] == 7 else f'conv depthwise {w[2]}x{w[3]}'
+            elif w[2] == 1 and w[3] == 1:
+                kind = 'conv 1x1 (pointwise)'
+            else:
+                kind = f'conv {w[2]}x{w[3]} (full)'
+            out[n.name] = (kind, macs)
+        elif n.op_type in ('Gemm', 'MatMul'):
+            w = inits.get(n.input[1], [0, 0])
+            out[n.name] = ('gemm', int(np.prod(w)))
+        else:
+            out[n.name] = (n.op_type.lower(), 0)
+    return out
+
+
+def profile(name: str, runs: int, tmp: Path):
+    import onnxruntime as ort
+    import timm
+    import torch
+    import timm_mobileone  # noqa: F401
+    from timm_mobileone.__main__ import _calibrate
+    from timm_mobileone.export import export_onnx
+    torch.manual_seed(0)
+    model = timm.utils.reparameterize_model(_calibrate(timm.create_model(name), (3, 112, 112)))
+    path = str(tmp / f'{name}.onnx')
+    export_onnx(model, path)
+    kinds = conv_kinds(path)
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp / name)
+    session = ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+    x = np.random.default_rng(0).standard_normal((1, 3, 112, 112)).astype(np.float32)
+    warmup = 20
+    for _ in range(warmup + runs):
+        session.run(None, {'input': x})
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    per_node = defaultdict(list)
+    for ev in trace:
+        if ev.get('cat') == 'Node' and ev.get('name', '').endswith('_kernel_time'):
+            per_node[ev['name'][:-len('_kernel_time')]].append(ev['dur'])
+    per_kind = defaultdict(lambda: [0.0, 0])
+    for node, durations in per_node.items():
+        kind, _ = kinds.get(node, ('other', 0))
+        per_kind[kind][0] += float(np.median(durations[warmup:]))  # microseconds per run, warm-up runs dropped
+    macs_by_kind = defaultdict(int)
+    for kind, macs in kinds.values():
+        macs_by_kind[kind] += macs
+    total_us = sum(v[0] for v in per_kind.values())
+    rows = [dict(kind=k, us=round(v[0], 1), share=round(v[0] / total_us, 3), gmacs=macs_by_kind[k] / 1e9,
+                 gmac_per_s=round(macs_by_kind[k] / 1e9 / (v[0] / 1e6), 1) if macs_by_kind[k] and v[0] else None)
+            for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1][0])]
+    total_macs = sum(macs_by_kind.values())
+    return dict(model=name, kernel_ms=round(total_us / 1e3, 3), gmacs=round(total_macs / 1e9, 3),
+                gmac_per_s=round(total_macs / 1e9 / (total_us / 1e6), 1), kinds=rows)
+
+
+def table(results) -> str:
+    lines = ['| model | operator kind | ms per run | share | GMACs | GMAC/s |', '|---|---|---:|---:|---:|---:|']
+    for r in results:
+        for k in r['kinds']:
+            lines.append(f"| {r['model']} | {k['kind']} | {k['us'] / 1e3:.3f} | {100 * k['share']:.0f}% | "
+                         f"{k['gmacs']:.3f} | {'' if k['gmac_per_s'] is None else k['gmac_per_s']} |")
+        lines.append(f"| {r['model']} | **all kernels** | {r['kernel_ms']:.3f} | 100% | {r['gmacs']:.3f} | "
+                     f"{r['gmac_per_s']} |")
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--models', default='mobileone_112_s0,mobilefacenet')
+    p.add_argument('--runs', type=int, default=200)
+    p.add_argument('--out', default='')
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [profile(m, args.runs, Path(tmp)) for m in args.models.split(',')]
+    md = table(results)
+    if args.out:
+        Path(args.out).write_text(md + '\n')
+    print(json.dumps(dict(results=results, runs=args.runs, command='python benchmarks/op_profile.py ' +
+                          ' '.join(sys.argv[1:] if argv is None else argv))))
+    print(md, file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()
