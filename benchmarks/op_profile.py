@@ -3,8 +3,9 @@
     python benchmarks/op_profile.py [--models mobileone_112_s0,mobilefacenet] [--runs 200] [--out docs/op_profile.md]
 
 Each model (BN statistics calibrated on random batches, fused) is exported to ONNX (fixed batch 1), run `--runs`
-times in ONNX Runtime with `enable_profiling`, and the profiler's per-node kernel times are summed by kind: full
-3x3 conv, depthwise conv, 1x1 (pointwise) conv, the GDC (7x7 depthwise) conv, PReLU, Add, Gemm, other. Each kind
+times in ONNX Runtime with `enable_profiling`, and the profiler's per-node kernel times (median per node) are summed
+by kind, told from each node's shapes: full 3x3 conv, depthwise conv, 1x1 (pointwise) conv, the GDC (7x7
+depthwise) conv (each with `+ act` where ORT fused the activation in), PReLU, Add, Gemm. Each kind
 gets its share of the kernel time, its MACs (from the graph's shapes) and its GMAC/s, so a reader sees which layers
 cost what and which kernels run far below the model's average. Prints one JSON object; `--out` also writes the
 markdown table.
@@ -21,34 +22,29 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def conv_kinds(model_path: str):
-    """{node name: (kind, MACs)} for the graph's Conv and Gemm nodes, from the initializers' shapes."""
-    import onnx
-    from onnx import shape_inference
-    m = shape_inference.infer_shapes(onnx.load(model_path))
-    inits = {i.name: list(i.dims) for i in m.graph.initializer}
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in
-              list(m.graph.value_info) + list(m.graph.output)}
-    out = {}
-    for n in m.graph.node:
-        if n.op_type == 'Conv':
-            w = inits[n.input[1]]
-            group = next((a.i for a in n.attribute if a.name == 'group'), 1)
-            o = shapes.get(n.output[0])
-            macs = int(np.prod(w)) * (o[2] * o[3] if o and len(o) == 4 else 0)
-            if group > 1 and group == w[0]:
-                kind = 'conv depthwise 7x7 (GDC)' if w[2] == 7 else f'conv depthwise {w[2]}x{w[3]}'
-            elif w[2] == 1 and w[3] == 1:
-                kind = 'conv 1x1 (pointwise)'
-            else:
-                kind = f'conv {w[2]}x{w[3]} (full)'
-            out[n.name] = (kind, macs)
-        elif n.op_type in ('Gemm', 'MatMul'):
-            w = inits.get(n.input[1], [0, 0])
-            out[n.name] = ('gemm', int(np.prod(w)))
+def _shapes(field):
+    return [list(d.values())[0] for d in field or []]
+
+
+def classify(args) -> tuple:
+    """(kind, MACs) of one profiled node from ONNX Runtime's event args (op name, input and output shapes): ORT
+    renames the nodes it fuses (Conv + Relu = FusedConv), so shapes, not graph names, say what a node computed."""
+    op = args.get('op_name', 'other')
+    ins, outs = _shapes(args.get('input_type_shape')), _shapes(args.get('output_type_shape'))
+    if op in ('Conv', 'FusedConv') and len(ins) >= 2 and len(ins[0]) == 4 and outs:
+        w, out = ins[1], outs[0]
+        macs = int(np.prod(w)) * out[2] * out[3]
+        fused = ' + act' if op == 'FusedConv' else ''
+        if w[1] == 1 and ins[0][1] == w[0] > 1:
+            kind = 'conv depthwise 7x7 (GDC)' if w[2] == 7 else f'conv depthwise {w[2]}x{w[3]}'
+        elif w[2] == w[3] == 1:
+            kind = 'conv 1x1 (pointwise)'
         else:
-            out[n.name] = (n.op_type.lower(), 0)
-    return out
+            kind = f'conv {w[2]}x{w[3]} (full)'
+        return kind + fused, macs
+    if op in ('Gemm', 'MatMul') and len(ins) >= 2:
+        return 'gemm', int(np.prod(ins[1]))
+    return op.lower(), 0
 
 
 def profile(name: str, runs: int, tmp: Path):
@@ -62,7 +58,6 @@ def profile(name: str, runs: int, tmp: Path):
     model = timm.utils.reparameterize_model(_calibrate(timm.create_model(name), (3, 112, 112)))
     path = str(tmp / f'{name}.onnx')
     export_onnx(model, path)
-    kinds = conv_kinds(path)
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(tmp / name)
@@ -72,20 +67,20 @@ def profile(name: str, runs: int, tmp: Path):
     for _ in range(warmup + runs):
         session.run(None, {'input': x})
     trace = json.loads(Path(session.end_profiling()).read_text())
-    per_node = defaultdict(list)
+    per_node, node_kind = defaultdict(list), {}
     for ev in trace:
         if ev.get('cat') == 'Node' and ev.get('name', '').endswith('_kernel_time'):
-            per_node[ev['name'][:-len('_kernel_time')]].append(ev['dur'])
+            per_node[ev['name']].append(ev['dur'])
+            node_kind[ev['name']] = classify(ev.get('args', {}))
     per_kind = defaultdict(lambda: [0.0, 0])
-    for node, durations in per_node.items():
-        kind, _ = kinds.get(node, ('other', 0))
-        per_kind[kind][0] += float(np.median(durations[warmup:]))  # microseconds per run, warm-up runs dropped
     macs_by_kind = defaultdict(int)
-    for kind, macs in kinds.values():
+    for node, durations in per_node.items():
+        kind, macs = node_kind[node]
+        per_kind[kind][0] += float(np.median(durations[warmup:]))  # microseconds per run, warm-up runs dropped
         macs_by_kind[kind] += macs
     total_us = sum(v[0] for v in per_kind.values())
     rows = [dict(kind=k, us=round(v[0], 1), share=round(v[0] / total_us, 3), gmacs=macs_by_kind[k] / 1e9,
-                 gmac_per_s=round(macs_by_kind[k] / 1e9 / (v[0] / 1e6), 1) if macs_by_kind[k] and v[0] else None)
+                 gmac_per_s=round(macs_by_kind[k] / 1e9 / (v[0] / 1e6), 1) if macs_by_kind[k] > 1e4 and v[0] else None)
             for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1][0])]
     total_macs = sum(macs_by_kind.values())
     return dict(model=name, kernel_ms=round(total_us / 1e3, 3), gmacs=round(total_macs / 1e9, 3),
