@@ -12,6 +12,7 @@ images). Calibration crops are people who appear in no pair of `pairs.txt` (the 
 image each, the first `--calib-images` by name. Prints one JSON object.
 """
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -82,9 +83,16 @@ def activation_spread(checkpoint: str, calib: Path, images: int = 64):
 
 
 def lfw(args, extra, save):
-    r = lfw_main(['--model', 'mobilefacenet', '--data', str(args.data), '--no-progress', '--save-embeddings', save]
-                 + extra)
-    return r
+    """eval.lfw's result on --data with the artifact flags `extra` (its JSON line goes to stderr, not stdout)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return lfw_main(['--model', 'mobilefacenet', '--data', str(args.data), '--no-progress', '--save-embeddings',
+                         save] + extra)
+
+
+def export(argv):
+    """timm_mobileone.export's result (its JSON line goes to stderr: this script's stdout is one JSON object)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return export_main(argv)
 
 
 def main(argv=None):
@@ -108,18 +116,18 @@ def main(argv=None):
             stem = args.out / f'mfn_{variant}'
             if runtime == 'onnx':
                 fp32, int8 = f'{stem}.onnx', f'{stem}_int8.onnx'
-                export_main(base + ['--out', fp32, '--dynamic-batch', '--int8', '--int8-onnx', int8, '--calib',
+                export(base + ['--out', fp32, '--dynamic-batch', '--int8', '--int8-onnx', int8, '--calib',
                                     str(calib), '--calib-images', str(args.calib_images),
                                     '--calib-method', args.calib_method])
                 runs = {'fp32': ['--onnx', fp32], 'int8': ['--onnx', int8]}
             elif runtime == 'ncnn':  # FP32 only (ncnn's INT8 needs its own table tool); the export's pnnx path
                 fp32 = f'{stem}.param'
-                export_main(base + ['--format', 'ncnn', '--out', fp32])
+                export(base + ['--format', 'ncnn', '--out', fp32])
                 runs = {'fp32': ['--runtime', 'ncnn', '--artifact', fp32]}
             else:
                 fp32, int8 = f'{stem}.pte', f'{stem}_int8.pte'
-                export_main(base + ['--format', 'executorch', '--out', fp32])
-                export_main(base + ['--format', 'executorch', '--out', int8, '--int8', '--calib', str(calib),
+                export(base + ['--format', 'executorch', '--out', fp32])
+                export(base + ['--format', 'executorch', '--out', int8, '--int8', '--calib', str(calib),
                                     '--calib-images', str(args.calib_images)])
                 runs = {'fp32': ['--runtime', 'executorch', '--artifact', fp32],
                         'int8': ['--runtime', 'executorch', '--artifact', int8]}

@@ -72,16 +72,16 @@ def profile(name: str, runs: int, tmp: Path):
         if ev.get('cat') == 'Node' and ev.get('name', '').endswith('_kernel_time'):
             per_node[ev['name']].append(ev['dur'])
             node_kind[ev['name']] = classify(ev.get('args', {}))
-    per_kind = defaultdict(lambda: [0.0, 0])
+    per_kind = defaultdict(float)  # microseconds per run
     macs_by_kind = defaultdict(int)
     for node, durations in per_node.items():
         kind, macs = node_kind[node]
-        per_kind[kind][0] += float(np.median(durations[warmup:]))  # microseconds per run, warm-up runs dropped
+        per_kind[kind] += float(np.median(durations[warmup:]))  # warm-up runs dropped
         macs_by_kind[kind] += macs
-    total_us = sum(v[0] for v in per_kind.values())
-    rows = [dict(kind=k, us=round(v[0], 1), share=round(v[0] / total_us, 3), gmacs=macs_by_kind[k] / 1e9,
-                 gmac_per_s=round(macs_by_kind[k] / 1e9 / (v[0] / 1e6), 1) if macs_by_kind[k] > 1e4 and v[0] else None)
-            for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1][0])]
+    total_us = sum(per_kind.values())
+    rows = [dict(kind=k, us=round(us, 1), share=round(us / total_us, 3), gmacs=macs_by_kind[k] / 1e9,
+                 gmac_per_s=round(macs_by_kind[k] / 1e9 / (us / 1e6), 1) if macs_by_kind[k] > 1e4 and us else None)
+            for k, us in sorted(per_kind.items(), key=lambda kv: -kv[1])]
     total_macs = sum(macs_by_kind.values())
     return dict(model=name, kernel_ms=round(total_us / 1e3, 3), gmacs=round(total_macs / 1e9, 3),
                 gmac_per_s=round(total_macs / 1e9 / (total_us / 1e6), 1), kinds=rows)

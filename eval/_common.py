@@ -366,7 +366,7 @@ def _rounded(x):
 
 
 def dataset_result(dataset: VerificationSet, metrics: Dict, xnorm: Optional[float], seconds: float,
-                   images_per_s: Optional[float], folds: Tuple[int, str] = (10, '--num-folds')) -> Dict:
+                   images_per_s: Optional[float], folds: Tuple[int, str]) -> Dict:
     return dict(
         dataset=dataset.name,
         data=dataset.source,

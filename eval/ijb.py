@@ -23,8 +23,8 @@ from timm_mobileone.data import read_npy
 
 from . import _ijb as J
 from ._common import (
-    ArtifactModel, OnnxModel, UserError, _versions, add_model_flags, cli, create_model, embed_batches, finish, input_cfg,
-    parse, roc_figure, save_roc)
+    ArtifactModel, OnnxModel, UserError, _versions, add_model_flags, cli, create_model, embed_batches, finish,
+    input_cfg, parse, roc_figure, save_roc)
 
 _logger = logging.getLogger('eval')
 FEATURE_CHUNK = 4096  # precomputed features pooled this many images at a time (they may be a memory-mapped file)

@@ -390,16 +390,22 @@ def _read_mxnet(folder: Path, data: bytes):
     return read_params(path)
 
 
+def _packed(fmt: str, value: int) -> bytes:
+    """`value` packed into a struct field: wrapped for unsigned formats, clamped into range for signed ones."""
+    bits = 8 * struct.calcsize(fmt)
+    if fmt[-1].isupper():
+        return struct.pack(fmt, value % 2 ** bits)
+    return struct.pack(fmt, max(min(value, 2 ** (bits - 1) - 1), -2 ** (bits - 1)))
+
+
 def _mxnet_strategy():
     valid = [mxnet_params_bytes(MXNET_VALID), mxnet_params_bytes(MXNET_VALID, 'legacy')]
-    # header fields set to what breaks readers: array count, ndim, a dimension, the dtype flag, a name length
+    # header fields set to what breaks readers: array count, ndim, a dimension, the dtype flag, a storage type
     first = 24  # the first NDArray starts after the list header and the array count
     fields = st.sampled_from([(16, '<Q'), (first + 8, '<I'), (first + 12, '<q'), (first + 52, '<i'), (first + 4, '<i')])
     values = st.one_of(st.sampled_from(HUGE), st.integers(-3, 40))
     edited = st.tuples(fields, values).map(
-        lambda fv: _apply(valid[0], [('overwrite', fv[0][0], struct.pack(fv[0][1], fv[1] % 2 ** (
-            8 * struct.calcsize(fv[0][1])) if fv[0][1][1].isupper() else max(min(fv[1], 2 ** 31 - 1), -2 ** 31)
-            if fv[0][1] in ('<i',) else min(fv[1], 2 ** 63 - 1)))]))
+        lambda fv: _apply(valid[0], [('overwrite', fv[0][0], _packed(fv[0][1], fv[1]))]))
     return st.one_of(st.sampled_from(valid).flatmap(mutated), edited)
 
 

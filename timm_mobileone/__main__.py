@@ -19,7 +19,6 @@ variants and the reference MobileFaceNet) in PyTorch eager, ONNX Runtime, ExecuT
 ncnn, timed round-robin over every (model, runtime) pair.
 """
 import argparse
-import copy
 import json
 import sys
 import time
@@ -156,10 +155,10 @@ def report_row(name: str, model: torch.nn.Module, args, kind: str, bar: Optional
 
 
 def time_all(rows: List[Dict[str, Any]], args, bar: Optional[Progress] = None) -> None:
-    """Fill every row's latency (batch 1) and per-image time (batch B) columns, timing all (model, form) calls
-    round-robin: `args.repeats` rounds at batch 1, a third as many at batch B, medians."""
+    """Fill every row's latency (batch 1) and per-image time (batch B) columns, medians: `args.repeats` rounds at
+    batch 1, round-robin over every (model, form); a fifth as many (at least 3) at batch B, round-robin over each
+    model's forms, one model at a time."""
     ones = {(i, form): c[0] for i, r in enumerate(rows) for form, c in r['_calls'].items()}
-    manys = {(i, form): c[1] for i, r in enumerate(rows) for form, c in r['_calls'].items() if c[1] is not None}
     rounds_b = max(3, args.repeats // 5)
 
     def progress(label: str):
@@ -175,13 +174,9 @@ def time_all(rows: List[Dict[str, Any]], args, bar: Optional[Progress] = None) -
     # 1 GB per model at batch 64); the forms of a row are compared under the same load, as at batch 1.
     tb: Dict = {}
     for i, r in enumerate(rows):
-        mine = {key: call for key, call in manys.items() if key[0] == i}
-        for key in mine:
-            del manys[key]
-        if mine:
-            tb.update(time_round_robin(mine, rounds_b, on_round=progress(f'batch {args.batch_size}, {r["model"]}')))
-        del mine
-        del r['_calls']
+        batched = {(i, form): c[1] for form, c in r.pop('_calls').items() if c[1] is not None}
+        if batched:
+            tb.update(time_round_robin(batched, rounds_b, on_round=progress(f'batch {args.batch_size}, {r["model"]}')))
     if bar is not None:
         bar.update(1)
     for (i, form), seconds in t1.items():

@@ -38,6 +38,19 @@ def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], None]) -> 
         raise
 
 
+def _glibc():
+    """The C library, where it is glibc on Linux (its malloc tunables), else None."""
+    import ctypes
+    import ctypes.util
+    import sys
+    if not sys.platform.startswith('linux'):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError:
+        return None
+
+
 def keep_freed_memory_for_reuse() -> bool:
     """Serve large CPU tensors from the heap instead of fresh mmaps (glibc only; no-op elsewhere).
 
@@ -47,30 +60,21 @@ def keep_freed_memory_for_reuse() -> bool:
     took 8.3 s instead of 11.8 s for 2,000 images, with flat memory. Called by the CLIs that run many batches
     (`eval.*`, the zoo report, the benchmarks), never on import. Returns whether the setting took.
     """
-    import ctypes
-    import ctypes.util
-    import sys
-    if not sys.platform.startswith('linux'):
-        return False
+    libc = _glibc()
+    m_mmap_threshold = -3
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-        m_mmap_threshold = -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30))
-    except (OSError, AttributeError):
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) if libc is not None else False
+    except AttributeError:
         return False
 
 
 def release_freed_memory() -> bool:
     """Hand the heap's free pages back to the OS (glibc's malloc_trim; no-op elsewhere). Between the steps of a long
     job: each step's freed peak (a float64 copy, an export) otherwise stays resident. Returns whether it ran."""
-    import ctypes
-    import ctypes.util
-    import sys
-    if not sys.platform.startswith('linux'):
-        return False
+    libc = _glibc()
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim(0))
-    except (OSError, AttributeError):
+        return bool(libc.malloc_trim(0)) if libc is not None else False
+    except AttributeError:
         return False
 
 

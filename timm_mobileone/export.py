@@ -57,7 +57,6 @@ ALLOWED_OPS = {'Conv', 'Relu', 'Flatten', 'Reshape', 'Gemm', 'MatMul',  # every 
 # a wrong padding or a flipped channel order: 1e-2 and far more)
 FP32_MIN_COSINE = 0.99999
 FP32_MAX_REL_ERR = 1e-3
-ORT_TOLERANCE = FP32_MAX_REL_ERR
 
 
 class ExportError(Exception):

@@ -325,6 +325,11 @@ _MXNET_HEAD = {
 _MXNET_FOLDED = ('pre_fc1_bias', 'fc1_moving_mean', 'fc1_gamma')
 
 
+def _float_tensor(value: Any) -> torch.Tensor:
+    """A float32 tensor of an MXNet array (numpy, as mxnet.read_params gives it, or already a tensor)."""
+    return (value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))).float()
+
+
 def is_mxnet_checkpoint(state_dict: Dict[str, Any]) -> bool:
     return 'conv_1_conv2d_weight' in state_dict or 'fc1_moving_var' in state_dict
 
@@ -340,8 +345,7 @@ def convert_mxnet(state_dict: Dict[str, Any], model: Optional[nn.Module] = None)
     out: Dict[str, torch.Tensor] = {}
     unknown = []
     for name, value in state_dict.items():
-        t = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
-        t = t.float()
+        t = _float_tensor(value)
         if name in _MXNET_HEAD:
             out[_MXNET_HEAD[name]] = t
         elif name in _MXNET_FOLDED:
@@ -357,8 +361,7 @@ def convert_mxnet(state_dict: Dict[str, Any], model: Optional[nn.Module] = None)
         raise KeyError('; '.join(filter(None, [
             f'layers the model lacks: {", ".join(unknown[:8])}{" ..." if len(unknown) > 8 else ""}' if unknown else '',
             f'missing: {", ".join(missing)}' if missing else ''])))
-    bias = torch.as_tensor(np.asarray(state_dict['pre_fc1_bias'])).float()
-    mean = torch.as_tensor(np.asarray(state_dict['fc1_moving_mean'])).float()
+    bias, mean = _float_tensor(state_dict['pre_fc1_bias']), _float_tensor(state_dict['fc1_moving_mean'])
     out['head.norm.running_mean'] = mean - bias
     out['head.norm.weight'] = torch.ones_like(mean)  # fix_gamma=True: MXNet ignores the stored gamma
     return out

@@ -16,8 +16,7 @@ __all__ = ['PEERS', 'create_peer']
 def _timm_peer(name: str) -> Callable[[], nn.Module]:
     def create() -> nn.Module:
         import timm
-        from . import mobilefacenet  # noqa: F401  (registers it)
-        return timm.create_model(name, num_classes=0)
+        return timm.create_model(name, num_classes=0)  # mobilefacenet: registered by the package's import
     return create
 
 

@@ -21,6 +21,10 @@ import torch.nn as nn
 __all__ = ['equalize', 'channel_ranges']
 
 
+def _is_depthwise(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels and layer.groups > 1
+
+
 def _out_ranges(layer: nn.Module) -> torch.Tensor:
     w = layer.weight.detach()
     return w.abs().reshape(w.shape[0], -1).amax(1)
@@ -28,8 +32,8 @@ def _out_ranges(layer: nn.Module) -> torch.Tensor:
 
 def _in_ranges(layer: nn.Module) -> torch.Tensor:
     w = layer.weight.detach()
-    if isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels and layer.groups > 1:
-        return w.abs().reshape(w.shape[0], -1).amax(1)  # depthwise: input channel i is output channel i
+    if _is_depthwise(layer):
+        return _out_ranges(layer)  # input channel i is output channel i
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         raise ValueError('grouped (non-depthwise) convs are not equalized')
     return w.abs().transpose(0, 1).reshape(w.shape[1], -1).amax(1)
@@ -45,7 +49,7 @@ def _equalize_pair(first: nn.Module, second: nn.Module) -> float:
     first.weight.div_(s.view(shape1))
     if first.bias is not None:
         first.bias.div_(s)
-    if isinstance(second, nn.Conv2d) and second.groups == second.in_channels and second.groups > 1:
+    if _is_depthwise(second):  # input channel i is output channel i
         second.weight.mul_(s.view((-1,) + (1,) * (second.weight.dim() - 1)))
     else:
         second.weight.mul_(s.view((1, -1) + (1,) * (second.weight.dim() - 2)))
