@@ -7,7 +7,7 @@ runs timed round-robin over every model and form so that load drifts alike. Rand
 statistics and flush-to-zero denormals: fresh-init MobileOne activations explode, and exploding or denormal values
 distort timings. No data, no network.
 
-The default run (the five MobileOne variants, batch B = 16) takes about 70 s and 2.1 GB on a 2-core machine; `--dbb`
+The default run (the five MobileOne variants, batch B = 16) takes about 75 s and 1.9 GB on a 2-core machine; `--dbb`
 adds the DBB family (the train-time forms differ; fused, a DBB model is its MobileOne model), `--peers` the
 comparison models, `--train-batch` the train-time form at batch B, and `--full` all three at batch 64 (8.6 minutes
 and 7.6 GB peak on the project's 2-core box: the train-time DBB forms at batch 64 dominate). Progress goes to
