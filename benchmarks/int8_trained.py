@@ -1,15 +1,20 @@
-"""INT8 judged on a trained face model: insightface's MobileFaceNet through the project's INT8 paths, on real LFW.
+"""INT8 judged on a trained face model: insightface's MobileFaceNet (or a trained student) through the project's
+INT8 paths, on real LFW.
 
     python benchmarks/int8_trained.py --data ../shared/data/lfw_dev \
         --checkpoint ../shared/data/mobilefacenet_y1/model-0000.params --out /tmp/int8 [--variants plain,equalize]
+    python benchmarks/int8_trained.py --model mobileone_112_s0 --checkpoint RUN/best.safetensors \
+        --data SPLIT/val --calib SPLIT/train --out /tmp/int8-s0          # a distilled student (train.split folders)
 
 For each variant (`plain`: the fused model as it is, `export --equalize off`; `equalize`: cross-layer equalization
 first, `--equalize on`, what `--int8` does by default for models that list their layer pairs), each runtime (ONNX
 Runtime static QDQ; ExecuTorch PT2E with the XNNPACK quantizer; ncnn, FP32 only) and precision: the LFW-dev accuracy
 through `python -m eval.lfw` on the exported artifact (insightface's protocol, the pairs.txt header's folds), and
 INT8 vs FP32 cosine of the flip-summed, normalized embeddings verification uses (mean, min over all 6,922 pair
-images). Calibration crops are people who appear in no pair of `pairs.txt` (the folder's 1,468 unpaired people), one
-image each, the first `--calib-images` by name. Prints one JSON object.
+images). Calibration crops are people who appear in no pair of `pairs.txt` (the folder's 1,468 unpaired people), or
+of the `--calib` folder (a student's training people), one image each, the first `--calib-images` by name. The
+activation spread (largest / median per-channel max |activation|, per activation layer) names the layers a
+per-tensor INT8 scale serves worst. Prints one JSON object.
 """
 import argparse
 import contextlib
@@ -36,27 +41,30 @@ def unpaired_people(data: Path):
     return sorted(p.name for p in data.iterdir() if p.is_dir() and p.name not in paired)
 
 
-def calib_folder(data: Path, out: Path, count: int) -> Path:
+def calib_folder(data: Path, out: Path, count: int, people_from: Path = None) -> Path:
     folder = out / 'calib'
     folder.mkdir(parents=True, exist_ok=True)
-    for name in unpaired_people(data)[:count]:
-        src = sorted((data / name).glob('*.jpg'))[0]
+    source = people_from or data
+    people = (sorted(p.name for p in source.iterdir() if p.is_dir()) if people_from else unpaired_people(data))
+    for name in people[:count]:
+        src = sorted((source / name).glob('*.jpg'))[0]
         dst = folder / src.name
         if not dst.exists():
             dst.symlink_to(src.resolve())
     return folder
 
 
-def activation_spread(checkpoint: str, calib: Path, images: int = 64):
-    """Per layer (each PReLU output and the GDC conv's): largest / median per-channel max |activation| over
-    `images` calibration crops, for the fused model as trained and after cross-layer equalization; the five worst."""
+def activation_spread(model_name: str, checkpoint: str, calib: Path, images: int = 64):
+    """Per layer (each PReLU / ReLU output and the GDC conv's): largest / median per-channel max |activation| over
+    `images` calibration crops, for the fused model as trained and after cross-layer equalization; the five worst,
+    and the median over all layers."""
     import copy
     import timm
     import torch
     from PIL import Image
     from timm_mobileone._io import create_model_checked
     from timm_mobileone.quant import equalize
-    fused = timm.utils.reparameterize_model(create_model_checked('mobilefacenet', checkpoint=checkpoint).eval())
+    fused = timm.utils.reparameterize_model(create_model_checked(model_name, checkpoint=checkpoint).eval())
     cfg = fused.pretrained_cfg
     files = sorted(calib.glob('*.jpg'))[:images]
     x = np.stack([np.array(Image.open(f).convert('RGB')) for f in files]).astype(np.float32).transpose(0, 3, 1, 2)
@@ -65,7 +73,7 @@ def activation_spread(checkpoint: str, calib: Path, images: int = 64):
     def spreads(model):
         out, hooks = {}, []
         for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.PReLU) or name == 'head.conv_dw':
+            if isinstance(mod, (torch.nn.PReLU, torch.nn.ReLU)) or name == 'head.conv_dw':
                 def hook(_, __, o, name=name):
                     r = o.detach().abs().amax(dim=(0, 2, 3))
                     out[name] = (float(r.max() / r.median().clamp_min(1e-12)), float(r.max()))
@@ -77,15 +85,17 @@ def activation_spread(checkpoint: str, calib: Path, images: int = 64):
         return out
     plain, equalized = spreads(fused), spreads(equalize(copy.deepcopy(fused)))
     worst = sorted(plain, key=lambda k: -plain[k][0])[:5]
-    return [dict(layer=k, spread_plain=round(plain[k][0], 1), spread_equalized=round(equalized[k][0], 1),
-                 tensor_max_plain=round(plain[k][1], 1), tensor_max_equalized=round(equalized[k][1], 1))
-            for k in worst]
+    return dict(layers=len(plain), median_spread_plain=round(float(np.median([v[0] for v in plain.values()])), 1),
+                median_spread_equalized=round(float(np.median([v[0] for v in equalized.values()])), 1),
+                worst=[dict(layer=k, spread_plain=round(plain[k][0], 1), spread_equalized=round(equalized[k][0], 1),
+                            tensor_max_plain=round(plain[k][1], 1), tensor_max_equalized=round(equalized[k][1], 1))
+                       for k in worst])
 
 
 def lfw(args, extra, save):
     """eval.lfw's result on --data with the artifact flags `extra` (its JSON line goes to stderr, not stdout)."""
     with contextlib.redirect_stdout(sys.stderr):
-        return lfw_main(['--model', 'mobilefacenet', '--data', str(args.data), '--no-progress', '--save-embeddings',
+        return lfw_main(['--model', args.model, '--data', str(args.data), '--no-progress', '--save-embeddings',
                          save] + extra)
 
 
@@ -97,8 +107,11 @@ def export(argv):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--data', type=Path, required=True)
+    p.add_argument('--data', type=Path, required=True, help='aligned folder with pairs.txt')
+    p.add_argument('--model', default='mobilefacenet', help='architecture of --checkpoint')
     p.add_argument('--checkpoint', required=True)
+    p.add_argument('--calib', type=Path, default=None,
+                   help="folder of people to calibrate on (default: --data's people in no pair)")
     p.add_argument('--out', type=Path, required=True)
     p.add_argument('--variants', default='plain,equalize')
     p.add_argument('--runtimes', default='onnx,executorch')
@@ -106,14 +119,14 @@ def main(argv=None):
     p.add_argument('--calib-method', default='minmax', choices=('minmax', 'percentile', 'entropy'))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    calib = calib_folder(args.data, args.out, args.calib_images + 100)
+    calib = calib_folder(args.data, args.out, args.calib_images + 100, args.calib)
     rows = []
     for variant in args.variants.split(','):
         flags = ['--equalize', 'on' if variant == 'equalize' else 'off']
-        base = ['--model', 'mobilefacenet', '--checkpoint', args.checkpoint] + flags
+        base = ['--model', args.model, '--checkpoint', args.checkpoint] + flags
         for runtime in args.runtimes.split(','):
             t0 = time.time()
-            stem = args.out / f'mfn_{variant}'
+            stem = args.out / f'{args.model}_{variant}'
             if runtime == 'onnx':
                 fp32, int8 = f'{stem}.onnx', f'{stem}_int8.onnx'
                 export(base + ['--out', fp32, '--dynamic-batch', '--int8', '--int8-onnx', int8, '--calib',
@@ -147,9 +160,10 @@ def main(argv=None):
                            int8_auc=res['int8']['auc'])
             rows.append(dict(row, seconds=round(time.time() - t0)))
             print(json.dumps(rows[-1]), file=sys.stderr)
-    result = dict(model='mobilefacenet', checkpoint=args.checkpoint, data=str(args.data),
-                  calib=f'{args.calib_images} crops of unpaired lfw_dev people', rows=rows,
-                  activation_spread=activation_spread(args.checkpoint, calib),
+    result = dict(model=args.model, checkpoint=args.checkpoint, data=str(args.data),
+                  calib=f'{args.calib_images} crops, one per person, of '
+                        + (f'{args.calib}' if args.calib else f'the people in no pair of {args.data}'), rows=rows,
+                  activation_spread=activation_spread(args.model, args.checkpoint, calib),
                   command='python benchmarks/int8_trained.py ' + ' '.join(sys.argv[1:] if argv is None else argv))
     print(json.dumps(result))
     return result

@@ -127,6 +127,10 @@ def create_model_checked(model_name: str, pretrained: bool = False, checkpoint: 
     from . import mobileone_112, mobilefacenet  # noqa: F401  (registers the models)
     state = read_state_dict(checkpoint) if checkpoint else None  # a file timm's loader would choke on: one line
     mxnet = bool(checkpoint) and Path(checkpoint).suffix == '.params'
+    if state is not None and not mxnet and model_name in timm.list_models('mobileone_112_*'):
+        # the head's sizes as the weights were trained (a distilled student's embed_dim=128 loads as given)
+        for key, value in mobileone_112.infer_model_args(state).items():
+            kwargs.setdefault(key, value)
     try:
         model = timm.create_model(model_name, pretrained=pretrained,
                                   checkpoint_path=checkpoint if checkpoint and not mxnet else None, **kwargs)

@@ -34,6 +34,7 @@ from timm.utils import reparameterize_model
 
 from . import __version__
 from ._io import ModelLoadError, atomic_write, first_line, read_state_dict
+from .mobileone_112 import infer_model_args
 from .profile import count_macs, count_params, fusion_error
 
 _logger = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ FUSED_WEIGHTS_NAME = 'model_fused.safetensors'
 CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
 EXPORT_FILES = (WEIGHTS_NAME, FUSED_WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
-CARDS_DIR = Path(__file__).resolve().parents[1] / 'hub_cards'  # the repo's card sources (not in the wheel)
+# `card` writes here by default, relative to the current folder (the repository's card sources when run from its
+# root); never next to the installed package
+CARDS_DIR = Path('hub_cards')
 CARD_TEMPLATE = Path(__file__).resolve().parent / 'card_template.md'  # hub_cards/TEMPLATE.md links here
 FUSION_TOLERANCE = 1e-6  # float64 relative error; rounding is ~1e-15, a fusion bug 1e-3 or more
 CARD_TAGS = ['image-feature-extraction', 'timm', 'face-recognition', 'mobileone']
@@ -75,18 +78,6 @@ def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         return read_state_dict(path)
     except ModelLoadError as e:
         raise HubError(str(e)) from None
-
-
-def infer_model_args(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """Head arguments a mobileone_112 state dict was built with (embed_dim, num_classes, global_pool)."""
-    args: Dict[str, Any] = {}
-    if 'head.proj.weight' in state_dict:
-        args['embed_dim'] = state_dict['head.proj.weight'].shape[0]
-    elif 'head.fc.weight' in state_dict:
-        args['global_pool'] = 'avg'
-    fc = state_dict.get('head.fc.weight')
-    args['num_classes'] = fc.shape[0] if fc is not None else 0
-    return args
 
 
 def load_train_time_model(model_name: str, checkpoint: str, **model_args) -> torch.nn.Module:
@@ -380,7 +371,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     p = sub.add_parser('card', help='(re)generate a model card', formatter_class=fmt)
     model_flags(p, need_checkpoint=False)
-    p.add_argument('--out', default='', help='card path (default: hub_cards/<model>.<tag>/README.md)')
+    p.add_argument('--out', default='', help='card path (default: ./hub_cards/<model>.<tag>/README.md, in the current folder)')
 
     p = sub.add_parser('push', help='upload an exported folder to the Hub', formatter_class=fmt)
     p.add_argument('folder', help='exported folder')

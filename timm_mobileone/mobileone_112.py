@@ -244,6 +244,18 @@ class GDCHead(_EmbeddingHead):
         return self.conv_dw(x)
 
 
+def infer_model_args(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Head arguments a mobileone_112 state dict was built with (embed_dim, num_classes, global_pool)."""
+    args: Dict[str, Any] = {}
+    if 'head.proj.weight' in state_dict:
+        args['embed_dim'] = state_dict['head.proj.weight'].shape[0]
+    elif 'head.fc.weight' in state_dict:
+        args['global_pool'] = 'avg'
+    fc = state_dict.get('head.fc.weight')
+    args['num_classes'] = fc.shape[0] if fc is not None else 0
+    return args
+
+
 def default_head_chs(in_features: int, feat_size: Tuple[int, int] = (7, 7), embed_dim: int = 512) -> int:
     """The `head_chs` of the conv1x1 head: the multiple of 8 whose head has about the GDC head's parameters.
 

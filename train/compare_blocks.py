@@ -5,9 +5,13 @@ train.compare_blocks`.
         --output OUT [--seeds 1 2 3] [--lr 0.1 0.05] [train.face flags: --epochs --batch-size --loss ...]
     python -m train.compare_blocks --models mobileone_112_s0 mobileone_112_s0:head_type=conv1x1 ...   # heads
     python -m train.compare_blocks --runs OUT/mobileone_112_s0-seed1 OUT/mobileone_112_dbb_s0-seed1 --output OUT
+    python -m train.compare_blocks --models mobileone_112_s0:embed_dim=128 mobileone_112_dbb_s0:embed_dim=128 \
+        --data SPLIT/train --val SPLIT/val --output OUT --loss none --teacher mobilefacenet \
+        --teacher-checkpoint model-0000.params --amp                   # students of one teacher, on real faces
 
 Each model is trained by `train.face` once per seed and learning rate, with the same data, data order (the seed
-fixes the sampler and flips), recipe and validation packs (`OUT/<model>-seed<S>[-lr<LR>]`; a finished run folder is
+fixes the sampler and flips), recipe, teacher (with `--teacher`: train/distill.py; the runs share one cache of its
+targets, `OUT/teacher.safetensors`, unless `--teacher-cache` says otherwise) and validation packs (`OUT/<model>-seed<S>[-lr<LR>]`; a finished run folder is
 reused, an interrupted one resumed), or finished run folders are read (`--runs`). A model is a registered name,
 optionally with `create_model` arguments: `NAME:key=value,key=value`. The report compares, side by side:
 
@@ -140,11 +144,23 @@ def _finished(folder: Path) -> Optional[Dict[str, Any]]:
     return state if state.get('step') == state.get('total_steps') else None
 
 
+def diverged_at(folder: Path) -> Optional[str]:
+    """train.face's record of a non-finite loss in the run's log (a result, not a failure), or None."""
+    try:
+        rows = [json.loads(line) for line in (folder / LOG_NAME).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    hit = next((r for r in rows if r.get('diverged')), None)
+    return None if hit is None else f'loss is {hit["loss"]} at step {hit["step"] - 1}'
+
+
 def train_runs(args, extra: Sequence[str], specs: List[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
     """Train (or reuse) every model x seed x lr run; returns one entry per run: folder, diverged, error line."""
     out = Path(args.output)
     runs = []
     several_lr = len(args.lr) > 1
+    if '--teacher' in extra and '--teacher-cache' not in extra:  # the teacher runs once for all the runs
+        extra = [*extra, '--teacher-cache', str(out / 'teacher.safetensors')]
     for lr in args.lr:
         for seed in args.seeds:
             for name, kwargs in specs:
@@ -157,7 +173,10 @@ def train_runs(args, extra: Sequence[str], specs: List[Tuple[str, Dict[str, Any]
                     argv += ['--model-kwargs', *[f'{k}={v!r}' for k, v in kwargs.items()]]
                 entry = dict(folder=str(folder), model=spec_label(name, kwargs), seed=seed, lr=lr, diverged=False,
                              error=None)
-                if _finished(folder) is None:
+                diverged = diverged_at(folder)
+                if diverged:  # an earlier invocation's run diverged: the result stands, nothing to resume
+                    entry.update(diverged=True, error=diverged)
+                elif _finished(folder) is None:
                     if (folder / STATE_NAME).is_file():
                         argv.append('--resume')
                     _logger.info(f'training {entry["model"]} seed {seed} lr {lr:g} -> {folder}')
@@ -167,11 +186,12 @@ def train_runs(args, extra: Sequence[str], specs: List[Tuple[str, Dict[str, Any]
                         proc = subprocess.run([sys.executable, '-m', 'train.face', *argv], stdout=subprocess.PIPE,
                                               stderr=err, text=True)
                     if proc.returncode != 0:
-                        last = [line for line in log.read_text().splitlines() if line.startswith('error:')]
-                        line = last[-1] if last else f'train.face exited with {proc.returncode} (see {log})'
-                        if 'loss is' in line:  # train.face's divergence message: a result, not a failure
-                            entry.update(diverged=True, error=line[len('error: '):])
+                        diverged = diverged_at(folder)
+                        if diverged:
+                            entry.update(diverged=True, error=diverged)
                         else:
+                            last = [line for line in log.read_text().splitlines() if line.startswith('error:')]
+                            line = last[-1] if last else f'train.face exited with {proc.returncode} (see {log})'
                             raise UserError(f'{entry["model"]} seed {seed}: {line.removeprefix("error: ")}')
                 runs.append(entry)
     return runs
@@ -226,7 +246,7 @@ def _mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
 
 
 def trainability(run: Dict[str, Any]) -> Dict[str, Any]:
-    losses = [r['loss'] for r in run['rows'] if 'loss' in r]
+    losses = [r['loss'] for r in run['rows'] if 'loss' in r and not r.get('diverged')]
     norms = [r['grad_norm'] for r in run['rows'] if r.get('grad_norm') is not None]
     finite = [x for x in losses if math.isfinite(x)]
     tail = finite[-max(1, len(finite) // 10):] if finite else []
@@ -394,6 +414,44 @@ def weight_stats(fused: torch.nn.Module) -> Dict[str, Any]:
                 kurtosis_median=round(float(np.median(kurt)), 3), kurtosis_max=round(max(kurt), 3), layers=layers)
 
 
+def teacher_agreement(runs: List[Dict[str, Any]], specs, labels: List[str], val: Sequence[str],
+                      device: str) -> None:
+    """Students of one teacher (train.face --teacher): how closely each run's best weights reproduce the teacher's
+    embedding on the validation crops (people the runs never trained on). Per image, the cosine between the
+    student's and the teacher's flip-summed embeddings; `run['teacher_agreement']` gets its mean and 5th
+    percentile. A finer measure of what distillation learned than pair accuracy on a few hundred pairs."""
+    import timm
+    from eval._common import add_model_flags, create_model, embed, input_cfg
+    from timm_mobileone.data import load_verification_set
+    from .distill import build_teacher
+    cfg = runs[0]['config']
+    targs = argparse.Namespace(teacher=cfg['teacher'], teacher_checkpoint=cfg.get('teacher_checkpoint', ''),
+                               teacher_onnx=cfg.get('teacher_onnx', ''),
+                               teacher_raw_pixels=cfg.get('teacher_raw_pixels', False), val_batch_size=64,
+                               workers=0, device=device)
+    teacher, tcfg, teval, _ = build_teacher(targs, (112, 112))
+    teval.flip = True
+
+    def unit(model, data_cfg, eval_args, dataset):
+        raw, flip, _ = embed(model, dataset, data_cfg, eval_args)
+        e = raw + flip
+        return e / np.linalg.norm(e, axis=1, keepdims=True).clip(1e-12)
+
+    sets = [load_verification_set(p) for p in val]
+    reference = [unit(teacher, tcfg, teval, d) for d in sets]
+    for run in runs:
+        if run['diverged'] or not run['weights']:
+            continue
+        name = specs[labels.index(run['model'])][0]
+        sargs = add_model_flags(argparse.ArgumentParser(add_help=False)).parse_args(
+            ['--model', name, '--checkpoint', run['weights'], '-j', '0', '--device', device, '--no-progress'])
+        student = create_model(sargs)
+        scfg = input_cfg(timm.data.resolve_data_config(pretrained_cfg=dict(student.pretrained_cfg)), sargs)
+        cos = np.concatenate([np.sum(unit(student, scfg, sargs, d) * t, axis=1) for d, t in zip(sets, reference)])
+        run['teacher_agreement'] = dict(cosine_mean=round(float(cos.mean()), 4),
+                                        cosine_p05=round(float(np.percentile(cos, 5)), 4), images=len(cos))
+
+
 def int8_check(run: Dict[str, Any], spec, val: Sequence[str], calib: np.ndarray, heldout: np.ndarray,
                folder: Path) -> Dict[str, Any]:
     """FP32 and INT8 ONNX of the run's best weights: verification accuracy of each, embedding cosine, weights."""
@@ -453,6 +511,12 @@ def summarize_models(models: List[str], runs: List[Dict[str, Any]]) -> List[Dict
                 grad_norm_median=_mean_std([t['grad_norm_median'] for t in tr]),
                 grad_norm_max=_mean_std([t['grad_norm_max'] for t in tr]),
                 grad_norm_cv=_mean_std([t['grad_norm_cv'] for t in tr]))
+            agree = [r['teacher_agreement'] for r in mine if r.get('teacher_agreement')]
+            if agree:
+                entry['teacher_agreement'] = dict(cosine_mean=_mean_std([a['cosine_mean'] for a in agree]),
+                                                  cosine_p05=_mean_std([a['cosine_p05'] for a in agree]))
+            auc = [x.get('auc') for r in mine if r.get('best') for x in r['best']['results']]
+            entry['best_auc'] = _mean_std([a for a in auc if a is not None])
             q = [r['int8'] for r in mine if r.get('int8')]
             if q:
                 entry['int8'] = dict(
@@ -490,6 +554,15 @@ def markdown(report: Dict[str, Any]) -> str:
         lines.append(f"| {r['model']} | {r['lr']:g} | {','.join(map(str, r['seeds']))} | {acc} | "
                      f"{_fmt(r['final_loss'])} | {_fmt(r['grad_norm_median'], 3)} / {_fmt(r['grad_norm_max'], 3)} | "
                      f"{r['diverged']} | {r['blew_up']} |")
+    if any(r.get('teacher_agreement') for r in rows):
+        lines += ['', '**Agreement with the teacher** on the validation crops (cosine of student and teacher '
+                  'embeddings per image; best weights) and the best checkpoint\'s ROC AUC', '',
+                  '| model | lr | cosine mean | cosine 5th percentile | best AUC |', '|---|---:|---:|---:|---:|']
+        for r in rows:
+            a = r.get('teacher_agreement')
+            if a:
+                lines.append(f"| {r['model']} | {r['lr']:g} | {_fmt(a['cosine_mean'])} | {_fmt(a['cosine_p05'])} | "
+                             f"{_fmt(r['best_auc'])} |")
     if any(r.get('int8') for r in rows):
         lines += ['', '**INT8 post-training quantization** (ONNX QDQ, the same calibration images)', '',
                   '| model | lr | ' + ' | '.join(f'{p} FP32 / INT8' for p in packs)
@@ -514,7 +587,7 @@ def plot(path: Path, runs: List[Dict[str, Any]], models: List[str]) -> None:
     colors = {m: f'C{i}' for i, m in enumerate(models)}
     for r in runs:
         label = f"{r['model']} seed {r['config']['seed']} lr {r['config']['lr']:g}"
-        loss = [(x['step'], x['loss']) for x in r['rows'] if 'loss' in x]
+        loss = [(x['step'], x['loss']) for x in r['rows'] if 'loss' in x and not x.get('diverged')]
         val = [(x['step'], x['mean_accuracy']) for x in r['rows'] if 'mean_accuracy' in x]
         if loss:
             ax_loss.plot(*zip(*loss), color=colors[r['model']], alpha=0.8, label=label)
@@ -588,6 +661,9 @@ def compare(args, extra: Sequence[str]) -> Dict[str, Any]:
             spec = specs[labels.index(run['model'])]
             _logger.info(f'INT8: {run["folder"]}')
             run['int8'] = int8_check(run, spec, args.val, calib, heldout, out / 'int8' / Path(run['folder']).name)
+    if runs[0]['config'].get('teacher') and args.val:
+        _logger.info('agreement of each student with the teacher')
+        teacher_agreement(runs, specs, labels, args.val, args.device)
     summary = summarize_models(labels, runs)
     report = dict(
         command=args.command, output=str(out), models=labels, data=runs[0]['data'], val=list(args.val),
@@ -595,7 +671,8 @@ def compare(args, extra: Sequence[str]) -> Dict[str, Any]:
         training_cost=train_cost, deploy_cost=dep_cost, summary=summary,
         runs=[dict(folder=r['folder'], model=r['model'], seed=r['config']['seed'], lr=r['config']['lr'],
                    diverged=r['diverged'], error=r['error'], accuracy=r['accuracy'],
-                   trainability=r['trainability'], int8=r.get('int8')) for r in runs])
+                   trainability=r['trainability'], int8=r.get('int8'),
+                   teacher_agreement=r.get('teacher_agreement')) for r in runs])
     text = json.dumps(report)
     atomic_write(out / 'compare.json', lambda f: f.write((text + '\n').encode()))
     atomic_write(out / 'compare.md', lambda f: f.write(markdown(report).encode()))

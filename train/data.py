@@ -37,6 +37,8 @@ class _FaceImages(Dataset):
         self.flip = flip
         self.seed = seed
         self.epoch = 0
+        # distillation: the label becomes (identity, index, flipped), which picks the teacher's cached target
+        self.with_index = False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -50,7 +52,13 @@ class _FaceImages(Dataset):
     def _failed(self, message: str) -> Tuple[torch.Tensor, int, str]:
         return torch.zeros(3, *self.input_size, dtype=torch.uint8), 0, message
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, str]:
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Union[int, Tuple[int, int, int]], str]:
+        flip = self._flip(index)
+        image, label, error = self.decoded(index, flip)
+        return image, ((label, index, int(flip)) if self.with_index else label), error
+
+    def decoded(self, index: int, flip: bool) -> Tuple[torch.Tensor, int, str]:
+        """(uint8 CHW RGB image, flipped if asked, label, error line or '')."""
         try:
             data, label, where = self._load(index)
         except (RecordIOError, FaceDataError) as e:
@@ -62,7 +70,7 @@ class _FaceImages(Dataset):
             rgb = decode_aligned(data, self.input_size)
         except ImageError as e:
             return self._failed(f'{where}: image {e}')
-        if self._flip(index):
+        if flip:
             rgb = np.ascontiguousarray(rgb[:, ::-1])
         return torch.from_numpy(rgb).permute(2, 0, 1), int(label), ''
 

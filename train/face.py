@@ -48,6 +48,7 @@ import torch.nn as nn
 from eval._common import UserError  # the repo CLIs' one user-error type: one `error:` line, exit code 2
 from timm_mobileone._io import ModelLoadError, atomic_write, create_model_checked, keep_freed_memory_for_reuse
 
+from . import distill
 from .data import FaceDataError, ResumableSampler, collate, open_dataset
 from .margin import MarginHead
 from .partial_fc import ShardedMarginHead
@@ -63,7 +64,8 @@ LOG_NAME = 'log.jsonl'
 RUN_DEFINING = ('model', 'model_kwargs', 'loss', 'margin', 'scale', 'adaface_h', 'adaface_t_alpha', 'head',
                 'sample_rate', 'epochs', 'batch_size', 'lr', 'opt', 'sched', 'warmup_epochs', 'warmup_lr', 'min_lr',
                 'poly_power', 'weight_decay', 'weight_decay_end', 'model_ema', 'model_ema_decay', 'num_classes', 'seed',
-                'world_size', 'drop_path')
+                'world_size', 'drop_path', 'teacher', 'teacher_checkpoint', 'teacher_onnx', 'teacher_raw_pixels',
+                'distill_weight', 'distill_proj', 'hint_weight')
 # what a run folder written before a flag existed was started with
 RUN_DEFAULTS = dict(head='replicated')
 
@@ -83,7 +85,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    '.rec file, or an ImageFolder tree (one folder per identity)')
     p.add_argument('--num-classes', type=int, default=None,
                    help='identities (default: the pack\'s property file or header, or the ImageFolder\'s folders)')
-    p.add_argument('--loss', default='arcface', choices=('arcface', 'cosface', 'adaface'), help='margin loss')
+    p.add_argument('--loss', default='arcface', choices=('arcface', 'cosface', 'adaface', 'none'),
+                   help='margin loss (none: distillation only, with --teacher)')
     p.add_argument('--margin', type=float, default=None,
                    help='margin m (default: 0.5 arcface, 0.4 cosface, 0.4 adaface)')
     p.add_argument('--scale', type=float, default=64.0, help='logit scale s')
@@ -133,6 +136,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     p.add_argument('--seed', type=int, default=42, help='random seed')
     p.add_argument('--log-interval', type=int, default=50, help='log every N steps')
+    p.add_argument('--license', default='apache-2.0', help='licence of the exported weights (the model card\'s); '
+                   'weights distilled from a teacher carry its terms')
+    distill.add_flags(p)
     args = p.parse_args(argv)
     try:
         args.model_kwargs = parse_kwargs(args.model_kwargs)
@@ -151,6 +157,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error('--adaface-t-alpha must be in [0, 1]')
     if args.num_classes is not None and args.num_classes < 2:
         p.error('--num-classes must be >= 2')
+    distill.check_flags(p, args)
     if args.tag and not re.fullmatch(r'[a-z0-9][a-z0-9_]*', args.tag):
         p.error('--tag: use lowercase letters, digits and _ (e.g. ms1mv3_arcface)')
     return args
@@ -191,9 +198,16 @@ class FaceTrainModel(nn.Module):
         self.amp = amp
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hint = None
         with self.amp if self.amp is not None else nullcontext():
-            embeddings = self.backbone(images)
-        return self.head.loss(embeddings.float(), labels)
+            if getattr(self.head, 'hint_weight', 0):  # distillation with a feature hint (one process only)
+                features = self.backbone.forward_features(images)
+                embeddings = self.backbone.forward_head(features)
+                hint = self.head.hint_loss(features, images)
+            else:
+                embeddings = self.backbone(images)
+        loss = self.head.loss(embeddings.float(), labels)
+        return loss if hint is None else loss + hint
 
 
 def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
@@ -360,18 +374,19 @@ class Trainer:
         if args.export and self.arch not in timm.list_models('mobileone_112_*'):
             raise UserError(f'--model {args.model}: the hub export handles mobileone_112 models only; pass '
                             f'--no-export to train {self.arch}')
-        if args.export and args.model_kwargs:
-            raise UserError('--model-kwargs: the hub export writes the registered architectures only (its config '
-                            'carries no model arguments); pass --no-export')
+        if args.export and set(args.model_kwargs) - {'embed_dim'}:
+            raise UserError('--model-kwargs: the hub export writes the registered architectures with their '
+                            'embedding size only (embed_dim; it reads that from the weights); pass --no-export')
         input_size = tuple(self.data_cfg['input_size'][-2:])
         self.dataset = open_dataset(args.data, input_size, flip=True, seed=args.seed, num_classes=args.num_classes)
         self.num_classes = self.dataset.num_classes
-        if self.num_classes < 2:
+        if self.num_classes < 2 and args.loss != 'none':
             raise UserError(f'--data {args.data}: {self.num_classes} identity; a margin loss needs at least 2')
         with torch.no_grad():  # in eval mode: the probe must not touch the BN statistics
             embed_dim = self.backbone.eval()(torch.zeros(1, 3, *input_size)).shape[-1]
         self.backbone.train()
-        self.head = self._build_head(embed_dim)
+        self.teacher_info: Optional[Dict[str, Any]] = None
+        self.head = self._build_distill_head(embed_dim, input_size) if args.teacher else self._build_head(embed_dim)
         if args.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         if args.channels_last and self.device.type == 'cpu':
@@ -384,6 +399,8 @@ class Trainer:
         self.memory_format = memory_format
         self.amp, self.scaler = self._amp()
         self.net = FaceTrainModel(self.backbone, self.head, self.amp).to(self.device, memory_format=memory_format)
+        if isinstance(self.head, distill.DistillHead):
+            self.head.targets_to(self.device)
         if args.sync_bn and world.world_size > 1:
             if self.device.type != 'cuda':
                 raise UserError('--sync-bn needs CUDA devices (torch\'s SyncBatchNorm runs on GPUs only)')
@@ -447,6 +464,59 @@ class Trainer:
         torch.set_rng_state(state)
         return head
 
+    def _build_distill_head(self, embed_dim: int, input_size) -> distill.DistillHead:
+        """Distillation toward the teacher's cached embeddings (train/distill.py), plus the margin head unless
+        --loss none."""
+        args, world = self.args, self.world
+        if args.head == 'sharded':
+            raise UserError('--teacher with --head sharded: distillation keeps its margin head (if any) replicated; '
+                            'use --head replicated')
+        args.head = 'replicated'
+        teacher = distill.build_teacher(args, input_size)
+        teacher_dim = teacher[3]
+        if teacher_dim != embed_dim and not args.distill_proj:
+            raise UserError(f'--teacher {args.teacher} embeds {teacher_dim}-d, the student {embed_dim}-d: set '
+                            f'--model-kwargs embed_dim={teacher_dim} (the distilled embedding is then the one '
+                            f'deployed), or add --distill-proj to learn a projection')
+        self.dataset.with_index = True
+        cache = Path(args.teacher_cache) if args.teacher_cache else self.out / 'teacher.safetensors'
+        if world.main:  # one process computes the targets; the others read its cache
+            targets, flipped, self.teacher_info = distill.teacher_targets(self.dataset, args, cache, input_size,
+                                                                          teacher=teacher)
+        world.barrier()
+        if not world.main:
+            targets, flipped, self.teacher_info = distill.teacher_targets(self.dataset, args, cache, input_size,
+                                                                          compute=False, teacher=teacher)
+        hint = self._hint(teacher, input_size) if args.hint_weight else None
+        del teacher  # without a hint, the targets are all a run needs of it
+        margin = self._build_head(embed_dim) if args.loss != 'none' else None
+        return distill.DistillHead(embed_dim, targets, flipped, margin, args.distill_weight,
+                                   proj=targets.shape[1] != embed_dim, hint=hint)
+
+    def _hint(self, teacher, input_size) -> Dict[str, Any]:
+        """The feature hint's pieces: the teacher module, both feature maps' channels, the input conversion."""
+        model, cfg = teacher[0], teacher[1]
+        if self.world.world_size > 1:
+            raise UserError('--hint-weight runs with one process (the student\'s feature map is taken outside '
+                            'DistributedDataParallel\'s forward)')
+        if not all(hasattr(m, 'forward_features') for m in (model, self.backbone)):
+            raise UserError(f'--hint-weight: {self.args.teacher} or {self.args.model} has no forward_features')
+        with torch.no_grad():
+            t = model.forward_features(torch.zeros(1, 3, *input_size, device=self.args.device))
+            s = self.backbone.eval().forward_features(torch.zeros(1, 3, *input_size))
+        self.backbone.train()
+        if t.shape[-2:] != s.shape[-2:]:
+            raise UserError(f'--hint-weight: the teacher\'s last feature map is {t.shape[-2]}x{t.shape[-1]}, the '
+                            f'student\'s {s.shape[-2]}x{s.shape[-1]}')
+        if cfg.get('raw_pixels'):
+            raise UserError('--hint-weight: the teacher takes raw pixels; give it as a model that normalizes as '
+                            'its cfg says')
+        smean, sstd = (torch.tensor(self.data_cfg[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ('mean', 'std'))
+        tmean, tstd = (torch.tensor(cfg[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ('mean', 'std'))
+        # x_s = (p - m_s) / s_s and x_t = (p - m_t) / s_t  =>  x_t = x_s * s_s / s_t + (m_s - m_t) / s_t
+        return dict(weight=self.args.hint_weight, teacher=model, student_chs=s.shape[1], teacher_chs=t.shape[1],
+                    scale=sstd / tstd, shift=(smean - tmean) / tstd)
+
     @property
     def sharded(self) -> bool:
         return isinstance(self.head, ShardedMarginHead)
@@ -456,12 +526,14 @@ class Trainer:
         weights = sum(p.numel() * p.element_size() for p in self.head.parameters())
         per_weight = 2 if self.args.opt == 'adamw' else (1 if self.args.momentum else 0)  # Adam: m and v
         mb = 1 / 2 ** 20
-        local = self.head.weight.shape[0]
+        centres = self.head.margin if isinstance(self.head, distill.DistillHead) else self.head
+        local = centres.weight.shape[0] if centres is not None else 0
         where = (f'{self.world.world_size} shard{"s" if self.world.world_size > 1 else ""}, {local} on this process'
                  if self.sharded else f'replicated on {self.world.world_size} process'
                  f'{"es" if self.world.world_size > 1 else ""}')
         total = weights * (1 + per_weight)
-        line = (f'head: {self.num_classes} classes, {where}, {total * mb:.3g} MB per process (centres '
+        line = (f'head: {self.num_classes if centres is not None else "no"} classes'
+                f'{" (distillation only)" if centres is None else ""}, {where}, {total * mb:.3g} MB per process (centres '
                 f'{weights * mb:.3g} MB + optimizer state {weights * per_weight * mb:.3g} MB; gradients add '
                 f'{weights * mb:.3g} MB)')
         return dict(kind=self.args.head, classes_per_process=local, weights_mb=weights * mb,
@@ -670,6 +742,8 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         loss = self.ddp(images, labels)
         if not torch.isfinite(loss):
+            # recorded in the run's log (train.compare_blocks counts diverged runs from it), then reported
+            self._log(dict(step=self.step + 1, diverged=True, loss=str(loss.item())))
             last = json.loads((self.out / STATE_NAME).read_text())['step'] if (self.out / STATE_NAME).is_file() else 0
             raise UserError(f'loss is {loss.item()} at step {self.step}; lower --lr or add --clip-grad (the last '
                             f'checkpoint, step {last}, is kept for --resume)')
@@ -758,7 +832,7 @@ class Trainer:
             world_size=self.world.world_size, head={k: v for k, v in self.head_memory.items() if k != 'line'},
             steps=self.step, total_steps=self.total_steps, epochs=args.epochs,
             first_loss=first_loss, last_loss=last_loss, best=self.best, output=str(self.out),
-            peak_memory_mb=self._peak_memory_mb(),
+            peak_memory_mb=self._peak_memory_mb(), teacher=self.teacher_info,
             seconds=round(time.perf_counter() - t_start, 3), command=args.command)
         if self.world.main:
             summary['export'] = self.export() if args.export else None
@@ -778,13 +852,18 @@ class Trainer:
         results: Sequence[str] = [str(self.out / BEST_RESULT)] if (self.out / BEST_RESULT).is_file() else []
         if not results:
             save_safetensors(best, self.eval_model().state_dict(), metadata=dict(step=str(self.step)))
-        tag = self.args.tag or _default_tag(self.args.data, self.args.loss)
-        train_data = (f'`{self.args.data}`: {len(self.dataset)} images of {self.num_classes} identities; '
-                      f'{self.args.loss}, {self.args.epochs} epoch{"s" if self.args.epochs != 1 else ""}, trained with '
-                      f'`{self.args.command}`')
+        args = self.args
+        loss = 'distill' if args.teacher and args.loss == 'none' else args.loss
+        tag = args.tag or _default_tag(args.data, loss)
+        how = (f'{args.loss} + ' if args.teacher and args.loss != 'none' else '') + (
+            f'embedding distillation from the teacher `{args.teacher}` (weights: '
+            f'`{args.teacher_checkpoint or args.teacher_onnx or "pretrained"}`; the teacher\'s licence terms carry '
+            f'over to these weights)' if args.teacher else args.loss)
+        train_data = (f'`{args.data}`: {len(self.dataset)} images of {self.num_classes} identities; {how}, '
+                      f'{args.epochs} epoch{"s" if args.epochs != 1 else ""}, trained with `{args.command}`')
         try:
             return export(self.arch, str(best), tag, str(self.out / 'hub'), results=results,
-                          train_data=train_data)
+                          train_data=train_data, license=args.license)
         except HubError as e:
             raise UserError(f'export: {e}') from None
 

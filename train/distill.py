@@ -1,0 +1,321 @@
+"""Embedding distillation for `train.face --teacher`: the student learns a trained face model's embedding.
+
+    python -m train.face --model mobileone_112_s0 --model-kwargs embed_dim=128 --data faces/ --loss none \
+        --teacher mobilefacenet --teacher-checkpoint model-0000.params --val val/ --output runs/s0-distill
+
+Why inside `train.face` and not a second trainer: a distillation run needs everything a margin run has (exact resume,
+safetensors checkpoints, best-on-validation, the hub export, one JSON summary, one-line errors); the loss is the
+only difference, so it is one more head (`DistillHead`) in the same Trainer.
+
+Loss: `1 - cos(student, teacher)` per image, the mean over the batch. Verification compares embeddings by cosine, so
+the direction is what the student must match; the teacher's norm is a property of its own architecture (and of the
+image's quality) that a student with another head need not copy. Embedding sizes: the student's `embed_dim` is set
+to the teacher's (`--model-kwargs embed_dim=128` for insightface's MobileFaceNet) rather than learning a projection,
+because the embedding that is distilled is then the one deployed (a projection trained with the loss and dropped at
+export would leave the exported embedding untrained for the cosine it is scored by; kept, it is a second linear
+layer after the head's). `--distill-proj` adds such a learned linear projection for students whose size must differ.
+With `--loss arcface|cosface|adaface` and identity labels, the margin loss is added: `loss = margin +
+distill_weight * distill`.
+
+Feature hints (`--hint-weight`, FitNets, Romero et al. 2015, https://arxiv.org/abs/1412.6550): the student's last
+feature map (7x7 for 112x112 crops), through a learned 1x1 conv to the teacher's channel count, is pulled toward the
+teacher's by the same `1 - cosine`, taken over the whole flattened map. A 7x7x512 map is 25k targets per image where
+the embedding is 128: far more signal per image when images are few. The maps are not cached (50 KB per image and
+orientation: 600 GB at MS1M scale); the teacher runs, without gradients, on every batch, which costs one teacher
+forward per step (about a tenth of a MobileOne-S0 training step here).
+
+Teacher targets: the teacher (a registry name with `--teacher-checkpoint`, the MXNet `.params` of a ported model,
+or an ONNX file with `--teacher-onnx`) embeds every training image and its horizontal flip once; the L2-normalized
+embeddings are cached (float16: a cosine changes by < 1e-6) in `--teacher-cache` (default `OUTPUT/teacher.
+safetensors`), together with fingerprints of the teacher (model, weight files' sha256, preprocessing) and of the
+data (every image's path, label and size; a RecordIO pack's index and size). A cache whose fingerprints differ from
+the run's is refused, never reused or overwritten: a stale cache would silently train every step toward the wrong
+targets. train.face applies no augmentation beyond flipping, so the cached pair covers every input a step sees.
+"""
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from eval._common import UserError
+
+_logger = logging.getLogger('train.distill')
+
+CACHE_FORMAT = 'timm_mobileone.teacher_targets.v1'
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('distillation (train/distill.py)')
+    g.add_argument('--teacher', default='', metavar='NAME',
+                   help='distill from this model (a registry name, e.g. mobilefacenet); its weights from '
+                        '--teacher-checkpoint or --teacher-onnx')
+    g.add_argument('--teacher-checkpoint', default='', metavar='PATH',
+                   help="the teacher's weights (safetensors, torch or insightface MXNet .params)")
+    g.add_argument('--teacher-onnx', default='', metavar='MODEL.onnx',
+                   help='run the teacher as this ONNX file (--teacher names its preprocessing)')
+    g.add_argument('--teacher-raw-pixels', action='store_true',
+                   help='the teacher takes 0..255 pixels (its graph normalizes, as insightface exports do)')
+    g.add_argument('--teacher-cache', default='', metavar='PATH',
+                   help="cache of the teacher's embeddings (default OUTPUT/teacher.safetensors); shared by runs "
+                        'on the same data and teacher')
+    g.add_argument('--distill-weight', type=float, default=1.0,
+                   help='weight of the distillation loss beside a margin loss')
+    g.add_argument('--hint-weight', type=float, default=0.0,
+                   help="weight of a feature hint: the student's last feature map, through a learned 1x1 conv, "
+                        "matches the teacher's (cosine over the whole map); the teacher then runs in every step")
+    g.add_argument('--distill-proj', action='store_true',
+                   help="learn a linear projection from the student's embedding to the teacher's when their "
+                        'sizes differ (default: refuse; set embed_dim to the teacher\'s)')
+
+
+def check_flags(p: argparse.ArgumentParser, args) -> None:
+    if not args.teacher:
+        used = [f for f, v in (('--teacher-checkpoint', args.teacher_checkpoint), ('--teacher-onnx', args.teacher_onnx),
+                               ('--teacher-cache', args.teacher_cache), ('--distill-proj', args.distill_proj),
+                               ('--teacher-raw-pixels', args.teacher_raw_pixels)) if v]
+        if used:
+            p.error(f'{used[0]} needs --teacher')
+        if args.loss == 'none':
+            p.error('--loss none trains with no loss at all without --teacher (distillation)')
+    if not args.distill_weight > 0:
+        p.error('--distill-weight must be > 0')
+    if args.hint_weight < 0 or (args.hint_weight and not args.teacher):
+        p.error('--hint-weight must be >= 0, and needs --teacher')
+    if args.hint_weight and args.teacher_onnx:
+        p.error("--hint-weight needs the teacher's feature maps: give it as a model (--teacher-checkpoint), not "
+                "--teacher-onnx")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the teacher
+
+
+def teacher_eval_args(args) -> argparse.Namespace:
+    """The teacher as eval's model flags: eval builds and runs it (any model or artifact eval can score)."""
+    from eval._common import add_model_flags
+    argv = ['--model', args.teacher, '-b', str(args.val_batch_size), '-j', str(args.workers), '--device',
+            str(args.device), '--no-progress']
+    if args.teacher_checkpoint:
+        argv += ['--checkpoint', args.teacher_checkpoint]
+    if args.teacher_onnx:
+        argv += ['--onnx', args.teacher_onnx]
+    if args.teacher_raw_pixels:
+        argv.append('--raw-pixels')
+    return add_model_flags(argparse.ArgumentParser(add_help=False)).parse_args(argv)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def teacher_fingerprint(targs: argparse.Namespace, data_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """What makes the teacher's outputs what they are: model, weight files' contents, preprocessing."""
+    files = {}
+    for flag, path in (('checkpoint', targs.checkpoint), ('onnx', targs.onnx)):
+        if path:
+            files[flag] = _sha256(path)
+            if flag == 'checkpoint' and Path(path).suffix == '.params':
+                from timm_mobileone.mxnet import symbol_path_for
+                symbol = symbol_path_for(path)
+                if symbol.is_file():
+                    files['symbol'] = _sha256(str(symbol))
+    return dict(model=targs.model, files=files, mean=list(data_cfg['mean']), std=list(data_cfg['std']),
+                raw_pixels=bool(data_cfg.get('raw_pixels')), input_size=list(data_cfg['input_size']))
+
+
+def data_fingerprint(dataset) -> str:
+    """sha256 over the training images' identity: path, label and size of each (ImageFolder), or the pack's
+    index file and record file size (RecordIO). Cheap on MS1M-size data; changes when any image is added, removed,
+    relabelled or replaced by one of another size."""
+    h = hashlib.sha256()
+    if hasattr(dataset, 'samples'):
+        root = Path(dataset.samples[0][0]).parents[1] if dataset.samples else Path('.')
+        for path, label in dataset.samples:
+            p = Path(path)
+            h.update(f'{p.relative_to(root) if p.is_relative_to(root) else p}\t{label}\t{p.stat().st_size}\n'.encode())
+    else:
+        h.update(_sha256(str(dataset.reader.idx_path)).encode())
+        h.update(str(Path(dataset.reader.rec_path).stat().st_size).encode())
+        h.update(np.asarray(dataset.keys).tobytes())
+    h.update(f'n={len(dataset)} size={dataset.input_size}'.encode())
+    return h.hexdigest()
+
+
+class _Unflipped(torch.utils.data.Dataset):
+    """Training images in order, never flipped, as eval's `(index, uint8 CHW, error)` items."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, _, error = self.dataset.decoded(index, flip=False)
+        return index, image, error
+
+
+def build_teacher(args, input_size: Tuple[int, int]):
+    """(teacher model, its input cfg, eval args, embedding size) or UserError; the teacher must run on the
+    student's input size."""
+    import timm
+    from eval._common import create_model, input_cfg
+    targs = teacher_eval_args(args)
+    if not timm.is_model(targs.model):
+        raise UserError(f'--teacher {targs.model}: not a registered model (e.g. mobilefacenet with '
+                        f'--teacher-checkpoint, or a mobileone_112 model)')
+    teacher = create_model(targs)
+    cfg = input_cfg(timm.data.resolve_data_config(pretrained_cfg=dict(teacher.pretrained_cfg)), targs)
+    if tuple(cfg['input_size'][-2:]) != tuple(input_size):
+        raise UserError(f'--teacher {targs.model} takes {cfg["input_size"][-2]}x{cfg["input_size"][-1]} images, the '
+                        f'student {input_size[0]}x{input_size[1]}: distillation feeds both the same crops')
+    try:
+        with torch.no_grad():
+            out = teacher(torch.zeros(2, 3, *input_size, device=targs.device))
+    except UserError:
+        raise
+    except Exception as e:  # the runtime's own complaint (an artifact exported for another shape, ...)
+        from timm_mobileone._io import first_line
+        raise UserError(f'--teacher {targs.model}: cannot run on {input_size[0]}x{input_size[1]} crops '
+                        f'({first_line(e)})') from None
+    if out.ndim != 2:
+        raise UserError(f'--teacher {targs.model} returns a {out.ndim}-D output; distillation needs (B, D) '
+                        f'embeddings')
+    return teacher, cfg, targs, out.shape[1]
+
+
+def _read_cache(path: Path, expected: Dict[str, str]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), 'pt') as f:
+            meta = f.metadata() or {}
+            if meta.get('format') != CACHE_FORMAT:
+                raise UserError(f'--teacher-cache {path}: not a teacher-target cache (format '
+                                f'{meta.get("format")!r}); give another path')
+            for key in ('teacher', 'data'):
+                if meta.get(key) != expected[key]:
+                    what = ('another teacher (model, weights or preprocessing)' if key == 'teacher' else
+                            'other training data (images added, removed, relabelled or changed)')
+                    raise UserError(f'--teacher-cache {path} was computed for {what}; delete it or give another '
+                                    f'--teacher-cache (a stale cache would train toward wrong targets)')
+            return f.get_tensor('targets'), f.get_tensor('targets_flip')
+    except UserError:
+        raise
+    except Exception as e:  # truncated or foreign file
+        from timm_mobileone._io import first_line
+        raise UserError(f'--teacher-cache {path}: unreadable ({first_line(e)}); delete it or give another path') \
+            from None
+
+
+def teacher_targets(dataset, args, cache: Path, input_size: Tuple[int, int], compute: bool = True,
+                    teacher=None) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
+    """L2-normalized teacher embeddings (float16) of every training image and of its flip, from the cache or
+    computed once and cached. Returns (targets, targets_flip, info). `compute=False` (non-main processes) only
+    reads a cache the main process wrote; `teacher` is build_teacher's result when the caller has it."""
+    import time
+    from safetensors.torch import save_file
+    from eval._common import embed_batches
+    teacher, cfg, targs, _ = teacher or build_teacher(args, input_size)
+    fingerprint = dict(teacher=json.dumps(teacher_fingerprint(targs, cfg), sort_keys=True),
+                       data=data_fingerprint(dataset))
+    info = dict(cache=str(cache), teacher=json.loads(fingerprint['teacher']))
+    if cache.is_file():
+        targets, flipped = _read_cache(cache, fingerprint)
+        if len(targets) != len(dataset):
+            raise UserError(f'--teacher-cache {cache}: {len(targets)} targets for {len(dataset)} images; delete it')
+        _logger.info(f'teacher targets: {cache} (cached)')
+        return targets, flipped, dict(info, computed=False, seconds=0.0)
+    if not compute:
+        raise UserError(f'--teacher-cache {cache}: missing (the main process writes it)')
+    t0 = time.perf_counter()
+    targs.flip = True
+    targets = flipped = None
+    images = _Unflipped(dataset)
+    _logger.info(f'teacher targets: embedding {len(images)} images and their flips with {targs.model}')
+    from timm_mobileone.data import PackError
+    try:
+        for start, out, out_flip, _ in embed_batches(teacher, images, 'teacher', cfg, targs):
+            if targets is None:
+                targets = torch.empty(len(images), out.shape[1], dtype=torch.float16)
+                flipped = torch.empty_like(targets)
+            n = len(out)
+            targets[start:start + n] = F.normalize(torch.from_numpy(out).float(), dim=1).half()
+            flipped[start:start + n] = F.normalize(torch.from_numpy(out_flip).float(), dim=1).half()
+    except PackError as e:
+        raise UserError(f'--data {e}') from None
+    if not (torch.isfinite(targets).all() and torch.isfinite(flipped).all()):
+        raise UserError(f'--teacher {targs.model}: non-finite embeddings (are its weights right?)')
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f'.{cache.name}.tmp')
+    save_file(dict(targets=targets, targets_flip=flipped), str(tmp), metadata=dict(format=CACHE_FORMAT,
+                                                                                    **fingerprint))
+    tmp.replace(cache)
+    seconds = time.perf_counter() - t0
+    _logger.info(f'teacher targets: {len(images)} x 2 in {seconds:.1f} s -> {cache}')
+    return targets, flipped, dict(info, computed=True, seconds=round(seconds, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loss
+
+
+class DistillHead(nn.Module):
+    """Distillation (and optionally a margin loss) on the student's embedding.
+
+    `loss(embeddings, labels)` takes the `(B, 3)` labels train.face's datasets give with `with_index`: identity,
+    image index, whether the image was flipped; the target is the teacher's cached embedding of that image in that
+    orientation. The targets are plain tensors, not buffers: they are not weights (checkpoints stay model-sized)
+    and DistributedDataParallel must not broadcast them.
+    """
+
+    def __init__(self, embed_dim: int, targets: torch.Tensor, targets_flip: torch.Tensor,
+                 margin: Optional[nn.Module] = None, weight: float = 1.0, proj: bool = False,
+                 hint: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__()
+        teacher_dim = targets.shape[1]
+        self.proj = nn.Linear(embed_dim, teacher_dim, bias=False) if proj else None
+        self.margin = margin
+        self.weight = weight
+        self.targets, self.targets_flip = targets, targets_flip
+        self.hint_weight = hint['weight'] if hint else 0.0
+        if hint:
+            self.hint = nn.Conv2d(hint['student_chs'], hint['teacher_chs'], 1, bias=False)
+            # the teacher is not a submodule: its weights are neither trained nor checkpointed with the run
+            self._teacher = [hint['teacher'].eval().requires_grad_(False)]
+            # student-normalized pixels -> the teacher's normalization: x_t = x_s * scale + shift
+            self.teacher_scale, self.teacher_shift = hint['scale'], hint['shift']
+
+    def hint_loss(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = images * self.teacher_scale.to(images) + self.teacher_shift.to(images)
+            target = self._teacher[0].forward_features(x).float().flatten(1)
+        student = self.hint(features).float().flatten(1)
+        return self.hint_weight * (1 - F.cosine_similarity(student, target, dim=1, eps=1e-12)).mean()
+
+    def targets_to(self, device: torch.device) -> None:
+        self.targets, self.targets_flip = self.targets.to(device), self.targets_flip.to(device)
+        if self.hint_weight:
+            self._teacher[0].to(device)
+
+    def distill_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        student = embeddings if self.proj is None else self.proj(embeddings)
+        index, flipped = labels[:, 1], labels[:, 2].bool().unsqueeze(1)
+        target = torch.where(flipped, self.targets_flip[index], self.targets[index]).float()
+        return (1 - F.cosine_similarity(student, target, dim=1, eps=1e-12)).mean()
+
+    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.weight * self.distill_loss(embeddings, labels)
+        if self.margin is not None:
+            loss = loss + self.margin.loss(embeddings, labels[:, 0])
+        return loss
