@@ -14,7 +14,7 @@ End to end: the CLIs run in subprocesses on broken inputs (`eval.lfw --data` a p
 every other non-zero exit is a failure, as is an output file left behind by a failed run.
 
 Prints one JSON object (per format: tried, accepted, refused, tracebacks, timeouts, crashes, partial outputs,
-peak RSS in MB of the worker or of the largest CLI process) and writes DIR/soak.md, the README's table.
+peak RSS in MB of the worker or of the largest CLI process) and writes DIR/soak.md, the table of docs/hostile_input.md.
 """
 import argparse
 import json

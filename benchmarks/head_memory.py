@@ -14,7 +14,7 @@ buffers on every GPU, and all-reduces the C x 512 gradient each step; the sharde
 all-gathers the N x 512 embeddings instead. Logits are B x C (replicated) or N x C/W (sharded) floats, the same
 size, kept about three times (cosines, logits with the margin, softmax for the backward).
 
-Prints one JSON object; writes DIR/head_memory.md (the README's tables) when --out is given.
+Prints one JSON object; writes DIR/head_memory.md (the tables of docs/training.md) when --out is given.
 """
 import argparse
 import json

@@ -13,6 +13,7 @@ from train import face
 from train.distill import DistillHead
 
 from conftest import identity_images, make_pack, write_image_folder
+from train_helpers import face_error, interrupt_then_resume
 
 
 def _save_teacher(path: Path, seed: int) -> Path:
@@ -83,38 +84,17 @@ def test_distilled_student_exports_and_loads_back_at_the_teachers_size(run):
         assert loaded.shape == (2, 128) and torch.equal(loaded, ref.eval()(x))
 
 
-def test_interrupt_then_resume_matches_and_the_cache_is_reused(setup, run, monkeypatch, capsys):
+def test_interrupt_then_resume_matches_and_the_cache_is_reused(setup, run, monkeypatch):
     out_a, _ = run
     out = setup['root'] / 'resumed'
     flags = _flags(setup, out, '--teacher-cache', str(out_a / 'teacher.safetensors'), '--checkpoint-every', '2',
                    '--no-export')
-    step = face.Trainer.train_step
-
-    def interrupted(self, images, labels):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return step(self, images, labels)
-
-    monkeypatch.setattr(face.Trainer, 'train_step', interrupted)
-    with pytest.raises(SystemExit) as e:
-        face.main(flags)
-    assert e.value.code == 130
-    monkeypatch.setattr(face.Trainer, 'train_step', step)
-    summary = face.main(flags + ['--resume'])
+    summary = interrupt_then_resume(monkeypatch, flags)
     assert summary['teacher']['computed'] is False and summary['steps'] == 6
     a, b = _losses(out_a), _losses(out)
     assert sorted(b) == list(range(1, 7))
     for s in range(1, 7):
         assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
-
-
-def _error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        face.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith('error: ') and 'Traceback' not in '\n'.join(err)
-    return err[-1]
 
 
 def test_a_stale_cache_is_refused_and_kept(setup, run, tmp_path, capsys):
@@ -123,12 +103,12 @@ def test_a_stale_cache_is_refused_and_kept(setup, run, tmp_path, capsys):
     other = _save_teacher(tmp_path / 'other.safetensors', 1)
     argv = _flags(setup, tmp_path / 'a', '--teacher-cache', str(cache), '--no-export')
     argv[argv.index(str(setup['teacher']))] = str(other)
-    assert 'computed for another teacher' in _error(capsys, argv)
+    assert 'computed for another teacher' in face_error(capsys, argv)
     fewer = write_image_folder(tmp_path / 'fewer', identity_images(4, 6, seed=5)[:-1])
     argv = _flags(setup, tmp_path / 'b', '--teacher-cache', str(cache), '--no-export')
     argv[argv.index(str(setup['data']))] = str(fewer)
-    assert 'computed for other training data' in _error(capsys, argv)
-    assert 'not a teacher-target cache' in _error(capsys, _flags(setup, tmp_path / 'c', '--teacher-cache',
+    assert 'computed for other training data' in face_error(capsys, argv)
+    assert 'not a teacher-target cache' in face_error(capsys, _flags(setup, tmp_path / 'c', '--teacher-cache',
                                                                  str(setup['teacher']), '--no-export'))
     assert cache.read_bytes() == before
 
@@ -136,13 +116,17 @@ def test_a_stale_cache_is_refused_and_kept(setup, run, tmp_path, capsys):
 def test_what_distillation_refuses(setup, tmp_path, capsys):
     argv = _flags(setup, tmp_path / 'a', '--no-export')
     argv[argv.index('embed_dim=128')] = 'head_type=gdc'  # the default 512-d student
-    line = _error(capsys, argv)
+    line = face_error(capsys, argv)
     assert 'embeds 128-d, the student 512-d' in line and 'embed_dim=128' in line and '--distill-proj' in line
     argv = _flags(setup, tmp_path / 'b', '--no-export')
     argv[argv.index('mobilefacenet')] = 'resnet18'
     argv[argv.index('--teacher-checkpoint'):argv.index('--teacher-checkpoint') + 2] = []
-    assert 'takes 224x224 images, the student 112x112' in _error(capsys, argv)
+    assert 'takes 224x224 images, the student 112x112' in face_error(capsys, argv)
     assert not (tmp_path / 'b' / 'teacher.safetensors').exists()
+    argv = _flags(setup, tmp_path / 'd', '--no-export')
+    argv[argv.index(str(setup['teacher']))] = str(tmp_path / 'missing.safetensors')
+    line = face_error(capsys, argv)
+    assert line.startswith('error: --teacher mobilefacenet: ') and 'missing.safetensors' in line
     with pytest.raises(SystemExit) as e:
         face.main(['--data', str(setup['data']), '--output', str(tmp_path / 'c'), '--loss', 'none'])
     assert e.value.code == 2 and '--loss none' in capsys.readouterr().err
@@ -262,7 +246,7 @@ def test_divergence_is_recorded_in_the_run_for_compare_blocks(setup, tmp_path, m
         return loss * float('nan') if len(calls) == 2 else loss
     monkeypatch.setattr(face.FaceTrainModel, 'forward', nan_at_step_2)
     out = tmp_path / 'nan'
-    line = _error(capsys, _flags(setup, out, '--no-export', '--epochs', '1'))
+    line = face_error(capsys, _flags(setup, out, '--no-export', '--epochs', '1'))
     assert 'loss is nan at step 1' in line
     assert diverged_at(out) == 'loss is nan at step 1'
     rows = [json.loads(x) for x in (out / 'log.jsonl').read_text().splitlines()]

@@ -19,6 +19,7 @@ from train.data import ImageFolderDataset, RecordIODataset, ResumableSampler, co
 from train.margin import MarginHead
 
 from conftest import identity_images, make_pack, write_image_folder, write_rec_pack
+from train_helpers import face_error, interrupt_then_resume
 
 REPO = Path(__file__).resolve().parents[1]
 # ArcFace s=64 m=0.5 on 8 identities x 16 images: 5 epochs of batch 16 = 40 steps (batch 8 is too noisy for the
@@ -319,15 +320,6 @@ def test_partial_fc_samples_the_batch_classes_plus_random_others():
 # bad input: one line, exit code 2, nothing lost
 
 
-def _main_error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        face.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith('error: ') and 'Traceback' not in '\n'.join(err)
-    return err[-1]
-
-
 def _quick(data, out):
     return ['--data', str(data), '--output', str(out), '--epochs', '1', '-b', '8', '-j', '0', '--no-export']
 
@@ -347,9 +339,9 @@ def test_one_process_sharded_adaface_run_and_what_it_refuses(tmp_path, caplog, c
     shard = load_file(str(tmp_path / 'o' / state['head_shards'][0]))
     assert shard['head.weight'].shape == (4, 512) and shard['head.batch_mean'].item() != 20.0
     capsys.readouterr()
-    line = _main_error(capsys, argv[:-4] + ['--loss', 'adaface', '--head', 'replicated', '--resume'])
+    line = face_error(capsys, argv[:-4] + ['--loss', 'adaface', '--head', 'replicated', '--resume'])
     assert "head='sharded'" in line and "now head='replicated'" in line
-    assert 'adaface' in _main_error(capsys, _quick(pack, tmp_path / 'p') + ['--loss', 'adaface', '-b', '1'])
+    assert 'adaface' in face_error(capsys, _quick(pack, tmp_path / 'p') + ['--loss', 'adaface', '-b', '1'])
     for flag, value in [('--adaface-t-alpha', '2'), ('--sample-rate', '0'), ('--head', 'split')]:
         with pytest.raises(SystemExit) as e:  # argparse's usage + one error line
             face.main(_quick(pack, tmp_path / 'q') + [flag, value])
@@ -363,50 +355,50 @@ def test_bad_magic_names_its_offset(tmp_path, samples, capsys):
     raw = bytearray((pack / 'train.rec').read_bytes())
     raw[offset:offset + 4] = b'\xde\xad\xbe\xef'
     (pack / 'train.rec').write_bytes(bytes(raw))
-    line = _main_error(capsys, _quick(pack, tmp_path / 'out'))
+    line = face_error(capsys, _quick(pack, tmp_path / 'out'))
     assert f'bad magic 0xefbeadde at offset {offset}' in line
 
 
 def test_label_outside_the_identity_range(tmp_path, samples, capsys):
     pack = write_rec_pack(tmp_path / 'r', samples)
     (pack / 'property').write_text('6,112,112')  # labels 6 and 7 are out of range
-    line = _main_error(capsys, _quick(pack, tmp_path / 'out'))
+    line = face_error(capsys, _quick(pack, tmp_path / 'out'))
     assert 'outside the identity range 0..5' in line and 'record' in line and 'offset' in line
 
 
 def test_missing_idx_and_empty_folder(tmp_path, samples, capsys):
     pack = write_rec_pack(tmp_path / 'r', samples)
     (pack / 'train.idx').unlink()
-    assert 'train.idx: no such file' in _main_error(capsys, _quick(pack, tmp_path / 'o1'))
+    assert 'train.idx: no such file' in face_error(capsys, _quick(pack, tmp_path / 'o1'))
     (tmp_path / 'empty' / 'someone').mkdir(parents=True)
-    assert 'no images found' in _main_error(capsys, _quick(tmp_path / 'empty', tmp_path / 'o2'))
-    assert 'no such folder' in _main_error(capsys, _quick(tmp_path / 'nowhere', tmp_path / 'o3'))
+    assert 'no images found' in face_error(capsys, _quick(tmp_path / 'empty', tmp_path / 'o2'))
+    assert 'no such folder' in face_error(capsys, _quick(tmp_path / 'nowhere', tmp_path / 'o3'))
 
 
 def test_wrong_image_size_and_bad_val_pack(tmp_path, capsys):
     small = identity_images(identities=2, per_identity=4, size=(96, 96))
     pack = write_rec_pack(tmp_path / 'r', small)
-    assert 'is 96x96, expected aligned 112x112' in _main_error(capsys, _quick(pack, tmp_path / 'o1'))
+    assert 'is 96x96, expected aligned 112x112' in face_error(capsys, _quick(pack, tmp_path / 'o1'))
     good = write_rec_pack(tmp_path / 'g', identity_images(identities=2, per_identity=4))
     (tmp_path / 'bad.bin').write_bytes(b'not a pickle')
-    line = _main_error(capsys, _quick(good, tmp_path / 'o2') + ['--val', str(tmp_path / 'bad.bin')])
+    line = face_error(capsys, _quick(good, tmp_path / 'o2') + ['--val', str(tmp_path / 'bad.bin')])
     assert 'bad.bin' in line and 'not an insightface .bin pack' in line
 
 
 def test_an_existing_run_is_never_overwritten(run_a, rec_pack, capsys):
     out, _ = run_a
     before = (out / 'last.json').read_bytes()
-    line = _main_error(capsys, _quick(rec_pack, out))
+    line = face_error(capsys, _quick(rec_pack, out))
     assert 'holds a run' in line and '--resume' in line
-    line = _main_error(capsys, ['--data', str(rec_pack), '--output', str(out), '--resume', '-j', '0',
+    line = face_error(capsys, ['--data', str(rec_pack), '--output', str(out), '--resume', '-j', '0',
                                 *RUN_FLAGS[:-2], '--seed', '4'])
     assert 'seed=3' in line  # a resumed run keeps its flags
     assert (out / 'last.json').read_bytes() == before
-    assert '--resume: no last.json' in _main_error(capsys, _quick(rec_pack, out.parent / 'fresh') + ['--resume'])
+    assert '--resume: no last.json' in face_error(capsys, _quick(rec_pack, out.parent / 'fresh') + ['--resume'])
 
 
 def test_channels_last_is_refused_on_cpu(resume_pack, tmp_path, capsys):
-    line = _main_error(capsys, _quick(resume_pack, tmp_path / 'out') + ['--channels-last'])
+    line = face_error(capsys, _quick(resume_pack, tmp_path / 'out') + ['--channels-last'])
     assert 'oneDNN#6035' in line and not (tmp_path / 'out' / 'log.jsonl').exists()
 
 
@@ -428,20 +420,15 @@ def test_interrupt_then_resume_with_adamw_amp_poly_cosface(resume_pack, tmp_path
     """Ctrl-C after step 3 keeps the step-2 checkpoint; AdamW's step counts, the poly schedule, bfloat16 autocast,
     clipping and grad checkpointing all resume into the uninterrupted run's losses."""
     face.main(['--data', str(resume_pack), '--output', str(tmp_path / 'a'), *OPTION_FLAGS])
-    step = face.Trainer.train_step
+    checkpoint_at, save = [], face.Trainer.save_checkpoint
 
-    def interrupted(self, images, labels):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return step(self, images, labels)
-
-    monkeypatch.setattr(face.Trainer, 'train_step', interrupted)
-    with pytest.raises(SystemExit) as e:
-        face.main(['--data', str(resume_pack), '--output', str(tmp_path / 'b'), *OPTION_FLAGS])
-    assert e.value.code == 130 and 'resume with --resume' in capsys.readouterr().err
-    assert json.loads((tmp_path / 'b' / 'last.json').read_text())['step'] == 2
-    monkeypatch.setattr(face.Trainer, 'train_step', step)
-    face.main(['--data', str(resume_pack), '--output', str(tmp_path / 'b'), '--resume', *OPTION_FLAGS])
+    def saved(self):
+        checkpoint_at.append(self.step)
+        save(self)
+    monkeypatch.setattr(face.Trainer, 'save_checkpoint', saved)
+    interrupt_then_resume(monkeypatch, ['--data', str(resume_pack), '--output', str(tmp_path / 'b'), *OPTION_FLAGS])
+    assert 'resume with --resume' in capsys.readouterr().err
+    assert checkpoint_at == [2, 4, 6, 8]  # interrupted after the step-2 checkpoint; resumed from it
     a = {r['step']: r for r in _rows(tmp_path / 'a') if 'loss' in r}
     b = {r['step']: r for r in _rows(tmp_path / 'b') if 'loss' in r}
     assert sorted(a) == sorted(b) == list(range(1, 9))
@@ -463,5 +450,5 @@ def test_initial_checkpoint_starts_from_its_weights(run_a, resume_pack, tmp_path
     state = trainer.backbone.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     assert trainer.head.weight.shape == (16, 512)  # a new margin head for the new identities
-    line = _main_error(capsys, _quick(resume_pack, tmp_path / 'o') + ['--initial-checkpoint', str(tmp_path / 'no')])
+    line = face_error(capsys, _quick(resume_pack, tmp_path / 'o') + ['--initial-checkpoint', str(tmp_path / 'no')])
     assert 'no such file' in line

@@ -175,7 +175,10 @@ def build_teacher(args, input_size: Tuple[int, int]):
     if not timm.is_model(targs.model):
         raise UserError(f'--teacher {targs.model}: not a registered model (e.g. mobilefacenet with '
                         f'--teacher-checkpoint, or a mobileone_112 model)')
-    teacher = create_model(targs)
+    try:
+        teacher = create_model(targs)
+    except UserError as e:  # eval's message names its own flags (--checkpoint, --onnx): say whose they are
+        raise UserError(f'--teacher {targs.model}: {e}') from None
     cfg = input_cfg(timm.data.resolve_data_config(pretrained_cfg=dict(teacher.pretrained_cfg)), targs)
     if tuple(cfg['input_size'][-2:]) != tuple(input_size):
         raise UserError(f'--teacher {targs.model} takes {cfg["input_size"][-2]}x{cfg["input_size"][-1]} images, the '

@@ -17,11 +17,10 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from eval._common import UserError
+from eval._common import UserError, cli
 from timm_mobileone._io import atomic_write
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
@@ -124,13 +123,10 @@ def split(args) -> Dict:
     return result
 
 
+@cli  # the repo CLIs' wrapper: a user mistake is one `error:` line and exit code 2
 def main(argv: Optional[List[str]] = None) -> Dict:
-    args = parse_args(argv)
-    try:
-        result = split(args)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
+    """Split, print and return the JSON summary."""
+    result = split(parse_args(argv))
     print(json.dumps(result))
     return result
 
