@@ -422,6 +422,7 @@ def teacher_agreement(runs: List[Dict[str, Any]], specs, labels: List[str], val:
     percentile. A finer measure of what distillation learned than pair accuracy on a few hundred pairs."""
     import timm
     from eval._common import add_model_flags, create_model, embed, input_cfg
+    from eval._verification import combine_views
     from timm_mobileone.data import load_verification_set
     from .distill import build_teacher
     cfg = runs[0]['config']
@@ -432,10 +433,9 @@ def teacher_agreement(runs: List[Dict[str, Any]], specs, labels: List[str], val:
     teacher, tcfg, teval, _ = build_teacher(targs, (112, 112))
     teval.flip = True
 
-    def unit(model, data_cfg, eval_args, dataset):
+    def unit(model, data_cfg, eval_args, dataset):  # eval's flip rule: image + flip summed, then normalized
         raw, flip, _ = embed(model, dataset, data_cfg, eval_args)
-        e = raw + flip
-        return e / np.linalg.norm(e, axis=1, keepdims=True).clip(1e-12)
+        return combine_views(raw, flip)
 
     sets = [load_verification_set(p) for p in val]
     reference = [unit(teacher, tcfg, teval, d) for d in sets]

@@ -22,8 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 from eval._common import UserError, cli
 from timm_mobileone._io import atomic_write
-
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+from timm_mobileone.data import IMAGE_EXTS
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
