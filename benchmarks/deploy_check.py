@@ -2,9 +2,10 @@
 
     python benchmarks/deploy_check.py [--models mobileone_112_s0 ...] [--formats onnx executorch ncnn coreml]
 
-For each variant: BN statistics calibrated on generated face-like crops (tests/conftest.py's identities; no trained
+For each variant: BN statistics calibrated on generated face-like crops (train/synthetic.py's identities; no trained
 face weights exist), saved as a checkpoint, then `python -m timm_mobileone.export --format FMT` of it, which runs
-the artifact on held-out crops and fails on a relative error above 1e-4 or a cosine below 0.99999. Prints one
+the artifact on held-out crops and fails on a cosine below 0.99999 or a relative error above 1e-3 (export.py says
+why). Prints one
 JSON object and a markdown table (max relative error / min cosine per variant and runtime; Core ML: op counts, not
 run). Needs pip install ".[deploy]".
 """
@@ -19,21 +20,20 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'tests'))
 sys.path.insert(0, str(REPO))
 
-from timm_mobileone.deploy import SUFFIX  # noqa: E402  (after the sys.path lines above)
+from timm_mobileone.formats import FORMATS  # noqa: E402  (after the sys.path line above)
 
 
 def main(argv=None) -> dict:
     import timm
 
     import timm_mobileone  # noqa: F401
-    from conftest import identity_images, write_image_folder
     from timm_mobileone import export
+    from train.synthetic import identity_images, write_image_folder
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--models', nargs='+', default=[f'mobileone_112_s{i}' for i in range(5)])
-    p.add_argument('--formats', nargs='+', default=['onnx', 'executorch', 'ncnn', 'coreml'], choices=list(SUFFIX))
+    p.add_argument('--formats', nargs='+', default=list(FORMATS), choices=list(FORMATS))
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,15 +50,14 @@ def main(argv=None) -> dict:
             torch.save(model.state_dict(), ckpt)
             row = dict(model=name)
             for fmt in args.formats:
-                out = tmp / name / f'{name}{SUFFIX[fmt]}'
+                out = tmp / name / f'{name}{FORMATS[fmt].suffix}'
                 argv_ = ['--model', name, '--checkpoint', str(ckpt), '--format', fmt, '--out', str(out), '--calib',
                          str(crops), '--calib-images', '32', '--heldout-images', '32']
                 try:
                     with contextlib.redirect_stdout(io.StringIO()):
                         r = export.main(argv_)
-                    row[fmt] = dict(max_rel_err=r.get('max_rel_err', r.get('ort_rel_err')),
-                                    min_cosine=r.get('min_cosine'), ops=r.get('ops') if fmt == 'coreml' else None,
-                                    ok=True)
+                    row[fmt] = dict(max_rel_err=r['max_rel_err'], min_cosine=r['min_cosine'], ran=r['ran'],
+                                    ops=None if r['ran'] else r.get('ops'), ok=True)
                 except SystemExit:
                     row[fmt] = dict(ok=False)
                 print(f'{name} {fmt}: {row[fmt]}', file=sys.stderr)
@@ -70,10 +69,8 @@ def main(argv=None) -> dict:
             r = row[fmt]
             if not r['ok']:
                 cells.append('**failed**')
-            elif fmt == 'coreml':
+            elif not r['ran']:
                 cells.append('spec ok, not run')
-            elif r['min_cosine'] is None:
-                cells.append(f"{r['max_rel_err']:.1e}")
             else:
                 cells.append(f"{r['max_rel_err']:.1e} / {r['min_cosine']:.7f}")
         lines.append(f"| {row['model']} | " + ' | '.join(cells) + ' |')

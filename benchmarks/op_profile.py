@@ -53,7 +53,7 @@ def profile(name: str, runs: int, tmp: Path):
     import torch
     import timm_mobileone  # noqa: F401
     from timm_mobileone.__main__ import _calibrate
-    from timm_mobileone.export import export_onnx
+    from timm_mobileone.formats import export_onnx
     torch.manual_seed(0)
     model = timm.utils.reparameterize_model(_calibrate(timm.create_model(name), (3, 112, 112)))
     path = str(tmp / f'{name}.onnx')

@@ -12,17 +12,18 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from timm_mobileone._io import (
-    ModelLoadError, atomic_write, create_model_checked, first_line, keep_freed_memory_for_reuse)
-
-from . import _verification as V
+from timm_mobileone import formats, results as R
+from timm_mobileone._io import atomic_write, create_model_checked, first_line
 from timm_mobileone.data import (
     PackError, PairImages, VerificationSet, collate_images, load_verification_set, read_embeddings)
+from timm_mobileone.errors import UserError, cli  # noqa: F401  (the eval CLIs import both from here)
+
+from . import _verification as V
 
 _logger = logging.getLogger('eval')
 
@@ -33,10 +34,6 @@ _logger = logging.getLogger('eval')
 DEFAULT_WORKERS = max(0, min(4, (os.cpu_count() or 1) - 2))
 
 
-class UserError(Exception):
-    """A mistake in the command line or its inputs: reported as one line, exit code 2."""
-
-
 def add_model_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags every embedding eval shares (model, runtime, batching, output), in timm's validate.py vocabulary."""
     parser.add_argument('-m', '--model', default='mobileone_112_s0',
@@ -45,7 +42,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--onnx', default='', metavar='MODEL.onnx',
                         help='run this ONNX model (FP32 or INT8, from timm_mobileone.export) in ONNX Runtime instead; '
                              "--model then only supplies the preprocessing cfg")
-    parser.add_argument('--runtime', default=None, choices=('onnx', 'executorch', 'ncnn'),
+    parser.add_argument('--runtime', default=None, choices=formats.RUNNABLE,
                         help='run --artifact (from timm_mobileone.export --format) in this runtime instead of PyTorch: '
                              'the same protocol on exactly what ships; fixed-batch artifacts run one image at a time')
     parser.add_argument('--artifact', default='', metavar='PATH', help='the exported model for --runtime (.onnx, '
@@ -115,75 +112,26 @@ def resolve_data(args, default_targets: Sequence[str], load_images: bool = True)
     return [load_verification_set(p) for p in paths]
 
 
-class OnnxModel:
-    """An ONNX Runtime session called like a model: (B, C, H, W) tensor in, (B, D) tensor out."""
-
-    def __init__(self, path: str, pretrained_cfg: Dict):
-        from timm_mobileone.export import ort_session
-        self.session = ort_session(path)
-        self.input_name = self.session.get_inputs()[0].name
-        batch = self.session.get_inputs()[0].shape[0]
-        self.fixed_batch = batch if isinstance(batch, int) else None
-        self.pretrained_cfg = pretrained_cfg
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        step = self.fixed_batch or len(x)
-        outs = [self.session.run(None, {self.input_name: x[i:i + step]})[0] for i in range(0, len(x), step)]
-        return torch.from_numpy(np.concatenate(outs))
-
-
 class ArtifactModel:
-    """An exported artifact in its on-device runtime (ExecuTorch, ncnn), called like a model; batch 1 per run."""
+    """An exported artifact run by its runtime (`timm_mobileone.formats`), called like a model: (B, C, H, W) tensor in,
+    (B, D) tensor out. Artifacts exported at a fixed batch size run in chunks of it (ExecuTorch, ncnn: one image)."""
 
     def __init__(self, runtime: str, path: str, pretrained_cfg: Dict):
-        from timm_mobileone import deploy
-        with deploy.quiet():
-            deploy.require(runtime)
+        fmt = formats.FORMATS[runtime]
+        fmt.require(flag='--runtime')
         try:
-            with deploy.quiet():
-                self.run_one = (deploy.executorch_runner(path) if runtime == 'executorch' else
-                                deploy.ncnn_runner(path))
-                probe = np.zeros((1, *pretrained_cfg['input_size']), np.float32)
-                self.run_one(probe)
-        except deploy.DeployError as e:
+            with formats.quiet():
+                self.run = fmt.runner(path)
+                self.run(np.zeros((1, *pretrained_cfg['input_size']), np.float32))
+        except UserError as e:
             raise UserError(f'--artifact {e}') from None
         except Exception as e:  # the runtime's own complaint, e.g. an input shape the program was not exported for
-            raise UserError(f'--artifact {path}: {runtime} cannot run it on --model\'s input '
+            raise UserError(f'--artifact {path}: {fmt.runtime} cannot run it on --model\'s input '
                             f'{"x".join(map(str, pretrained_cfg["input_size"]))} ({first_line(e)})') from None
         self.pretrained_cfg = pretrained_cfg
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from timm_mobileone.deploy import run_each
-        return torch.from_numpy(run_each(self.run_one, x.detach().cpu().numpy()))
-
-
-def normalizes_inside(runtime: str, path: str) -> str:
-    """A description of the input normalization an artifact's graph applies itself (first op on the input: a
-    subtraction or scaling by a scalar, as mxnet2ncnn files and many published ONNX face models have), or ''."""
-    try:
-        if runtime == 'ncnn':
-            lines = Path(path).read_text(encoding='utf-8', errors='replace').splitlines()[2:]
-            fields = [ln.split() for ln in lines if ln.split()]
-            inputs = {f[-1] for f in fields if f[0] == 'Input'}
-            for f in fields:
-                if f[0] == 'BinaryOp' and f[2] == '1' and f[4] in inputs:
-                    params = dict(kv.split('=', 1) for kv in f[6:] if '=' in kv)
-                    if params.get('1') == '1':
-                        return f'BinaryOp {f[1]} (op {params.get("0", "0")}, scalar {params.get("2", "0")})'
-        elif runtime == 'onnx':
-            import onnx
-            graph = onnx.load(path, load_external_data=False).graph
-            consts = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer if np.prod(i.dims) <= 3}
-            first = graph.input[0].name
-            for node in graph.node:
-                if node.op_type in ('Sub', 'Mul', 'Div', 'Add') and first in node.input:
-                    other = [consts[n] for n in node.input if n in consts]
-                    if other and float(np.abs(other[0]).max()) >= 2:  # a 0..255 scale, not the cfg's mean/std
-                        return f'{node.op_type} by {other[0].ravel().tolist()}'
-    except Exception:  # an unreadable artifact is reported by its runtime's own loading, with its message
-        return ''
-    return ''
+        return torch.from_numpy(self.run(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)))
 
 
 def _artifact(args) -> Tuple[str, str]:
@@ -217,34 +165,17 @@ def create_model(args):
     import timm_mobileone  # noqa: F401  (registers the mobileone_112 models)
     runtime, path = _artifact(args)
     if runtime and Path(path).is_file() and not getattr(args, 'raw_pixels', False):
-        inside = normalizes_inside(runtime, path)
+        inside = formats.normalizes_inside(runtime, path)
         if inside:
             raise UserError(f'--artifact {path} normalizes its input inside its graph ({inside}): it takes 0..255 '
                             f'pixels; add --raw-pixels (and --channel-order bgr if it was exported for BGR)')
-    if runtime and runtime != 'onnx':
+    if runtime:
         if not Path(path).is_file():
-            raise UserError(f'--artifact {path}: no such file')
+            raise UserError(f'{"--onnx" if args.onnx else "--artifact"} {path}: no such file')
         if args.checkpoint or args.pretrained:
             raise UserError('--artifact holds its weights: --checkpoint and --pretrained do not apply')
         return ArtifactModel(runtime, path, timm.create_model(args.model).pretrained_cfg)
-    if runtime == 'onnx' and not args.onnx:
-        args.onnx = path
-    if args.onnx:
-        if not Path(args.onnx).is_file():
-            raise UserError(f'--onnx {args.onnx}: no such file')
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise UserError('--onnx needs onnxruntime (pip install onnxruntime)') from None
-        try:
-            cfg = timm.create_model(args.model).pretrained_cfg
-            return OnnxModel(args.onnx, cfg)
-        except RuntimeError as e:
-            raise UserError(f'--onnx {args.onnx}: {first_line(e)}') from None
-    try:
-        model = create_model_checked(args.model, args.pretrained, args.checkpoint)
-    except ModelLoadError as e:
-        raise UserError(str(e)) from None
+    model = create_model_checked(args.model, args.pretrained, args.checkpoint)
     model.eval()
     if args.reparam:
         model = timm.utils.reparameterize_model(model)
@@ -457,7 +388,7 @@ def run(args, datasets: List[VerificationSet], model: Optional[torch.nn.Module] 
         model = None
     else:
         model = create_model(args) if model is None else model
-        if isinstance(model, (OnnxModel, ArtifactModel)):
+        if isinstance(model, ArtifactModel):
             args.channels_last = False
             data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)
         else:
@@ -505,7 +436,10 @@ def run(args, datasets: List[VerificationSet], model: Optional[torch.nn.Module] 
                 versions=_versions())
 
 
-def finish(result: Dict, args) -> Dict:
+def finish(result: Dict, args, rows: List[Dict]) -> Dict:
+    """Add the result schema's fields (`timm_mobileone.results`: `schema`, `rows`, `rerun`), then write the JSON
+    object to --results-file and stdout."""
+    result = dict(result, schema=R.SCHEMA, rows=rows, rerun=args.rerun)
     text = json.dumps(result)
     if args.results_file:
         atomic_write(args.results_file, lambda f: f.write((text + '\n').encode()))
@@ -513,29 +447,18 @@ def finish(result: Dict, args) -> Dict:
     return result
 
 
-def cli(fn: Callable[[Optional[List[str]]], Dict]) -> Callable[[Optional[List[str]]], Dict]:
-    """Wrap an entry point: user mistakes become one stderr line and exit code 2."""
-
-    def main(argv: Optional[List[str]] = None) -> Dict:
-        logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s', stream=sys.stderr)
-        keep_freed_memory_for_reuse()
-        try:
-            return fn(argv)
-        except (UserError, PackError) as e:
-            print(f'error: {e}', file=sys.stderr)
-            raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print('error: interrupted', file=sys.stderr)
-            raise SystemExit(130) from None
-
-    main.__doc__ = fn.__doc__
-    main.__name__ = 'main'
-    return main
+# what the result's `rerun` leaves out (the model and its local weights, local outputs, saved inputs that stand for the
+# model) and which flags it quotes by file name: see timm_mobileone.results
+RERUN_DROP = ('-m', '--model', '--pretrained', '--checkpoint', '--results-file', '--save-embeddings',
+              '--save-features', '--plot', '--embeddings', '--features', '--faceness')
+RERUN_PATHS = ('--data', '--data-dir', '--onnx', '--artifact')
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]):
     args = parser.parse_args(argv)
-    args.command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args.command = f"{parser.prog} {shlex.join(argv)}".strip()
+    args.rerun = dict(module=parser.prog.split()[-1], args=R.portable_args(parser, argv, RERUN_DROP, RERUN_PATHS))
     if args.verbose:
         logging.getLogger().setLevel(logging.INFO)
     if args.batch_size < 1:

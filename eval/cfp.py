@@ -5,6 +5,8 @@ there). Prints one JSON object whose `results` list holds one entry per pack.
 """
 from typing import Dict, List, Optional
 
+from timm_mobileone import results as R
+
 from ._common import build_parser, cli, finish, parse, resolve_data, run
 
 TARGETS = ('cfp_fp', 'cfp_ff')
@@ -18,7 +20,8 @@ def parse_args(argv: Optional[List[str]] = None):
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     out = run(args, resolve_data(args, TARGETS))
-    return finish(dict(out['common'], results=out['results'], seconds=out['seconds'], versions=out['versions']), args)
+    return finish(dict(out['common'], results=out['results'], seconds=out['seconds'], versions=out['versions']), args,
+                  R.rows_of(out))
 
 
 if __name__ == '__main__':

@@ -19,11 +19,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from timm_mobileone import results as R
 from timm_mobileone.data import read_npy
 
 from . import _ijb as J
 from ._common import (
-    ArtifactModel, OnnxModel, UserError, _versions, add_model_flags, cli, create_model, embed_batches, finish,
+    ArtifactModel, UserError, _versions, add_model_flags, cli, create_model, embed_batches, finish,
     input_cfg, parse, roc_figure, save_roc)
 
 _logger = logging.getLogger('eval')
@@ -121,7 +122,7 @@ def _embed_and_pool(args, meta: J.IJBMeta, pooler: J.TemplatePooler, faceness) -
     import timm
     _check_images(meta)
     model = create_model(args)
-    if isinstance(model, (OnnxModel, ArtifactModel)):
+    if isinstance(model, ArtifactModel):
         args.channels_last = False
         data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)
     else:
@@ -240,7 +241,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if args.save_features:
         result['saved_features'] = args.save_features
     _logger.info(f"{args.target}: TAR@FAR=1e-4 {metrics['tar_at_far']['1e-4']:.5f}")
-    return finish(result, args)
+    row = dict(dataset=result['dataset'], kind='ijb', num=result['num_pairs'], flip=result['flip'],
+               tar_at_far={k: metrics['tar_at_far'][k] for k in R.IJB_FARS}, auc=metrics['auc'])
+    return finish(result, args, [row])
 
 
 if __name__ == '__main__':

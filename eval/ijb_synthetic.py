@@ -16,6 +16,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from timm_mobileone.errors import cli
+
 from ._ijb import ARCFACE_TEMPLATE, CROP_SIZE
 
 
@@ -95,6 +97,7 @@ def write_synthetic_ijb(out: Path, target: str = 'IJBC', identities: int = 12, t
                 genuine=len(pairs) - want)
 
 
+@cli
 def main(argv: Optional[List[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(prog='python -m eval.ijb_synthetic', description=__doc__.splitlines()[0])
     parser.add_argument('out', help='output folder (OUT/TARGET is written)')

@@ -18,9 +18,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from timm_mobileone._io import ModelLoadError, create_model_checked, first_line
+from timm_mobileone import results as R
+from timm_mobileone._io import create_model_checked, first_line
 
-from ._common import DEFAULT_WORKERS, UserError, _versions, cli, finish
+from ._common import DEFAULT_WORKERS, RERUN_DROP, RERUN_PATHS, UserError, _versions, cli, finish
 
 IMG_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.JPEG')
 
@@ -48,7 +49,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--results-file', default='', help='also write the JSON result to this file')
     parser.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
     args = parser.parse_args(argv)
-    args.command = f"{parser.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args.command = f"{parser.prog} {shlex.join(argv)}"
+    args.rerun = dict(module='eval.imagenet', args=R.portable_args(parser, argv, RERUN_DROP, RERUN_PATHS))
     if args.batch_size < 1 or args.workers < 0:
         parser.error('--batch-size must be >= 1 and --workers >= 0')
     return args
@@ -58,10 +61,7 @@ def _create_model(args):
     from timm.utils import reparameterize_model
     kwargs = {k: v for k, v in dict(num_classes=args.num_classes, global_pool=args.global_pool).items()
               if v is not None}
-    try:
-        model = create_model_checked(args.model, args.pretrained, args.checkpoint, **kwargs).eval()
-    except ModelLoadError as e:
-        raise UserError(str(e)) from None
+    model = create_model_checked(args.model, args.pretrained, args.checkpoint, **kwargs).eval()
     return reparameterize_model(model) if args.reparam else model
 
 
@@ -146,7 +146,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         mean=list(data_config['mean']), std=list(data_config['std']), reparam=args.reparam,
         seconds=round(time.perf_counter() - t_start, 3), command=args.command, versions=_versions(),
     )
-    return finish(result, args)
+    row = dict(dataset='imagenet', kind='classification', num=count, top1=result['top1'], top5=result['top5'])
+    return finish(result, args, [row])
 
 
 if __name__ == '__main__':

@@ -6,6 +6,8 @@ xnorm, ...).
 """
 from typing import Dict, List, Optional
 
+from timm_mobileone import results as R
+
 from ._common import UserError, build_parser, cli, finish, parse, resolve_data, run
 
 TARGETS = ('lfw',)
@@ -24,7 +26,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     out = run(args, datasets)
     result = dict(out['common'], **out['results'][0])
     result.update(seconds=out['seconds'], versions=out['versions'])
-    return finish(result, args)
+    return finish(result, args, R.rows_of(out))
 
 
 if __name__ == '__main__':

@@ -31,6 +31,8 @@ from timm.utils import reparameterize_model
 
 from . import __version__
 from ._io import first_line, keep_freed_memory_for_reuse, release_freed_memory
+from .errors import UserError, cli
+from .formats import FORMATS
 from .profile import count_macs, count_params, fusion_error, time_round_robin
 from .runtimes import eager_calls, onnx_calls
 
@@ -108,11 +110,9 @@ def _calibrate(model: torch.nn.Module, input_size, dtype=torch.float32, steps: i
 
 def _onnx_available() -> bool:
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
+        FORMATS['onnx'].require()
         return True
-    except ImportError:
+    except UserError:
         return False
 
 
@@ -236,6 +236,7 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+@cli
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     from .peers import PEERS, create_peer
@@ -243,8 +244,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     names = args.model or [n for n in available if args.dbb or args.runtimes or '_dbb_' not in n]
     unknown = [n for n in names if n not in available]
     if unknown:
-        print(f'error: unknown model(s) {", ".join(unknown)}; choose from {", ".join(available)}', file=sys.stderr)
-        raise SystemExit(2)
+        raise UserError(f'unknown model(s) {", ".join(unknown)}; choose from {", ".join(available)}')
     peers = list(PEERS) if args.peers else list(dict.fromkeys(args.peer))
     if args.runtimes:  # a fused DBB model is the fused MobileOne model of its size: one row each
         names = args.model or [n for n in names if '_dbb_' not in n]

@@ -5,6 +5,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, IO, Union
 
+from .errors import UserError
+
 
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none), for one-line `error:` output."""
@@ -78,26 +80,22 @@ def release_freed_memory() -> bool:
         return False
 
 
-class ModelLoadError(Exception):
-    """A model the user named cannot be created or loaded (one line, for the CLIs' `error:` output)."""
-
-
 def read_state_dict(path: Union[str, Path], flag: str = '--checkpoint'):
     """A state dict of tensors from safetensors or a torch checkpoint (read with weights_only=True).
 
     Unwraps `state_dict` / `model` entries and strips a `module.` prefix. Whatever is wrong with the file
-    (missing, truncated, corrupt header, a pickle of something else) raises ModelLoadError naming it.
+    (missing, truncated, corrupt header, a pickle of something else) raises UserError naming it.
     """
     import torch
     p = Path(path)
     if not p.is_file():
-        raise ModelLoadError(f'{flag} {path}: no such file')
+        raise UserError(f'{flag} {path}: no such file')
     if p.suffix == '.params':  # insightface's MXNet checkpoints: arrays by MXNet name, converted on loading
         from .mxnet import MXNetError, read_params
         try:
             return {k: torch.from_numpy(v) for k, v in read_params(p).items()}
         except MXNetError as e:
-            raise ModelLoadError(f'{flag} {e}') from None
+            raise UserError(f'{flag} {e}') from None
     try:
         if p.suffix == '.safetensors':
             from safetensors.torch import load_file
@@ -105,7 +103,7 @@ def read_state_dict(path: Union[str, Path], flag: str = '--checkpoint'):
         else:
             state_dict = torch.load(str(p), map_location='cpu', weights_only=True)
     except Exception as e:  # safetensors, torch's zip reader and its unpickler raise many unrelated types
-        raise ModelLoadError(f'{flag} {path}: cannot be read, corrupt or truncated? ({first_line(e)})') from None
+        raise UserError(f'{flag} {path}: cannot be read, corrupt or truncated? ({first_line(e)})') from None
     if isinstance(state_dict, dict):
         for key in ('state_dict', 'model'):
             if isinstance(state_dict.get(key), dict):
@@ -113,7 +111,7 @@ def read_state_dict(path: Union[str, Path], flag: str = '--checkpoint'):
                 break
     if not isinstance(state_dict, dict) or not state_dict or \
             not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
-        raise ModelLoadError(f'{flag} {path}: not a state dict of tensors')
+        raise UserError(f'{flag} {path}: not a state dict of tensors')
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
@@ -135,19 +133,19 @@ def create_model_checked(model_name: str, pretrained: bool = False, checkpoint: 
         model = timm.create_model(model_name, pretrained=pretrained,
                                   checkpoint_path=checkpoint if checkpoint and not mxnet else None, **kwargs)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise ModelLoadError(f'cannot create model {model_name!r}: {first_line(e)}') from None
+        raise UserError(f'cannot create model {model_name!r}: {first_line(e)}') from None
     if mxnet:
         _load_mxnet(model, model_name, checkpoint, state)
     return model
 
 
 def _load_mxnet(model, model_name: str, checkpoint: str, state) -> None:
-    """Load MXNet arrays (by MXNet name) into `model` through its family's port, or raise ModelLoadError."""
+    """Load MXNet arrays (by MXNet name) into `model` through its family's port, or raise UserError."""
     import sys
     from .mxnet import MXNetError, read_symbol, symbol_path_for
     check = getattr(sys.modules.get(type(model).__module__), 'check_mxnet_symbol', None)
     if check is None:
-        raise ModelLoadError(f'--checkpoint {checkpoint}: an MXNet checkpoint, and {model_name} has no MXNet port '
+        raise UserError(f'--checkpoint {checkpoint}: an MXNet checkpoint, and {model_name} has no MXNet port '
                              f'(mobilefacenet has)')
     symbol = symbol_path_for(checkpoint)
     try:
@@ -155,15 +153,15 @@ def _load_mxnet(model, model_name: str, checkpoint: str, state) -> None:
             check(read_symbol(symbol), model, str(symbol))
         result = model.load_state_dict(state, strict=False)
     except MXNetError as e:
-        raise ModelLoadError(f'--checkpoint {e}') from None
+        raise UserError(f'--checkpoint {e}') from None
     except KeyError as e:
-        raise ModelLoadError(f'--checkpoint {checkpoint}: {e.args[0]}') from None
+        raise UserError(f'--checkpoint {checkpoint}: {e.args[0]}') from None
     except RuntimeError as e:  # size mismatch
         detail = [line.strip() for line in str(e).splitlines() if 'size mismatch' in line]
-        raise ModelLoadError(f'--checkpoint {checkpoint} does not fit {model_name}: '
+        raise UserError(f'--checkpoint {checkpoint} does not fit {model_name}: '
                              f'{detail[0] if detail else first_line(e)}') from None
     if result.missing_keys or result.unexpected_keys:
-        raise ModelLoadError(
+        raise UserError(
             f'--checkpoint {checkpoint} does not fit {model_name}: it lacks {len(result.missing_keys)} tensors the '
             f'model needs ({", ".join(result.missing_keys[:4])}{" ..." if len(result.missing_keys) > 4 else ""})'
             + (f', holds {len(result.unexpected_keys)} it lacks' if result.unexpected_keys else ''))

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from ._io import first_line
+from .errors import UserError
 
 __all__ = ['PackError', 'ImageError', 'VerificationSet', 'load_pack', 'load_pairs_folder', 'load_verification_set',
            'decode_aligned', 'PairImages', 'collate_images', 'read_npy', 'read_embeddings']
 
 
-class PackError(ValueError):
+class PackError(UserError, ValueError):
     """A verification file that cannot be used: missing, malformed, unsafe or inconsistent (a user error)."""
 
 
@@ -283,7 +284,7 @@ def load_verification_set(path: Union[str, Path]) -> VerificationSet:
     return load_pack(path)
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An encoded image that cannot be used; the message says why, to follow "image N"."""
 
 

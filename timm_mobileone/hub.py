@@ -33,7 +33,9 @@ import timm
 from timm.utils import reparameterize_model
 
 from . import __version__
-from ._io import ModelLoadError, atomic_write, first_line, read_state_dict
+from . import results as R
+from ._io import atomic_write, first_line, read_state_dict
+from .errors import UserError, cli
 from .mobileone_112 import infer_model_args
 from .profile import count_macs, count_params, fusion_error
 
@@ -54,18 +56,6 @@ DATASET_NAMES = {
     'lfw': 'LFW', 'cfp_fp': 'CFP-FP', 'cfp_ff': 'CFP-FF', 'agedb_30': 'AgeDB-30', 'calfw': 'CALFW',
     'cplfw': 'CPLFW', 'vgg2_fp': 'VGG2-FP', 'imagenet': 'ImageNet-1k', 'ijbb': 'IJB-B', 'ijbc': 'IJB-C',
 }
-IJB_FARS = ('1e-6', '1e-5', '1e-4', '1e-3', '1e-2', '1e-1')  # eval.ijb's tar_at_far keys
-# eval flags a card's command drops (local outputs and the local weights, which the card's repo replaces) and flags
-# whose value is a local path that the card quotes by its file name only
-_CARD_DROP_FLAGS = {'--checkpoint', '--results-file', '--save-embeddings', '--save-features', '--plot',
-                    '--embeddings', '--features', '--faceness'}
-_CARD_DROP_SWITCHES = {'--pretrained'}
-_CARD_MODEL_FLAGS = {'-m', '--model'}
-_CARD_PATH_FLAGS = {'--data', '--data-dir', '--onnx'}
-
-
-class HubError(Exception):
-    """A user mistake (bad argument, unusable checkpoint or folder, missing token): one line, exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,28 +64,25 @@ class HubError(Exception):
 
 def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """A state dict from safetensors or a torch checkpoint (read with weights_only=True, EMA weights not preferred)."""
-    try:
-        return read_state_dict(path)
-    except ModelLoadError as e:
-        raise HubError(str(e)) from None
+    return read_state_dict(path)
 
 
 def load_train_time_model(model_name: str, checkpoint: str, **model_args) -> torch.nn.Module:
     if model_name not in timm.list_models('mobileone_112_*'):
         names = ', '.join(timm.list_models('mobileone_112_*'))
-        raise HubError(f'--model {model_name}: not a mobileone_112 model ({names})')
+        raise UserError(f'--model {model_name}: not a mobileone_112 model ({names})')
     state_dict = read_checkpoint(checkpoint)
     if any('reparam_conv' in k for k in state_dict):
-        raise HubError(f'--checkpoint {checkpoint}: already fused (reparam_conv weights); export needs the '
+        raise UserError(f'--checkpoint {checkpoint}: already fused (reparam_conv weights); export needs the '
                        f'train-time checkpoint, which it fuses itself')
     args = dict(infer_model_args(state_dict), **{k: v for k, v in model_args.items() if v is not None})
     try:
         model = timm.create_model(model_name, **args)
     except ValueError as e:
-        raise HubError(f'{model_name}: {e}') from None
+        raise UserError(f'{model_name}: {e}') from None
     result = model.load_state_dict(state_dict, strict=False)  # still raises on shape mismatch: see _load_checked
     if result.missing_keys or result.unexpected_keys:
-        raise HubError(
+        raise UserError(
             f'--checkpoint {checkpoint} does not fit {model_name}: missing {len(result.missing_keys)} keys '
             f'({", ".join(result.missing_keys[:3])}{", ..." if len(result.missing_keys) > 3 else ""}), unexpected '
             f'{len(result.unexpected_keys)} ({", ".join(result.unexpected_keys[:3])}'
@@ -109,7 +96,7 @@ def _load_checked(model_name: str, checkpoint: str, **model_args) -> torch.nn.Mo
     except RuntimeError as e:  # size mismatch from load_state_dict
         detail = re.search(r'size mismatch for ([^:]+): (.*)', str(e))
         what = f'{detail.group(1)}: {detail.group(2)}' if detail else first_line(e)
-        raise HubError(f'--checkpoint {checkpoint} does not fit {model_name} ({what}); is it a checkpoint of '
+        raise UserError(f'--checkpoint {checkpoint} does not fit {model_name} ({what}); is it a checkpoint of '
                        f'another variant?') from None
 
 
@@ -117,70 +104,12 @@ def _load_checked(model_name: str, checkpoint: str, **model_args) -> torch.nn.Mo
 # model card
 
 
-def card_command(command: Optional[str], repo_id: str) -> Optional[str]:
-    """The eval command as a stranger can rerun it from the card: the model as the Hub repo the card describes
-    (`--model hf-hub:REPO --pretrained`), data by file name, no local outputs.
-
-    An eval JSON keeps the exact local command (`--checkpoint /tmp/.../ck.safetensors --data /home/.../lfw.bin
-    --results-file ...`); quoted in a published card it would leak the exporter's paths and run nowhere else. Scores
-    of saved embeddings or features (`--embeddings`, `--features`) become the run of the model that makes them.
-    """
-    if not command:
-        return None
-    try:
-        tokens = shlex.split(command)
-    except ValueError:
-        return None
-    head = tokens[:3] if tokens[:2] == ['python', '-m'] else tokens[:1]
-    out = [*head, '--model', f'hf-hub:{repo_id}', '--pretrained']
-    rest = tokens[len(head):]
-    i = 0
-    while i < len(rest):
-        flag, eq, value = rest[i].partition('=')
-        i += 1
-        if flag in _CARD_DROP_FLAGS | _CARD_MODEL_FLAGS | _CARD_PATH_FLAGS:
-            if not eq:  # the value is the next token
-                value = rest[i] if i < len(rest) else ''
-                i += 1
-            if flag in _CARD_PATH_FLAGS:
-                out += [flag, Path(value.rstrip('/')).name or '.']
-        elif flag not in _CARD_DROP_SWITCHES:
-            out.append(rest[i - 1])
-    return shlex.join(out)
-
-
 def _result_rows(paths: Sequence[str]) -> List[Dict[str, Any]]:
-    """Dataset rows from eval JSON files (eval.lfw's flat object, eval.verify/eval.cfp's `results`, eval.imagenet,
-    eval.ijb)."""
+    """The schema rows of eval result files (timm_mobileone.results), each with the `rerun` of its file."""
     rows = []
     for path in paths:
-        p = Path(path)
-        try:
-            obj = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise HubError(f'--results {path}: not a readable JSON file ({first_line(e)})') from None
-        if not isinstance(obj, dict):
-            raise HubError(f'--results {path}: not an eval result (a JSON object)')
-        entries = obj.get('results') if isinstance(obj.get('results'), list) else [obj]
-        for entry in entries:
-            merged = dict(obj, **entry) if isinstance(entry, dict) else {}
-            if 'top1' in merged:  # eval.imagenet
-                rows.append(dict(dataset='imagenet', kind='classification', top1=merged['top1'],
-                                 top5=merged.get('top5'), command=merged.get('command'), num=merged.get('num_images')))
-            elif isinstance(merged.get('tar_at_far'), dict) and merged.get('dataset') in ('ijbb', 'ijbc'):  # eval.ijb
-                tar = merged['tar_at_far']
-                if not all(isinstance(tar.get(k), (int, float)) for k in IJB_FARS):
-                    raise HubError(f'--results {path}: an IJB result without TAR at FAR {", ".join(IJB_FARS)}')
-                rows.append(dict(dataset=merged['dataset'], kind='ijb', tar_at_far={k: tar[k] for k in IJB_FARS},
-                                 auc=merged.get('auc'), command=merged.get('command'), num=merged.get('num_pairs'),
-                                 flip=merged.get('flip')))
-            elif 'accuracy' in merged and 'dataset' in merged:
-                rows.append(dict(dataset=merged['dataset'], kind='verification', accuracy=merged['accuracy'],
-                                 accuracy_std=merged.get('accuracy_std'), tar_at_far=merged.get('tar_at_far'),
-                                 far_target=merged.get('far_target', 1e-3), command=merged.get('command'),
-                                 num=merged.get('num_pairs'), flip=merged.get('flip')))
-            else:
-                raise HubError(f'--results {path}: neither a verification, an IJB nor an ImageNet eval result')
+        obj = R.read(path)
+        rows += [dict(r, rerun=obj['rerun']) for r in obj['rows']]
     return rows
 
 
@@ -224,14 +153,14 @@ def render_card(model: torch.nn.Module, tag: str, repo_id: str, rows: List[Dict[
     lines, ijb_lines = [], []
     for r in rows:
         label = DATASET_NAMES.get(r['dataset'], r['dataset'])
-        quoted = card_command(r.get('command'), repo_id)
+        quoted = R.rerun_command(r.get('rerun'), repo_id)
         command = f"`{quoted}`" if quoted else '(command not recorded)'
         if r['kind'] == 'verification':
             tar = '' if r.get('tar_at_far') is None else f"{r['tar_at_far']:.5f}"
             std = '' if r.get('accuracy_std') is None else f" ± {r['accuracy_std']:.5f}"
             lines.append(f"| {label} | {r.get('num') or ''} pairs | {r['accuracy']:.5f}{std} | {tar} | {command} |")
         elif r['kind'] == 'ijb':
-            tars = ' | '.join(f'{r["tar_at_far"][k]:.5f}' for k in IJB_FARS)
+            tars = ' | '.join(f'{r["tar_at_far"][k]:.5f}' for k in R.IJB_FARS)
             ijb_lines.append(f"| {label} | {r.get('num') or ''} pairs | {tars} | {command} |")
         else:
             top5 = '' if r.get('top5') is None else f" (top-5 {r['top5']:.3f})"
@@ -244,8 +173,8 @@ def render_card(model: torch.nn.Module, tag: str, repo_id: str, rows: List[Dict[
         tables.append('\n'.join([
             "IJB-B / IJB-C 1:1 template verification, insightface's `eval_ijbc.py` protocol (flip test, feature norm "
             "and detector score kept): TAR at each FAR.", '',
-            '| dataset | size | ' + ' | '.join(f'FAR={k}' for k in IJB_FARS) + ' | command |',
-            '|---|---|' + '---|' * len(IJB_FARS) + '---|', *ijb_lines]))
+            '| dataset | size | ' + ' | '.join(f'FAR={k}' for k in R.IJB_FARS) + ' | command |',
+            '|---|---|' + '---|' * len(R.IJB_FARS) + '---|', *ijb_lines]))
     results_table = '\n\n'.join(tables) if tables else 'No evaluation results were recorded for this export.'
     body_template = string.Template((template or CARD_TEMPLATE).read_text())
     body = body_template.substitute(
@@ -279,12 +208,12 @@ def export(model_name: str, checkpoint: str, tag: str, out: str, results: Sequen
     from safetensors.torch import save_file
     from timm.models import save_for_hf
     if not re.fullmatch(r'[a-z0-9][a-z0-9_]*', tag):
-        raise HubError(f'--tag {tag!r}: use lowercase letters, digits and _ (e.g. ms1mv3_arcface)')
+        raise UserError(f'--tag {tag!r}: use lowercase letters, digits and _ (e.g. ms1mv3_arcface)')
     rows = _result_rows(results)
     model = _load_checked(model_name, checkpoint, **model_args)
     err64 = fusion_error(model, torch.float64)
     if not err64 <= FUSION_TOLERANCE:
-        raise HubError(f'refusing to export {checkpoint}: the fused model differs from the train-time one '
+        raise UserError(f'refusing to export {checkpoint}: the fused model differs from the train-time one '
                        f'(float64 relative error {err64:.3g} > {FUSION_TOLERANCE:g}); are its BatchNorm statistics '
                        f'finite and positive?')
     err32 = fusion_error(model, torch.float32)
@@ -317,15 +246,15 @@ def push(folder: str, repo_id: str, private: bool = False, revision: Optional[st
     from huggingface_hub import HfApi, get_token
     folder_path = Path(folder)
     if not folder_path.is_dir():
-        raise HubError(f'{folder}: no such folder (export one with python -m timm_mobileone.hub export)')
+        raise UserError(f'{folder}: no such folder (export one with python -m timm_mobileone.hub export)')
     missing = [n for n in EXPORT_FILES if not (folder_path / n).is_file()]
     if missing:
-        raise HubError(f'{folder}: missing {", ".join(missing)}; export it with python -m timm_mobileone.hub export')
+        raise UserError(f'{folder}: missing {", ".join(missing)}; export it with python -m timm_mobileone.hub export')
     if not re.fullmatch(r'[\w.-]+/[\w.-]+', repo_id):
-        raise HubError(f'--repo-id {repo_id!r}: expected ORG/NAME')
+        raise UserError(f'--repo-id {repo_id!r}: expected ORG/NAME')
     token = token or get_token()
     if not token:
-        raise HubError('no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again')
+        raise UserError('no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again')
     api = HfApi(token=token, library_name='timm_mobileone', library_version=__version__)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
@@ -335,7 +264,7 @@ def push(folder: str, repo_id: str, private: bool = False, revision: Optional[st
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder_path), revision=revision,
                                  commit_message=commit_message, allow_patterns=list(EXPORT_FILES))
     except Exception as e:  # huggingface_hub raises HfHubHTTPError and network errors
-        raise HubError(f'push to {repo_id} failed: {first_line(e)}') from None
+        raise UserError(f'push to {repo_id} failed: {first_line(e)}') from None
     return dict(repo_id=repo_id, revision=revision, commit_url=getattr(info, 'commit_url', str(info)),
                 files=list(EXPORT_FILES))
 
@@ -371,7 +300,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     p = sub.add_parser('card', help='(re)generate a model card', formatter_class=fmt)
     model_flags(p, need_checkpoint=False)
-    p.add_argument('--out', default='', help='card path (default: ./hub_cards/<model>.<tag>/README.md, in the current folder)')
+    p.add_argument('--out', default='',
+                   help='card path (default: ./hub_cards/<model>.<tag>/README.md, in the current folder)')
 
     p = sub.add_parser('push', help='upload an exported folder to the Hub', formatter_class=fmt)
     p.add_argument('folder', help='exported folder')
@@ -388,7 +318,7 @@ def _card_command(args) -> Dict[str, Any]:
         model = _load_checked(args.model, args.checkpoint, embed_dim=args.embed_dim, num_classes=args.num_classes)
     else:
         if args.model not in timm.list_models('mobileone_112_*'):
-            raise HubError(f'--model {args.model}: not a mobileone_112 model')
+            raise UserError(f'--model {args.model}: not a mobileone_112 model')
         kw = {k: v for k, v in dict(embed_dim=args.embed_dim, num_classes=args.num_classes).items() if v is not None}
         model = timm.create_model(args.model, **kw).eval()
     out = Path(args.out) if args.out else CARDS_DIR / f'{args.model}.{args.tag}' / CARD_NAME
@@ -398,20 +328,17 @@ def _card_command(args) -> Dict[str, Any]:
     return dict(card=str(out), results=len(rows))
 
 
+@cli
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    try:
-        if args.command == 'export':
-            result = export(args.model, args.checkpoint, args.tag, args.out, args.results, args.repo_id,
-                            args.license, args.dataset, args.train_data, embed_dim=args.embed_dim,
-                            num_classes=args.num_classes)
-        elif args.command == 'card':
-            result = _card_command(args)
-        else:
-            result = push(args.folder, args.repo_id, args.private, args.revision, args.token)
-    except HubError as e:
-        print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
+    if args.command == 'export':
+        result = export(args.model, args.checkpoint, args.tag, args.out, args.results, args.repo_id,
+                        args.license, args.dataset, args.train_data, embed_dim=args.embed_dim,
+                        num_classes=args.num_classes)
+    elif args.command == 'card':
+        result = _card_command(args)
+    else:
+        result = push(args.folder, args.repo_id, args.private, args.revision, args.token)
     result['command'] = 'python -m timm_mobileone.hub ' + ' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(json.dumps(result))
     return result

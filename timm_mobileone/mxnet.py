@@ -27,11 +27,12 @@ import argparse
 import json
 import re
 import struct
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
+
+from .errors import UserError, cli
 
 __all__ = ['MXNetError', 'read_params', 'read_symbol', 'symbol_path_for', 'main']
 
@@ -46,7 +47,7 @@ MAX_NAME = 4096
 MAX_ELEMENTS = 1 << 40
 
 
-class MXNetError(ValueError):
+class MXNetError(UserError, ValueError):
     """An MXNet file that cannot be used: missing, truncated, malformed, or not the graph expected (one line)."""
 
 
@@ -214,23 +215,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Convert an MXNet checkpoint to safetensors; one JSON object on stdout, user errors exit 2."""
-    from ._io import ModelLoadError, atomic_write, create_model_checked
+    from safetensors.torch import save
+    from timm.utils import reparameterize_model
+    from ._io import atomic_write, create_model_checked
     args = parse_args(argv)
-    try:
-        from safetensors.torch import save
-        from timm.utils import reparameterize_model
-        model = create_model_checked(args.model, checkpoint=args.params).eval()
-        if args.fused:
-            model = reparameterize_model(model)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        blob = save(state, metadata={'format': 'pt', 'source': Path(args.params).name,
-                                     'form': 'fused' if args.fused else 'train'})
-        atomic_write(args.out, lambda f: f.write(blob))
-    except (ModelLoadError, MXNetError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
+    model = create_model_checked(args.model, checkpoint=args.params).eval()
+    if args.fused:
+        model = reparameterize_model(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    blob = save(state, metadata={'format': 'pt', 'source': Path(args.params).name,
+                                 'form': 'fused' if args.fused else 'train'})
+    atomic_write(args.out, lambda f: f.write(blob))
     result = dict(model=args.model, params=args.params, out=args.out, fused=args.fused, tensors=len(state),
                   parameters=int(sum(v.numel() for k, v in state.items() if v.is_floating_point())))
     print(json.dumps(result))

@@ -3,12 +3,12 @@
 `python -m timm_mobileone --runtimes [-m NAME ...] [--peer mobilefacenet] [--repeats N] [--plot PNG] [--json]`
 
 For each model (default: the five fused mobileone_112 variants and the reference MobileFaceNet): BN statistics
-calibrated on random inputs (as the zoo report), fused, then exported to each runtime: PyTorch eager
-(channels_last), ONNX Runtime (FP32), ExecuTorch XNNPACK FP32 and INT8 (PT2E, calibrated on random inputs: the
-timing needs no data; the accuracy of these INT8 programs means nothing), and ncnn (FP32 weights, fp16 runtime
-options off). Then every (model, runtime) pair is timed one call at a time, round-robin over all pairs for
-`--repeats` rounds, and the median is reported: the machine's load drifts alike for every column. A runtime that is
-not installed or whose export fails is a blank cell with a warning line.
+calibrated on random inputs (as the zoo report), fused, then exported to each column: PyTorch eager (channels_last),
+then every precision each entry of `formats.FORMATS` lists in its `timed` (today: ONNX Runtime FP32, ExecuTorch
+XNNPACK FP32 and INT8 (PT2E, calibrated on random inputs: the timing needs no data; the accuracy of these INT8
+programs means nothing), ncnn FP32 with its fp16 options off). Then every (model, runtime) pair is timed one call at
+a time, round-robin over all pairs for `--repeats` rounds, and the median is reported: the machine's load drifts
+alike for every column. A runtime that is not installed or whose export fails is a blank cell with a warning line.
 """
 import copy
 import sys
@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from ._io import first_line
+from .formats import FORMATS, ExportOptions, quiet
 from .profile import count_macs, time_round_robin
 
-RUNTIMES = ('eager', 'onnxruntime', 'executorch_fp32', 'executorch_int8', 'ncnn')
-LABELS = dict(eager='PyTorch eager', onnxruntime='ONNX Runtime', executorch_fp32='ExecuTorch XNNPACK FP32',
-              executorch_int8='ExecuTorch XNNPACK INT8', ncnn='ncnn FP32')
+# the columns: PyTorch eager, then every (format, precision) that formats.FORMATS says the table times
+COLUMNS = {'eager': (None, 'fp32'), **{f.column(p): (f, p) for f in FORMATS.values() for p in f.timed}}
+RUNTIMES = tuple(COLUMNS)
+LABELS = {c: 'PyTorch eager' if f is None else f.label(p) for c, (f, p) in COLUMNS.items()}
 
 
 def eager_calls(model: torch.nn.Module, input_size, batch_size: int, batched: bool = True):
@@ -48,7 +50,7 @@ def eager_calls(model: torch.nn.Module, input_size, batch_size: int, batched: bo
 def onnx_calls(model: torch.nn.Module, input_size, batch_size: int, threads: int = 0, dynamic_batch: bool = True):
     """The same two calls in ONNX Runtime (an export of `model`; a fixed batch-1 graph without `dynamic_batch`,
     whose batch-`batch_size` call is then the batch-1 call), the batch-1 call warmed up."""
-    from .export import export_onnx, ort_run, ort_session
+    from .formats import export_onnx, ort_run, ort_session
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / 'model.onnx')
         model.pretrained_cfg = dict(getattr(model, 'pretrained_cfg', {}), input_size=tuple(input_size))
@@ -61,33 +63,24 @@ def onnx_calls(model: torch.nn.Module, input_size, batch_size: int, threads: int
     return one, many
 
 
-def _runner(runtime: str, fused: torch.nn.Module, x: torch.Tensor, tmp: Path) -> Callable[[], Any]:
-    """A zero-argument call that runs `x` (batch 1) through `fused` exported to `runtime`."""
-    from . import deploy
-    if runtime == 'eager':  # a copy: eager_calls converts its model to channels_last in place
+def _runner(column: str, fused: torch.nn.Module, x: torch.Tensor, tmp: Path) -> Callable[[], Any]:
+    """A zero-argument call that runs `x` (batch 1) through `fused` exported to `column`'s format and precision."""
+    fmt, precision = COLUMNS[column]
+    if fmt is None:  # a copy: eager_calls converts its model to channels_last in place
         return eager_calls(copy.deepcopy(fused), tuple(x.shape[1:]), 1)[0]
-    if runtime == 'onnxruntime':
-        return onnx_calls(copy.deepcopy(fused), tuple(x.shape[1:]), 1, dynamic_batch=False)[0]
-    fmt = 'ncnn' if runtime == 'ncnn' else 'executorch'
-    deploy.require(fmt)
-    if fmt == 'executorch':
-        path = tmp / f'{runtime}.pte'
-        calib = torch.randn((16, *x.shape[1:]), generator=torch.Generator().manual_seed(1)).numpy() \
-            if runtime == 'executorch_int8' else None
-        deploy.export_executorch(fused, path, x, calib)
-        run_one = deploy.executorch_runner(str(path))
-    else:
-        path = tmp / 'm.param'
-        deploy.export_ncnn(fused, path, x)
-        run_one = deploy.ncnn_runner(str(path), fp16=False)
+    fmt.require()
+    int8 = precision == 'int8'
+    calib = torch.randn((16, *x.shape[1:]), generator=torch.Generator().manual_seed(1)).numpy() if int8 else None
+    path = tmp / f'model{fmt.suffix}'
+    fmt.export(copy.deepcopy(fused), path, x, ExportOptions(int8=int8, calib=calib))
+    run = fmt.runner(str(path))
     xn = x.numpy()
-    return lambda: run_one(xn)
+    return lambda: run(xn)
 
 
 def build(models: List[Tuple[str, torch.nn.Module]], runtimes=RUNTIMES, tmp: Path = None) -> Dict[Tuple[str, str],
                                                                                                    Callable]:
     """{(model, runtime): call} for every pair that exports and runs here; failures warn and are left out."""
-    from . import deploy
     calls = {}
     for name, fused in models:
         x = torch.randn((1, *fused.pretrained_cfg['input_size']), generator=torch.Generator().manual_seed(0))
@@ -95,7 +88,7 @@ def build(models: List[Tuple[str, torch.nn.Module]], runtimes=RUNTIMES, tmp: Pat
             where = Path(tmp) / f'{name}_{runtime}'
             where.mkdir(parents=True)
             try:
-                with deploy.quiet():
+                with quiet():
                     call = _runner(runtime, fused, x, where)
                     call()  # warm-up (and the first call's one-time setup)
                 calls[(name, runtime)] = call
