@@ -11,13 +11,14 @@ train.compare_blocks`.
 
 Each model is trained by `train.face` once per seed and learning rate, with the same data, data order (the seed
 fixes the sampler and flips), recipe, teacher (with `--teacher`: train/distill.py; the runs share one cache of its
-targets, `OUT/teacher.safetensors`, unless `--teacher-cache` says otherwise) and validation packs (`OUT/<model>-seed<S>[-lr<LR>]`; a finished run folder is
-reused, an interrupted one resumed), or finished run folders are read (`--runs`). A model is a registered name,
+targets, `OUT/teacher.safetensors`, unless `--teacher-cache` says otherwise) and validation packs
+(`OUT/<model>-seed<S>[-lr<LR>]`; a finished run folder is reused, an interrupted one resumed), or finished run
+folders are read (`--runs`). A model is a registered name,
 optionally with `create_model` arguments: `NAME:key=value,key=value`. The report compares, side by side:
 
 * cost of training: train-time params and MACs, step time (forward + backward + SGD step of backbone and margin
-  head, the same batch, round-robin over the models, median) and peak memory of a step (CUDA: peak allocated;
-  CPU: growth of the peak RSS over the steps, in a fresh process per model);
+  head, the same batch, median, timed round-robin over the models by `profile.time_round_robin`) and peak memory
+  of a step (CUDA: peak allocated; CPU: growth of the peak RSS over the steps, in a fresh process per model);
 * trainability: loss curves, gradient-norm statistics, runs that diverged (non-finite loss) or blew up (a logged loss
   above 3x the first) per seed and learning rate;
 * accuracy: each validation pack, best and final, mean and spread (std, ddof=0) over seeds;
@@ -38,17 +39,17 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from eval._common import UserError
 from timm_mobileone._io import atomic_write
+from timm_mobileone.errors import UserError, cli
 
-from .face import BEST_RESULT, BEST_WEIGHTS, LOG_NAME, STATE_NAME, parse_kwargs
+from .checkpoint import BEST_RESULT, BEST_WEIGHTS, STATE_NAME, read_log
+from .face import parse_kwargs
 
 _logger = logging.getLogger('train.compare_blocks')
 
@@ -147,7 +148,7 @@ def _finished(folder: Path) -> Optional[Dict[str, Any]]:
 def diverged_at(folder: Path) -> Optional[str]:
     """train.face's record of a non-finite loss in the run's log (a result, not a failure), or None."""
     try:
-        rows = [json.loads(line) for line in (folder / LOG_NAME).read_text().splitlines() if line.strip()]
+        rows = read_log(folder)
     except (OSError, ValueError):
         return None
     hit = next((r for r in rows if r.get('diverged')), None)
@@ -208,7 +209,7 @@ def read_run(folder: Path, require_finished: bool = True) -> Dict[str, Any]:
         raise UserError(f'--runs {folder}: not a train.face run (no {STATE_NAME})')
     try:
         state = json.loads(state_path.read_text())
-        rows = [json.loads(line) for line in (folder / LOG_NAME).read_text().splitlines() if line.strip()]
+        rows = read_log(folder)
         config = state['run']
         best = json.loads((folder / BEST_RESULT).read_text()) if (folder / BEST_RESULT).is_file() else None
     except (OSError, ValueError, KeyError) as e:
@@ -351,43 +352,37 @@ def step_memory_mb(spec, batch_size: int, num_classes: int, device: torch.device
 
 
 def training_cost(specs, batch_size: int, num_classes: int, device: torch.device, steps: int) -> List[Dict]:
-    """Params, MACs, step time (round-robin over the models, median) and step memory of each train-time model."""
-    from timm_mobileone.profile import count_macs, count_params
-    fns = [_step_fn(s, batch_size, num_classes, device) for s in specs]
-    for fn in fns:
-        fn()  # warm-up
-    times: List[List[float]] = [[] for _ in specs]
-    for _ in range(steps):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
+    """Params, MACs, step time (the project's round-robin timer over the models, median) and step memory of each
+    train-time model."""
+    from timm_mobileone.profile import count_macs, count_params, time_round_robin
+    fns = {i: _step_fn(s, batch_size, num_classes, device) for i, s in enumerate(specs)}
+    for fn in fns.values():
+        fn()  # warm-up (the first step allocates the optimizer state)
+    medians = time_round_robin(fns, steps)
     out = []
-    for spec, t in zip(specs, times):
+    for i, spec in enumerate(specs):
         model = _build(spec)
         out.append(dict(params_m=round(count_params(model) / 1e6, 3), gmacs=round(count_macs(model) / 1e9, 3),
-                        step_s=round(float(np.median(t)), 4), batch_size=batch_size,
+                        step_s=round(medians[i], 4), batch_size=batch_size,
                         step_memory_mb=step_memory_mb(spec, batch_size, num_classes, device)))
     return out
 
 
 def deploy_cost(specs, repeats: int = 20) -> List[Dict]:
-    """Fused params, MACs and eager batch-1 latency (round-robin over the models, median)."""
+    """Fused params, MACs and eager batch-1 latency (the project's round-robin timer over the models, median)."""
     from timm.utils import reparameterize_model
-    from timm_mobileone.profile import count_macs, count_params
+    from timm_mobileone.profile import count_macs, count_params, time_round_robin
     fused = [reparameterize_model(_build(s).eval()) for s in specs]
     x = torch.randn(1, 3, 112, 112)
-    times: List[List[float]] = [[] for _ in specs]
-    with torch.no_grad():
-        for m in fused:
-            m(x)
-        for _ in range(repeats):
-            for i, m in enumerate(fused):
-                t0 = time.perf_counter()
-                m(x)
-                times[i].append(time.perf_counter() - t0)
+
+    def call(m):
+        @torch.no_grad()
+        def run():
+            return m(x)
+        return run
+    medians = time_round_robin({i: call(m) for i, m in enumerate(fused)}, repeats)
     return [dict(params_m=round(count_params(m) / 1e6, 3), gmacs=round(count_macs(m) / 1e9, 3),
-                 latency_ms=round(float(np.median(t)) * 1e3, 3)) for m, t in zip(fused, times)]
+                 latency_ms=round(medians[i] * 1e3, 3)) for i, m in enumerate(fused)]
 
 
 def _kurtosis(w: np.ndarray) -> float:
@@ -456,27 +451,22 @@ def int8_check(run: Dict[str, Any], spec, val: Sequence[str], calib: np.ndarray,
                folder: Path) -> Dict[str, Any]:
     """FP32 and INT8 ONNX of the run's best weights: verification accuracy of each, embedding cosine, weights."""
     from timm.utils import reparameterize_model
-    from eval._common import resolve_data, run as eval_run
-    from eval.verify import TARGETS, parse_args as verify_args, summarize
-    from timm_mobileone import export as X
+    from eval._common import ArtifactModel
+    from eval.verify import verify
+    from timm_mobileone import formats
+    from timm_mobileone.data import load_verification_set
     fused = reparameterize_model(_build(spec, run['weights']).eval())
     folder.mkdir(parents=True, exist_ok=True)
     fp32_path, int8_path = folder / 'fp32.onnx', folder / 'int8.onnx'
-    X.export_onnx(fused, str(fp32_path))
-    reduce_range = X.cpu_saturates_u8s8()
-    X.quantize_int8(str(fp32_path), str(int8_path), calib, 'minmax', reduce_range)
-    s32, s8 = X.ort_session(str(fp32_path)), X.ort_session(str(int8_path))
-    cos = X.cosine(X.ort_run_each(s8, heldout), X.ort_run_each(s32, heldout))
+    formats.export_onnx(fused, str(fp32_path))
+    q = formats.onnx_int8_beside(fp32_path, int8_path, calib, heldout)
+    sets = [load_verification_set(p) for p in val]
     acc = {}
     for label, path in (('fp32', fp32_path), ('int8', int8_path)):
-        argv = ['--onnx', str(path), '--model', spec[0], '-j', '0', '--no-progress']
-        for p in val:
-            argv += ['--data', p]
-        eval_args = verify_args(argv)
-        res = summarize(eval_run(eval_args, resolve_data(eval_args, TARGETS)))
+        res = verify(ArtifactModel('onnx', str(path), dict(fused.pretrained_cfg)), sets)
         acc[label] = {r['dataset']: r['accuracy'] for r in res['results']}
-    return dict(accuracy_fp32=acc['fp32'], accuracy_int8=acc['int8'], reduce_range=reduce_range,
-                cosine_mean=round(float(cos.mean()), 5), cosine_min=round(float(cos.min()), 5),
+    return dict(accuracy_fp32=acc['fp32'], accuracy_int8=acc['int8'], reduce_range=q['reduce_range'],
+                cosine_mean=round(q['cosine_mean'], 5), cosine_min=round(q['cosine_min'], 5),
                 weights=weight_stats(fused))
 
 
@@ -645,16 +635,13 @@ def compare(args, extra: Sequence[str]) -> Dict[str, Any]:
         train_cost = training_cost(specs, batch, num_classes, device, args.cost_steps)
         dep_cost = deploy_cost(specs)
     if args.int8:
-        from timm_mobileone import export as X
         import timm
+        from timm_mobileone.export import calib_and_heldout
         cfg = timm.data.resolve_model_data_config(_build(specs[0]))
         calib_src = args.calib or (args.val[0] if args.val else '')
         if not calib_src:
             raise UserError('INT8: give --calib (no validation pack to calibrate on), or --no-int8')
-        try:
-            calib, heldout = X.calib_and_heldout(calib_src, cfg, args.calib_images, args.heldout_images)
-        except X.ExportError as e:  # its messages name --calib and the source
-            raise UserError(str(e)) from None
+        calib, heldout = calib_and_heldout(calib_src, cfg, args.calib_images, args.heldout_images)
         for run in runs:
             if run['diverged'] or not run['weights']:
                 continue
@@ -682,15 +669,11 @@ def compare(args, extra: Sequence[str]) -> Dict[str, Any]:
     return report
 
 
+@cli(log_level=logging.INFO, log_format='%(asctime)s %(name)s: %(message)s')
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the comparison; returns (and prints) the JSON report."""
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', stream=sys.stderr)
     args, extra = parse_args(argv)
-    try:
-        return compare(args, extra)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
+    return compare(args, extra)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from timm_mobileone.data import ImageError, decode_aligned
+from timm_mobileone.errors import UserError
 
 from .recordio import RecordIOError, RecordIOReader, image_keys, unpack
 
@@ -24,7 +25,7 @@ __all__ = ['FaceDataError', 'RecordIODataset', 'ImageFolderDataset', 'open_datas
            'collate']
 
 
-class FaceDataError(ValueError):
+class FaceDataError(UserError, ValueError):
     """Training data that cannot be used (a user error: one line, exit code 2)."""
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eval._common import UserError
+from timm_mobileone.errors import UserError
 
 _logger = logging.getLogger('train.distill')
 

@@ -31,7 +31,6 @@ checkpoint, and loses only the steps since. Logs: one line per `--log-interval` 
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import shlex
@@ -42,33 +41,22 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from eval._common import UserError  # the repo CLIs' one user-error type: one `error:` line, exit code 2
-from timm_mobileone._io import ModelLoadError, atomic_write, create_model_checked, keep_freed_memory_for_reuse
+from timm_mobileone._io import create_model_checked
+from timm_mobileone.errors import UserError, cli
 
+from . import checkpoint as ckpt
 from . import distill
-from .data import FaceDataError, ResumableSampler, collate, open_dataset
+from .checkpoint import BEST_RESULT, BEST_WEIGHTS, RUN_DEFINING, STATE_NAME
+from .data import ResumableSampler, collate, open_dataset
+from .distributed import World, agree_on_overflow, clip_grad_norm
 from .margin import MarginHead
+from .optim import build_lr_scheduler, build_optimizer, load_optimizer, optimizer_tensors, set_weight_decay, \
+    weight_decay_at
 from .partial_fc import ShardedMarginHead
-from .recordio import RecordIOError
 
 _logger = logging.getLogger('train')
-
-STATE_NAME = 'last.json'
-BEST_WEIGHTS = 'best.safetensors'
-BEST_RESULT = 'best.json'
-LOG_NAME = 'log.jsonl'
-# flags that shape the run: a resumed run must use the values it was started with
-RUN_DEFINING = ('model', 'model_kwargs', 'loss', 'margin', 'scale', 'adaface_h', 'adaface_t_alpha', 'head',
-                'sample_rate', 'epochs', 'batch_size', 'lr', 'opt', 'sched', 'warmup_epochs', 'warmup_lr', 'min_lr',
-                'poly_power', 'weight_decay', 'weight_decay_end', 'model_ema', 'model_ema_decay', 'num_classes', 'seed',
-                'world_size', 'drop_path', 'teacher', 'teacher_checkpoint', 'teacher_onnx', 'teacher_raw_pixels',
-                'distill_weight', 'distill_proj', 'hint_weight')
-# what a run folder written before a flag existed was started with
-RUN_DEFAULTS = dict(head='replicated')
-
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -210,140 +198,6 @@ class FaceTrainModel(nn.Module):
         return loss if hint is None else loss + hint
 
 
-def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
-    """timm's decay / no-decay parameter groups (norm and bias parameters get none) under SGD or AdamW.
-
-    Built directly rather than with timm's create_optimizer_v2, whose 'sgd' is Nesterov SGD; the recipe (and
-    insightface) uses plain momentum SGD.
-    """
-    from timm.optim import param_groups_weight_decay
-    groups = param_groups_weight_decay(model, weight_decay=args.weight_decay)
-    for g in groups:
-        g['anneal_weight_decay'] = g['weight_decay'] > 0
-    if args.opt == 'sgd':
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    return torch.optim.AdamW(groups, lr=args.lr)
-
-
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, args, total_steps: int, warmup_steps: int):
-    """timm's step-based warmup + cosine / poly scheduler; `step_update(step)` sets the lr of every group."""
-    from timm.scheduler import CosineLRScheduler, PolyLRScheduler
-    common = dict(t_initial=max(1, total_steps - warmup_steps), lr_min=args.min_lr, warmup_t=warmup_steps,
-                  warmup_lr_init=args.warmup_lr, warmup_prefix=True, t_in_epochs=False)
-    if args.sched == 'poly':
-        return PolyLRScheduler(optimizer, power=args.poly_power, **common)
-    return CosineLRScheduler(optimizer, **common)
-
-
-def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
-    """Cosine anneal from `start` at step 0 to `end` at `total_steps`.
-
-    Written here because timm's schedulers apply one floor to every param group, which would give the no-decay
-    groups a weight decay of `end`.
-    """
-    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
-
-
-def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
-    for g in optimizer.param_groups:
-        if g.get('anneal_weight_decay'):
-            g['weight_decay'] = value
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer):
-    """Split an optimizer state dict into tensors (for safetensors) and the JSON-able rest."""
-    sd = optimizer.state_dict()
-    tensors, other = {}, {}
-    for idx, state in sd['state'].items():
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f'optimizer.{idx}.{name}'] = value
-            else:
-                other.setdefault(str(idx), {})[name] = value
-    return tensors, dict(param_groups=sd['param_groups'], state=other)
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor], saved: Dict) -> None:
-    state: Dict[int, Dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith('optimizer.'):
-            _, idx, name = key.split('.', 2)
-            state.setdefault(int(idx), {})[name] = value
-    for idx, values in saved['state'].items():
-        state.setdefault(int(idx), {}).update(values)
-    optimizer.load_state_dict(dict(state=state, param_groups=saved['param_groups']))
-
-
-def _prefixed(prefix: str, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {f'{prefix}.{k}': v for k, v in sd.items()}  # save_safetensors moves them to the CPU
-
-
-def _strip(prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    n = len(prefix) + 1
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + '.')}
-
-
-def save_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    from safetensors.torch import save
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata or {})
-    atomic_write(path, lambda f: f.write(data))
-
-
-def _json_write(path: Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=1)
-    atomic_write(path, lambda f: f.write((text + '\n').encode()))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the run
-
-
-class _Dist:
-    """torchrun's environment: rank, world size, the device of this process."""
-
-    def __init__(self, device: str) -> None:
-        self.world_size = int(os.environ.get('WORLD_SIZE', '1'))
-        self.rank = int(os.environ.get('RANK', '0'))
-        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-        dev = torch.device(device)
-        if dev.type == 'cuda':
-            if not torch.cuda.is_available():
-                raise UserError(f'--device {device}: CUDA is not available on this machine')
-            dev = torch.device('cuda', local_rank if self.world_size > 1 else (dev.index or 0))
-            torch.cuda.set_device(dev)
-        self.device = dev
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-        self.main = self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def mean(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == 'cuda' else 'cpu')
-        dist.all_reduce(t)
-        return t.item() / self.world_size
-
-    def gather(self, obj: Any) -> List[Any]:
-        if self.world_size == 1:
-            return [obj]
-        out: List[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _default_tag(data: str, loss: str) -> str:
     p = Path(data)
     name = p.parent.name if p.suffix == '.rec' else p.name
@@ -354,7 +208,7 @@ def _default_tag(data: str, loss: str) -> str:
 class Trainer:
     """One training process: builds everything from the flags, runs the steps, validates, checkpoints."""
 
-    def __init__(self, args, world: _Dist) -> None:
+    def __init__(self, args, world: World) -> None:
         import timm
         from timm.utils import ModelEmaV3
         self.args = args
@@ -363,12 +217,9 @@ class Trainer:
         self.out = Path(args.output)
         self._check_output()
         torch.manual_seed(args.seed)  # the same initial weights on every process (DDP broadcasts rank 0's anyway)
-        try:
-            self.backbone = create_model_checked(args.model, args.pretrained, args.initial_checkpoint,
-                                                 num_classes=0, drop_path_rate=args.drop_path or None,
-                                                 **args.model_kwargs)
-        except ModelLoadError as e:
-            raise UserError(str(e)) from None
+        self.backbone = create_model_checked(args.model, args.pretrained, args.initial_checkpoint,
+                                             num_classes=0, drop_path_rate=args.drop_path or None,
+                                             **args.model_kwargs)
         self.arch = self.backbone.pretrained_cfg.get('architecture') or args.model
         self.data_cfg = self._face_data_cfg()
         if args.export and self.arch not in timm.list_models('mobileone_112_*'):
@@ -533,7 +384,8 @@ class Trainer:
                  f'{"es" if self.world.world_size > 1 else ""}')
         total = weights * (1 + per_weight)
         line = (f'head: {self.num_classes if centres is not None else "no"} classes'
-                f'{" (distillation only)" if centres is None else ""}, {where}, {total * mb:.3g} MB per process (centres '
+                f'{" (distillation only)" if centres is None else ""}, {where}, {total * mb:.3g} MB per process '
+                f'(centres '
                 f'{weights * mb:.3g} MB + optimizer state {weights * per_weight * mb:.3g} MB; gradients add '
                 f'{weights * mb:.3g} MB)')
         return dict(kind=self.args.head, classes_per_process=local, weights_mb=weights * mb,
@@ -590,73 +442,49 @@ class Trainer:
     def save_checkpoint(self) -> None:
         rng = self.world.gather(dict(cpu=torch.get_rng_state(),
                                      cuda=torch.cuda.get_rng_state() if self.device.type == 'cuda' else None))
-        opt_tensors, opt_rest = _optimizer_tensors(self.optimizer)
-        name = f'checkpoint-{self.step:08d}.safetensors'
+        opt_tensors, opt_rest = optimizer_tensors(self.optimizer)
+        name = ckpt.checkpoint_name(self.step)
         shards: List[str] = []
         if self.sharded:  # every process writes its centres and their optimizer state
             head_keys = {k for k in opt_tensors if int(k.split('.')[1]) in self.head_indices}
-            shards = [self._shard_name(self.step, r) for r in range(self.world.world_size)]
-            shard = dict(_prefixed('head', self.head.state_dict()), **{k: opt_tensors.pop(k) for k in head_keys})
-            save_safetensors(self.out / shards[self.world.rank], shard, metadata=dict(
+            shards = [ckpt.shard_name(self.step, r) for r in range(self.world.world_size)]
+            shard = dict(ckpt.prefixed('head', self.head.state_dict()), **{k: opt_tensors.pop(k) for k in head_keys})
+            ckpt.save_safetensors(self.out / shards[self.world.rank], shard, metadata=dict(
                 step=str(self.step), rank=str(self.world.rank), world_size=str(self.world.world_size),
                 class_start=str(self.head.class_start), num_classes=str(self.head.num_local)))
             self.world.barrier()  # every shard is on disk before last.json names them
         if not self.world.main:
             return
-        tensors = _prefixed('model', self.backbone.state_dict())
+        tensors = ckpt.prefixed('model', self.backbone.state_dict())
         if not self.sharded:
-            tensors.update(_prefixed('head', self.head.state_dict()))
+            tensors.update(ckpt.prefixed('head', self.head.state_dict()))
         if self.ema is not None:
-            tensors.update(_prefixed('ema', self.ema.module.state_dict()))
+            tensors.update(ckpt.prefixed('ema', self.ema.module.state_dict()))
         tensors.update(opt_tensors)
         for r, state in enumerate(rng):
             tensors[f'rng.cpu.{r}'] = state['cpu']
             if state['cuda'] is not None:
                 tensors[f'rng.cuda.{r}'] = state['cuda']
-        save_safetensors(self.out / name, tensors, metadata=dict(step=str(self.step)))
+        ckpt.save_safetensors(self.out / name, tensors, metadata=dict(step=str(self.step)))
         state = dict(
             step=self.step, epoch=self.step // self.steps_per_epoch, total_steps=self.total_steps,
             steps_per_epoch=self.steps_per_epoch, checkpoint=name, head_shards=shards, run=self._run_config(),
             lr_scheduler=self.lr_scheduler.state_dict(), optimizer=opt_rest,
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             best=self.best, command=self.args.command, data=self.args.data, time=time.time())
-        _json_write(self.out / STATE_NAME, state)  # the commit point: last.json names a complete checkpoint
-        for old in self.out.glob('checkpoint-*.safetensors'):
-            if old.name != name and old.name not in shards:
-                old.unlink(missing_ok=True)
+        ckpt.commit(self.out, state, keep=[name, *shards])  # last.json names a complete checkpoint
         _logger.info(f'step {self.step}: checkpoint {self.out / name}')
 
-    @staticmethod
-    def _shard_name(step: int, rank: int) -> str:
-        return f'checkpoint-{step:08d}.head-{rank}.safetensors'
-
     def _resume(self) -> None:
-        from safetensors.torch import load_file
-        try:
-            state = json.loads((self.out / STATE_NAME).read_text())
-            tensors = load_file(str(self.out / state['checkpoint']), device='cpu')
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f'--resume: cannot read the checkpoint in {self.out} ({e})') from None
-        saved, now = dict(RUN_DEFAULTS, **state['run']), self._run_config()
-        changed = [k for k in RUN_DEFINING if k in saved and k in now and saved[k] != now[k]]
-        if changed:
-            was = ', '.join(f'{k}={saved[k]!r}' for k in changed)
-            is_now = ', '.join(f'{k}={now[k]!r}' for k in changed)
-            hint = (' (world_size: the number of processes; a run resumes on as many as it started with)'
-                    if 'world_size' in changed else '')
-            raise UserError(f'--resume: {self.out} was started with {was}, now {is_now}; a resumed run keeps its '
-                            f'flags{hint} (start a new --output to change them)')
+        state, tensors = ckpt.read(self.out)
+        ckpt.check_run_flags(self.out, state['run'], self._run_config())
         if self.sharded:
-            try:
-                shard = state['head_shards'][self.world.rank]
-                tensors.update(load_file(str(self.out / shard), device='cpu'))
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-                raise UserError(f'--resume: cannot read this process\'s head shard in {self.out} ({e})') from None
-        self.backbone.load_state_dict(_strip('model', tensors))
-        self.head.load_state_dict(_strip('head', tensors))
+            tensors.update(ckpt.read_shard(self.out, state, self.world.rank))
+        self.backbone.load_state_dict(ckpt.strip('model', tensors))
+        self.head.load_state_dict(ckpt.strip('head', tensors))
         if self.ema is not None:
-            self.ema.module.load_state_dict(_strip('ema', tensors))
-        _load_optimizer(self.optimizer, tensors, state['optimizer'])
+            self.ema.module.load_state_dict(ckpt.strip('ema', tensors))
+        load_optimizer(self.optimizer, tensors, state['optimizer'])
         self.lr_scheduler.load_state_dict(state['lr_scheduler'])
         if self.scaler is not None and state.get('scaler'):
             self.scaler.load_state_dict(state['scaler'])
@@ -666,21 +494,12 @@ class Trainer:
         self.step = state['step']
         self.best = state.get('best')
         if self.world.main:
-            self._truncate_log(self.step)
+            ckpt.truncate_log(self.out, self.step)
         _logger.info(f'resumed {self.out} at step {self.step}/{self.total_steps}')
-
-    def _truncate_log(self, step: int) -> None:
-        """Drop log rows past the checkpoint (steps a crash lost): the resumed run logs them again."""
-        log = self.out / LOG_NAME
-        if log.is_file():
-            rows = [line for line in log.read_text().splitlines() if line.strip()]
-            keep = [line for line in rows if json.loads(line).get('step', 0) <= step]
-            atomic_write(log, lambda f: f.write(''.join(line + '\n' for line in keep).encode()))
 
     def _log(self, row: Dict[str, Any]) -> None:
         if self.world.main:
-            with open(self.out / LOG_NAME, 'a') as f:
-                f.write(json.dumps(row) + '\n')
+            ckpt.append_log(self.out, row)
 
     # -- validation
 
@@ -701,25 +520,24 @@ class Trainer:
         return model.to(self.device, memory_format=torch.channels_last)
 
     def validate(self) -> Optional[Dict[str, Any]]:
-        """eval.verify on a fused copy of the (EMA) weights; keeps the best. Main process only."""
-        from eval._common import run
-        from eval.verify import parse_args as verify_args, summarize
+        """eval.verify's protocol (a library call) on a fused copy of the (EMA) weights; keeps the best. Main
+        process only. best.json's `command` reproduces the figure from best.safetensors."""
+        from eval.verify import verify, verify_command
         if not self.val_sets:
             return None
-        argv = ['--model', self.arch, '--checkpoint', str(self.out / BEST_WEIGHTS), '-b',
-                str(self.args.val_batch_size), '-j', '0', '--device', str(self.device), '--no-progress']
-        for p in self.args.val:
-            argv += ['--data', p]
         model = self.eval_model()
-        result = summarize(run(verify_args(argv), self.val_sets, model=self.fused_copy()))
+        result = verify(self.fused_copy(), self.val_sets, batch_size=self.args.val_batch_size, device=self.device)
+        result.update(verify_command(self.arch, str(self.out / BEST_WEIGHTS), self.args.val,
+                                     self.args.val_batch_size), model=self.arch,
+                      checkpoint=str(self.out / BEST_WEIGHTS))
         accs = {r['dataset']: r['accuracy'] for r in result['results']}
         is_best = self.best is None or result['mean_accuracy'] > self.best['mean_accuracy']
         self._log(dict(step=self.step, val=accs, mean_accuracy=result['mean_accuracy'], best=is_best))
         _logger.info(f'step {self.step}: validation {json.dumps(accs)} mean {result["mean_accuracy"]:.5f}'
                      f'{" (best)" if is_best else ""}')
         if is_best:
-            save_safetensors(self.out / BEST_WEIGHTS, model.state_dict(), metadata=dict(step=str(self.step)))
-            _json_write(self.out / BEST_RESULT, dict(result, step=self.step))
+            ckpt.save_safetensors(self.out / BEST_WEIGHTS, model.state_dict(), metadata=dict(step=str(self.step)))
+            ckpt.json_write(self.out / BEST_RESULT, dict(result, step=self.step))
             self.best = dict(step=self.step, mean_accuracy=result['mean_accuracy'])
         return result
 
@@ -744,50 +562,26 @@ class Trainer:
         if not torch.isfinite(loss):
             # recorded in the run's log (train.compare_blocks counts diverged runs from it), then reported
             self._log(dict(step=self.step + 1, diverged=True, loss=str(loss.item())))
-            last = json.loads((self.out / STATE_NAME).read_text())['step'] if (self.out / STATE_NAME).is_file() else 0
             raise UserError(f'loss is {loss.item()} at step {self.step}; lower --lr or add --clip-grad (the last '
-                            f'checkpoint, step {last}, is kept for --resume)')
+                            f'checkpoint, step {ckpt.last_step(self.out)}, is kept for --resume)')
         self.optimizer.zero_grad(set_to_none=True)
         # the total gradient norm is logged every step (a trainability signal); max_norm=inf measures, clips nothing
         max_norm = self.args.clip_grad or float('inf')
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            self._agree_on_overflow()
-            grad_norm = self._clip_grad_norm(max_norm)
+            agree_on_overflow(self.scaler, self.optimizer, self.world, self.sharded)
+            grad_norm = clip_grad_norm(self.net, self.backbone, self.head, self.world, self.sharded, max_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            grad_norm = self._clip_grad_norm(max_norm)
+            grad_norm = clip_grad_norm(self.net, self.backbone, self.head, self.world, self.sharded, max_norm)
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.backbone, step=self.step)
         return dict(loss=loss.item(), lr=self.optimizer.param_groups[0]['lr'], weight_decay=wd,
                     grad_norm=float(grad_norm))
-
-    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """The gradient norm of the whole model (clipped to max_norm), as clip_grad_norm_ computes it; with a sharded
-        head, the head's part is summed over the processes' shards, so every process clips by the same factor."""
-        if not (self.sharded and self.world.world_size > 1):
-            return nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
-        grads = lambda module: [p.grad for p in module.parameters() if p.grad is not None]  # noqa: E731
-        backbone = nn.utils.get_total_norm(grads(self.backbone)).to(self.device)
-        head_sq = nn.utils.get_total_norm(grads(self.head)).to(self.device) ** 2
-        dist.all_reduce(head_sq)
-        total = torch.sqrt(backbone ** 2 + head_sq)
-        if math.isfinite(max_norm):
-            nn.utils.clip_grads_with_norm_(self.net.parameters(), max_norm, total)
-        return total
-
-    def _agree_on_overflow(self) -> None:
-        """GradScaler skips a step where a gradient overflowed; with a sharded head, an overflow in one process's
-        centres must skip the step everywhere, or the backbones would drift apart."""
-        if not (self.sharded and self.world.world_size > 1):
-            return
-        state = self.scaler._per_optimizer_states[id(self.optimizer)]  # GradScaler keeps no public view of it
-        for found in state['found_inf_per_device'].values():
-            dist.all_reduce(found, op=dist.ReduceOp.MAX)
 
     def fit(self) -> Dict[str, Any]:
         args, t_start = self.args, time.perf_counter()
@@ -847,11 +641,11 @@ class Trainer:
 
     def export(self) -> Dict[str, Any]:
         """The best weights (or the final ones without --val) through timm_mobileone.hub export into OUTPUT/hub."""
-        from timm_mobileone.hub import HubError, export
+        from timm_mobileone.hub import export
         best = self.out / BEST_WEIGHTS
         results: Sequence[str] = [str(self.out / BEST_RESULT)] if (self.out / BEST_RESULT).is_file() else []
         if not results:
-            save_safetensors(best, self.eval_model().state_dict(), metadata=dict(step=str(self.step)))
+            ckpt.save_safetensors(best, self.eval_model().state_dict(), metadata=dict(step=str(self.step)))
         args = self.args
         loss = 'distill' if args.teacher and args.loss == 'none' else args.loss
         tag = args.tag or _default_tag(args.data, loss)
@@ -864,27 +658,22 @@ class Trainer:
         try:
             return export(self.arch, str(best), tag, str(self.out / 'hub'), results=results,
                           train_data=train_data, license=args.license)
-        except HubError as e:
+        except UserError as e:
             raise UserError(f'export: {e}') from None
 
 
+@cli(log_level=logging.INFO, log_format='%(asctime)s %(name)s: %(message)s')
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run a training job; returns (and prints) the JSON summary."""
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', stream=sys.stderr)
-    keep_freed_memory_for_reuse()
     args = parse_args(argv)
     world = None
     try:
-        world = _Dist(args.device)
+        world = World(args.device)
         if not world.main:
             logging.getLogger().setLevel(logging.WARNING)
         summary = Trainer(args, world).fit()
-    except (UserError, FaceDataError, RecordIOError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print(f'error: interrupted; resume with --resume (the last checkpoint in {args.output})', file=sys.stderr)
-        raise SystemExit(130) from None
+        raise KeyboardInterrupt(f'interrupted; resume with --resume (the last checkpoint in {args.output})') from None
     finally:
         if world is not None:
             world.close()

@@ -14,6 +14,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from timm_mobileone.errors import UserError
+
 MAGIC = 0xced7230a
 _HEADER = struct.Struct('<IfQQ')
 _LENGTH_MASK = (1 << 29) - 1
@@ -22,7 +24,7 @@ MAX_RECORD_BYTES = 64 << 20
 MAX_IMAGE_KEYS = 1 << 40  # record 0's declared image range: far above WebFace260M's 2.6e8
 
 
-class RecordIOError(ValueError):
+class RecordIOError(UserError, ValueError):
     """A malformed or missing RecordIO file (a user error)."""
 
 

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from eval._common import UserError, cli
+from timm_mobileone.errors import UserError, cli
 from timm_mobileone._io import atomic_write
 from timm_mobileone.data import IMAGE_EXTS
 
