@@ -1,4 +1,4 @@
-"""Hostile-input soak: the readers' properties (tests/fuzz_targets.py) for minutes, and the CLIs end to end.
+"""Hostile-input soak: the readers' properties (benchmarks/fuzz_targets.py) for minutes, and the CLIs end to end.
 
     python benchmarks/fuzz_soak.py --minutes 30 [--cli-share 0.5] [--out DIR]
 
@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'tests'))
+sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 

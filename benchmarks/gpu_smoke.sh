@@ -32,8 +32,7 @@ step "data: $IDS identities x $PER images"
 $PY - "$WORK" "$IDS" "$PER" <<'EOF'
 import sys
 from pathlib import Path
-sys.path.insert(0, 'tests')
-from conftest import identity_images, make_pack, write_rec_pack
+from train.synthetic import identity_images, make_pack, write_rec_pack
 work, ids, per = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 write_rec_pack(work / 'pack', identity_images(ids, per, seed=0))
 make_pack(work / 'smoke_val.bin', num_pairs=100)
@@ -70,7 +69,7 @@ out = dict(device=device, train_images_per_second=round(statistics.median(rates)
            peak_memory_mb=train['peak_memory_mb'], train_seconds=seconds, steps=train['steps'],
            first_loss=train['first_loss'], last_loss=train['last_loss'], best=train['best'],
            lfw_accuracy=lfw['results'][0]['accuracy'] if 'results' in lfw else lfw.get('accuracy'),
-           onnx_ops=onnx['ops'], onnx_rel_err=onnx['ort_rel_err'])
+           onnx_ops=onnx['ops'], onnx_rel_err=onnx['max_rel_err'])
 print(f"train: {out['train_images_per_second']} images/s, peak {'GPU ' if device == 'cuda' else ''}memory "
       f"{out['peak_memory_mb']} MB", file=sys.stderr)
 print(json.dumps(out))

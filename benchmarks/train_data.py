@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'tests'))
 sys.path.insert(0, str(REPO))
 
 
@@ -40,7 +39,7 @@ def write_pack(folder: Path, images: int, identities: int = 64) -> Path:
     import numpy as np
     from PIL import Image
 
-    from conftest import write_rec_pack
+    from train.synthetic import write_rec_pack
     rng = np.random.default_rng(0)
     samples = []
     per = math.ceil(images / identities)

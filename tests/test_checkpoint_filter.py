@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import timm
 from timm.utils import reparameterize_model
 
-from conftest import calibrate_bn
+from helpers import calibrate_bn
 
 
 def _to_apple_keys(state_dict):

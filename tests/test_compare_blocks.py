@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import identity_images, make_pack, write_image_folder
+from train.synthetic import identity_images, make_pack, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ['mobileone_112_s0', 'mobileone_112_dbb_s0']

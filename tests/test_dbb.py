@@ -12,7 +12,7 @@ from timm.utils import reparameterize_model
 from timm_mobileone.dbb import DBBBlock
 from timm_mobileone.mobileone_112 import default_head_chs
 
-from conftest import calibrate_bn, rel_err
+from helpers import calibrate_bn, rel_err
 
 
 def _randomize_bn(module):

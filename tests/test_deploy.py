@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import timm
-from timm_mobileone import deploy, export
+from timm_mobileone import export, formats
+from timm_mobileone.errors import UserError
 
 pytest.importorskip('executorch')
 pytest.importorskip('ncnn')
@@ -53,7 +54,7 @@ def test_executorch_fp32_and_int8_run_and_match(pte, calibrated_s0, heldout_args
     assert int8['int8_vs_fp32_cosine_min'] >= 0.99
     assert int8['size_bytes'] < 0.35 * fp32['size_bytes']  # int8 weights
     # the artifact runs again from the file, as an app would load it
-    run = deploy.executorch_runner(str(path))
+    run = formats.executorch_runner(str(path))
     x = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(3))
     model = timm.create_model('mobileone_112_s0')
     model.load_state_dict(torch.load(calibrated_s0))
@@ -139,21 +140,22 @@ def test_deploy_bad_input(calibrated_s0, face_pack, tmp_path, capsys, monkeypatc
     assert 'ncnn2table' in error(['--format', 'ncnn', '--int8', '--out', str(tmp_path / 'a.param')])
     assert '--calib' in error(['--format', 'executorch', '--int8', '--out', str(tmp_path / 'a.pte')])
     # a runtime that is not installed names the extra
-    real_import = deploy.importlib.import_module
-    monkeypatch.setattr(deploy.importlib, 'import_module',
+    real_import = formats.importlib.import_module
+    monkeypatch.setattr(formats.importlib, 'import_module',
                         lambda name: (_ for _ in ()).throw(ImportError(name)) if name == 'ncnn' else real_import(name))
     line = error(['--format', 'ncnn', '--out', str(tmp_path / 'a.param')])
     assert line.startswith('error: --format ncnn needs ncnn') and 'timm-mobileone[deploy]' in line
     monkeypatch.undo()
     # an artifact that does not compute what PyTorch computes: refused, and nothing is left behind
-    monkeypatch.setattr(export, '_compare', lambda run_one, fused, images: (0.5, 0.9, 0.9))
+    monkeypatch.setattr(export, 'compare', lambda run, fused, images: dict(max_rel_err=0.5, min_cosine=0.9,
+                                                                          mean_cosine=0.9))
     line = error(['--checkpoint', str(calibrated_s0), '--format', 'executorch', '--out', str(tmp_path / 'b.pte')])
     assert 'differs from PyTorch' in line and 'nothing written' in line
     monkeypatch.undo()
     # a corrupt program
     (tmp_path / 'bad.pte').write_bytes(b'\x00' * 64)
-    with pytest.raises(deploy.DeployError, match='ExecuTorch cannot load it'):
-        deploy.executorch_runner(str(tmp_path / 'bad.pte'))
+    with pytest.raises(UserError, match='ExecuTorch cannot load it'):
+        formats.executorch_runner(str(tmp_path / 'bad.pte'))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.pte']
     # ... and given to the eval, with the other artifact mistakes
     from eval import lfw

@@ -12,8 +12,8 @@ import torch
 from train import face
 from train.distill import DistillHead
 
-from conftest import identity_images, make_pack, write_image_folder
-from train_helpers import face_error, interrupt_then_resume
+from train.synthetic import identity_images, make_pack, write_image_folder
+from helpers import face_error, interrupt_then_resume
 
 
 def _save_teacher(path: Path, seed: int) -> Path:
@@ -176,7 +176,6 @@ def _lfw_folder(root: Path) -> Path:
 
 
 def test_split_is_person_disjoint_with_balanced_validation_folds(tmp_path, capsys):
-    from eval._common import UserError  # noqa: F401
     from timm_mobileone.data import load_verification_set
     from train import split
     src = _lfw_folder(tmp_path / 'lfw')
@@ -204,7 +203,7 @@ def test_onnx_teacher_gives_the_torch_teachers_targets(setup, tmp_path):
     import argparse
     import timm
     from timm_mobileone._io import create_model_checked
-    from timm_mobileone.export import export_onnx
+    from timm_mobileone.formats import export_onnx
     from train.data import open_dataset
     from train.distill import teacher_targets
     fused = timm.utils.reparameterize_model(create_model_checked('mobilefacenet',
@@ -224,7 +223,7 @@ def test_onnx_teacher_gives_the_torch_teachers_targets(setup, tmp_path):
 
 
 def test_data_fingerprint_follows_the_pack(tmp_path):
-    from conftest import write_rec_pack
+    from train.synthetic import write_rec_pack
     from train.data import open_dataset
     from train.distill import data_fingerprint
     samples = identity_images(3, 2, seed=1)

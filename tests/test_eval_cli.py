@@ -13,7 +13,8 @@ import timm
 from eval import cfp, lfw, verify
 from eval import _verification as V
 
-from conftest import SMALL_LFW, calibrate_bn, make_pack, needs_small_lfw
+from helpers import SMALL_LFW, calibrate_bn, needs_small_lfw
+from train.synthetic import make_pack
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ['--model', 'mobileone_112_s0', '--batch-size', '16', '--workers', '0', '--no-progress']
@@ -50,6 +51,14 @@ def test_lfw_json_keys_and_types(pack, checkpoint, capsys, tmp_path):
     assert len(printed['thresholds']) == 10 and 0 <= printed['accuracy'] <= 1
     assert printed['input_size'] == [3, 112, 112] and printed['tag'] == 'untrained'
     assert printed['command'].startswith('python -m eval.lfw --model mobileone_112_s0')
+    # the result schema the Hub tools read: one verification row, and the command as others rerun it
+    from timm_mobileone import results
+    read = results.read(str(results_file))
+    assert read['rows'] == [dict(dataset='lfw', kind='verification', num=25, flip=True, accuracy=printed['accuracy'],
+                                 accuracy_std=printed['accuracy_std'], tar_at_far=printed['tar_at_far'],
+                                 far_target=0.001)]
+    assert read['rerun']['module'] == 'eval.lfw' and '--checkpoint' not in read['rerun']['args']
+    assert read['rerun']['args'][read['rerun']['args'].index('--data') + 1] == pack.name
 
 
 def test_results_file_on_a_device_is_written_in_place(pack, checkpoint, tmp_path):

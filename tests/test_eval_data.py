@@ -9,7 +9,8 @@ import torch
 from timm_mobileone.data import (
     PackError, PairImages, load_pack, load_pairs_folder, load_verification_set, read_embeddings)
 
-from conftest import SMALL_LFW, needs_small_lfw, jpeg_bytes, make_pack
+from helpers import SMALL_LFW, needs_small_lfw
+from train.synthetic import jpeg_bytes, make_pack
 
 
 def _decode_all(ds, size=(112, 112)):

@@ -11,7 +11,7 @@ from PIL import Image
 import timm
 from eval import imagenet
 
-from conftest import calibrate_bn
+from helpers import calibrate_bn
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ('cat', 'dog', 'fox', 'owl', 'yak', 'zebu')
@@ -64,6 +64,9 @@ def test_top1_top5_equal_direct_predictions(folder, checkpoint, capsys):
     assert result['top5'] == pytest.approx(top5, abs=1e-3)
     assert result['loss'] == pytest.approx(loss, rel=1e-3)
     assert result['img_size'] == [112, 112] and result['crop_pct'] == 1.0 and result['reparam'] is True
+    assert result['rows'] == [dict(dataset='imagenet', kind='classification', num=30, top1=result['top1'],
+                                   top5=result['top5'])]
+    assert result['rerun']['args'][result['rerun']['args'].index('--data-dir') + 1] == folder.name
     for key in ('model', 'checkpoint', 'data', 'num_images', 'top1', 'top5', 'loss', 'img_size', 'crop_pct',
                 'interpolation', 'seconds', 'versions'):
         assert key in result

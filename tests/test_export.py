@@ -10,7 +10,7 @@ import torch
 
 import timm
 from eval import lfw
-from timm_mobileone import export
+from timm_mobileone import export, formats
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -53,9 +53,9 @@ def test_fused_graph_holds_only_plain_ops(exported):
     path, result = exported
     ops = _node_ops(path)
     assert 'BatchNormalization' not in ops and 'Add' not in ops and 'Sum' not in ops
-    assert set(ops) <= export.ALLOWED_OPS
+    assert set(ops) <= formats.ALLOWED_ONNX_OPS
     assert ops.count('Conv') == 1 + 2 * 21 + 1  # stem, one conv per block, the GDC conv
-    assert result['ort_rel_err'] <= 1e-4
+    assert result['max_rel_err'] <= 1e-4
 
 
 def test_onnx_runtime_matches_pytorch_with_dynamic_batch(exported, checkpoint):
@@ -65,7 +65,7 @@ def test_onnx_runtime_matches_pytorch_with_dynamic_batch(exported, checkpoint):
     x = torch.randn(3, 3, 112, 112)
     with torch.no_grad():
         ref = fused(x).numpy()
-    got = export.ort_run(export.ort_session(str(path)), x.numpy())
+    got = formats.ort_run(formats.ort_session(str(path)), x.numpy())
     assert got.shape == (3, 512)
     assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
 
@@ -75,7 +75,7 @@ def test_s4_graph_has_only_the_se_ops_extra(tmp_path):
     result = export.main(['--model', 'mobileone_112_s4', '--onnx', str(out)])
     ops = set(_node_ops(out))
     assert {'Sigmoid', 'Mul'} <= ops and 'BatchNormalization' not in ops and 'Add' not in ops
-    assert ops <= export.ALLOWED_OPS and result['ort_rel_err'] <= 1e-4
+    assert ops <= formats.ALLOWED_ONNX_OPS and result['max_rel_err'] <= 1e-4
 
 
 def test_int8_model_is_quantized_and_close(quantized):
@@ -145,7 +145,7 @@ def test_export_json_is_the_only_stdout(tmp_path):
 def test_fp32_acceptance_gates_on_cosine_and_a_reordering_proof_bound(checkpoint, tmp_path, monkeypatch, capsys):
     """Float32 reordering (other kernels, other summation orders) moves outputs by ~1e-4 of their largest value and
     must pass; a conversion bug moves them by far more and must fail, leaving no file."""
-    real_run = export.ort_run
+    real_run = formats.ort_run
 
     def perturbed(scale):
         def run(session, x):
@@ -153,10 +153,10 @@ def test_fp32_acceptance_gates_on_cosine_and_a_reordering_proof_bound(checkpoint
             return out + scale * np.abs(out).max() * np.sign(np.random.default_rng(0).standard_normal(out.shape))
         return run
     argv = ['--model', 'mobileone_112_s0', '--checkpoint', str(checkpoint), '--onnx', str(tmp_path / 'a.onnx')]
-    monkeypatch.setattr(export, 'ort_run', perturbed(2e-4))  # like ncnn's 1.2e-4 on a random-BN S0: accepted
+    monkeypatch.setattr(formats, 'ort_run', perturbed(2e-4))  # like ncnn's 1.2e-4 on a random-BN S0: accepted
     result = export.main(argv)
-    assert 1e-4 < result['ort_rel_err'] <= 1e-3 and result['ort_cosine_min'] >= 0.99999
-    monkeypatch.setattr(export, 'ort_run', perturbed(2e-2))  # a bug's size: refused, nothing left
+    assert 1e-4 < result['max_rel_err'] <= 1e-3 and result['min_cosine'] >= 0.99999
+    monkeypatch.setattr(formats, 'ort_run', perturbed(2e-2))  # a bug's size: refused, nothing left
     (tmp_path / 'a.onnx').unlink()
     with pytest.raises(SystemExit) as e:
         export.main(argv)

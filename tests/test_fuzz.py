@@ -1,8 +1,8 @@
 """Hostile input: every reader refuses broken files with its own error and one line (Hypothesis properties).
 
-The properties live in fuzz_targets.py, shared with benchmarks/fuzz_soak.py, which runs them for many minutes and the
-CLIs end to end. Here: a few dozen examples per format, derandomized (the same inputs on every CI run), plus every
-truncation of a real pack and the regressions the soak found.
+The properties live in benchmarks/fuzz_targets.py, shared with benchmarks/fuzz_soak.py, which runs them for many
+minutes and the CLIs end to end. Here: a few dozen examples per format, derandomized (the same inputs on every CI
+run), plus every truncation of a real pack and the regressions the soak found.
 """
 import resource
 import struct
@@ -14,7 +14,7 @@ import pytest
 hypothesis = pytest.importorskip('hypothesis')
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-import fuzz_targets as F  # noqa: E402
+from benchmarks import fuzz_targets as F  # noqa: E402
 
 EXAMPLES = {'bin_pack': 250, 'image': 150, 'pairs_txt': 200, 'recordio': 200, 'checkpoint': 250, 'npy': 250,
             'ijb_meta': 200, 'mxnet_params': 250}
@@ -65,10 +65,11 @@ def test_every_truncation_of_a_real_pack_is_refused(tmp_path):
 
 def test_truncated_safetensors_checkpoint_is_one_line_for_eval(tmp_path):
     # `eval.lfw --checkpoint` on a truncated safetensors file ended in a safetensors traceback
-    from timm_mobileone._io import ModelLoadError, create_model_checked
+    from timm_mobileone._io import create_model_checked
+    from timm_mobileone.errors import UserError
     path = tmp_path / 'ck.safetensors'
     path.write_bytes(F.safetensors_bytes()[:40])
-    with pytest.raises(ModelLoadError, match='ck.safetensors: cannot be read'):
+    with pytest.raises(UserError, match='ck.safetensors: cannot be read'):
         create_model_checked('mobileone_112_s0', checkpoint=str(path))
 
 
@@ -194,7 +195,8 @@ def test_checkpoint_with_wrong_shapes_or_dtypes_is_one_line(s0_state_dict, tmp_p
     from hypothesis import strategies as st
     from safetensors.torch import save_file
     from timm_mobileone import hub
-    from timm_mobileone._io import ModelLoadError, create_model_checked
+    from timm_mobileone._io import create_model_checked
+    from timm_mobileone.errors import UserError
     keys = sorted(k for k, v in s0_state_dict.items() if v.is_floating_point())
     dtypes = [torch.float16, torch.float64, torch.int8, torch.bool, torch.complex64, torch.uint8]
 
@@ -214,11 +216,11 @@ def test_checkpoint_with_wrong_shapes_or_dtypes_is_one_line(s0_state_dict, tmp_p
             torch.save(state, path)
         try:
             create_model_checked('mobileone_112_s0', checkpoint=str(path))
-        except ModelLoadError as e:
+        except UserError as e:
             assert '\n' not in str(e).strip()
         try:
             hub._load_checked('mobileone_112_s0', str(path))
-        except hub.HubError as e:
+        except UserError as e:
             assert '\n' not in str(e).strip()
 
     prop()

@@ -1,6 +1,7 @@
 """Hub folders: export -> load both forms through timm (local-dir:, hf-hub: via a loopback Hub), cards, push."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 import timm
-from timm_mobileone import hub
+from timm_mobileone import hub, results as R
+from timm_mobileone.errors import UserError
 
-from conftest import calibrate_bn, rel_err
+from helpers import calibrate_bn, rel_err
 from hub_server import HubServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,18 +34,22 @@ def trained(tmp_path_factory):
 def exported(trained, tmp_path_factory):
     _, ckpt = trained
     out = tmp_path_factory.mktemp('export') / 'mobileone_112_s0.test_tag'
+    # result files as the eval CLIs write them (the schema of timm_mobileone.results), with the `rerun` each CLI's
+    # own parser makes of a local command line
+    from eval import ijb as eval_ijb, lfw as eval_lfw
     results = out.parent / 'lfw.json'
-    results.write_text(json.dumps(dict(
-        model='mobileone_112_s0', dataset='lfw', num_pairs=6000, accuracy=0.99517, accuracy_std=0.00361,
-        tar_at_far=0.981, far_target=0.001, flip=True,
-        command='python -m eval.lfw --model mobileone_112_s0 --checkpoint /tmp/run7/ck.safetensors '
-                '--data /home/me/faces/lfw.bin --results-file /tmp/run7/lfw.json -b 32')))
+    results.write_text(json.dumps(dict(schema=R.SCHEMA, rows=[dict(
+        dataset='lfw', kind='verification', num=6000, accuracy=0.99517, accuracy_std=0.00361, tar_at_far=0.981,
+        far_target=0.001, flip=True)], rerun=eval_lfw.parse_args(shlex.split(
+            '--model mobileone_112_s0 --checkpoint /tmp/run7/ck.safetensors --data /home/me/faces/lfw.bin '
+            '--results-file /tmp/run7/lfw.json -b 32')).rerun)))
     ijb = out.parent / 'ijbc.json'
-    ijb.write_text(json.dumps(dict(
-        model='mobileone_112_s0', dataset='ijbc', target='IJBC', num_pairs=15658489, flip=True,
-        tar_at_far={'1e-6': 0.41, '1e-5': 0.62, '1e-4': 0.78125, '1e-3': 0.88, '1e-2': 0.95, '1e-1': 0.99},
-        auc=0.995, command='python -m eval.ijb --checkpoint=/tmp/run7/ck.safetensors --data-dir /home/me/ijb/ '
-                           '--target IJBC --save-features /tmp/f.npy --plot roc.png')))
+    ijb.write_text(json.dumps(dict(schema=R.SCHEMA, rows=[dict(
+        dataset='ijbc', kind='ijb', num=15658489, flip=True, auc=0.995,
+        tar_at_far={'1e-6': 0.41, '1e-5': 0.62, '1e-4': 0.78125, '1e-3': 0.88, '1e-2': 0.95, '1e-1': 0.99})],
+        rerun=eval_ijb.parse_args(shlex.split(
+            '--checkpoint=/tmp/run7/ck.safetensors --data-dir /home/me/ijb/ --target IJBC --save-features /tmp/f.npy '
+            '--plot roc.png')).rerun)))
     summary = hub.export('mobileone_112_s0', str(ckpt), 'test_tag', str(out), results=[str(results), str(ijb)],
                          repo_id='testorg/mobileone_112_s0.test_tag')
     return out, summary
@@ -91,14 +97,33 @@ def test_card_parses_with_model_card(exported):
     assert 'inference_mode=True' in text and 'reparameterize_model' in text
 
 
-def test_card_command_drops_saved_outputs_and_inputs():
-    assert hub.card_command('python -m eval.verify --embeddings /a/e.npy --data=/d/lfw.bin --data /d/cfp_fp.bin '
-                            '--save-embeddings /o/x.npy --amp', 'o/n') == \
+def test_rerun_drops_saved_outputs_and_inputs():
+    """An eval's `rerun` is its command as a stranger reruns it from a card: no local weights, outputs or saved
+    inputs, data by file name; the card puts the Hub repo's model in front."""
+    from eval import ijb as eval_ijb, verify as eval_verify
+    rerun = eval_verify.parse_args(['--embeddings', '/a/e.npy', '--data=/d/lfw.bin', '--data', '/d/cfp_fp.bin',
+                                    '--save-embeddings', '/o/x.npy', '--amp']).rerun
+    assert R.rerun_command(rerun, 'o/n') == \
         'python -m eval.verify --model hf-hub:o/n --pretrained --data lfw.bin --data cfp_fp.bin --amp'
-    assert hub.card_command('python -m eval.ijb -m hf-hub:x/y --pretrained --features f.npy --faceness s.npy '
-                            '--data-dir IJB --onnx /m/s0.onnx', 'o/n') == \
-        'python -m eval.ijb --model hf-hub:o/n --pretrained --data-dir IJB --onnx s0.onnx'
-    assert hub.card_command(None, 'o/n') is None
+    rerun = eval_ijb.parse_args(['--features', 'f.npy', '--faceness', 's.npy', '--data-dir', '/d/IJB/']).rerun
+    assert R.rerun_command(rerun, 'o/n') == 'python -m eval.ijb --model hf-hub:o/n --pretrained --data-dir IJB'
+    rerun = eval_ijb.parse_args(['-m', 'hf-hub:x/y', '--save-features', 'f.npy', '--data-dir', 'IJB', '--onnx',
+                                 '/m/s0.onnx', '--no-flip']).rerun
+    assert R.rerun_command(rerun, 'o/n') == \
+        'python -m eval.ijb --model hf-hub:o/n --pretrained --data-dir IJB --onnx s0.onnx --no-flip'
+    assert R.rerun_command(None, 'o/n') is None
+
+
+def test_results_that_are_not_the_schema_are_refused(tmp_path, trained):
+    """hub export reads eval results by the schema, not by each CLI's keys: anything else is one error line."""
+    _, ckpt = trained
+    for text, match in [('{', 'not a readable JSON file'), ('{"accuracy": 0.99}', 'not an eval result of schema'),
+                        (json.dumps(dict(schema=R.SCHEMA, rows=[dict(dataset='ijbc', kind='ijb', tar_at_far={})])),
+                         'without TAR at FAR')]:
+        (tmp_path / 'r.json').write_text(text)
+        with pytest.raises(UserError, match=match):
+            hub.export('mobileone_112_s0', str(ckpt), 't', str(tmp_path / 'out'), results=[str(tmp_path / 'r.json')])
+        assert not (tmp_path / 'out').exists()
 
 
 def _embed(model, x):
@@ -257,7 +282,7 @@ def test_export_refuses_when_fusion_fails(trained, tmp_path):
     ckpt = tmp_path / 'nan.pth'
     torch.save(sd, ckpt)
     out = tmp_path / 'out'
-    with pytest.raises(hub.HubError, match='refusing to export'):
+    with pytest.raises(UserError, match='refusing to export'):
         hub.export('mobileone_112_s0', str(ckpt), 't', str(out))
     assert not out.exists()  # nothing written, not even the folder
 

@@ -210,6 +210,9 @@ def test_cli_gives_the_transcription_numbers(ijb_root, ijb_run):
     assert result['flip'] and result['detector_score'] and result['norm_score'] and result['reparam']
     assert result['images_per_second'] > 0 and 0 < result['auc'] <= 1
     assert json.loads((out / 'ijbc.json').read_text())['tar_at_far'] == result['tar_at_far']
+    from timm_mobileone import results
+    row, = results.read(str(out / 'ijbc.json'))['rows']
+    assert row['kind'] == 'ijb' and row['dataset'] == 'ijbc' and row['tar_at_far'] == result['tar_at_far']
     assert (out / 'roc.png').stat().st_size > 1000
 
 

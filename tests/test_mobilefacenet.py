@@ -11,9 +11,10 @@ import torch
 import timm
 from timm.models import model_entrypoint
 
-import fuzz_targets as F
-from conftest import SHARED_DATA, calibrate_bn, rel_err
-from timm_mobileone._io import ModelLoadError, create_model_checked
+from benchmarks import fuzz_targets as F
+from helpers import SHARED_DATA, calibrate_bn, rel_err
+from timm_mobileone._io import create_model_checked
+from timm_mobileone.errors import UserError
 from timm_mobileone.mobilefacenet import INSIGHTFACE_STD
 from timm_mobileone.mxnet import MXNetError, read_params, read_symbol, symbol_path_for
 
@@ -163,9 +164,9 @@ def _crops(n: int):
 @needs_lfw_dev
 def test_port_equals_insightface_ncnn_fc1(mfn):
     pytest.importorskip('ncnn')
-    from timm_mobileone.deploy import ncnn_runner, run_each
+    from timm_mobileone.formats import ncnn_runner
     pixels = _crops(4)
-    ref = run_each(ncnn_runner(str(MFN_DIR / 'mobilefacenet.param')), pixels)  # 0..255 RGB, the graph normalizes
+    ref = ncnn_runner(str(MFN_DIR / "mobilefacenet.param"))(pixels)  # 0..255 RGB, the graph normalizes
     x = torch.from_numpy((pixels / 255 - 0.5) / INSIGHTFACE_STD[0]).float()
     with torch.no_grad():
         got = mfn(x).numpy()
@@ -189,9 +190,9 @@ def test_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     for name, (content, message) in cases.items():
         path = tmp_path / f'{name}-0000.params'
         path.write_bytes(F.mxnet_params_bytes(content))
-        with pytest.raises(ModelLoadError, match=message):
+        with pytest.raises(UserError, match=message):
             create_model_checked('mobilefacenet', checkpoint=str(path))
-    with pytest.raises(ModelLoadError, match='mobileone_112_s0 has no MXNet port'):
+    with pytest.raises(UserError, match='mobileone_112_s0 has no MXNet port'):
         create_model_checked('mobileone_112_s0', checkpoint=str(PARAMS))
 
 
@@ -210,10 +211,10 @@ def test_symbol_json_that_is_not_the_graph_is_refused(tmp_path):
             if n['name'] == node:
                 n.setdefault('attrs', {})[attr] = value
         (tmp_path / 'model-symbol.json').write_text(json.dumps(graph))
-        with pytest.raises(ModelLoadError, match=message):
+        with pytest.raises(UserError, match=message):
             create_model_checked('mobilefacenet', checkpoint=str(tmp_path / 'model-0000.params'))
     (tmp_path / 'model-symbol.json').write_text('{"nodes": [')
-    with pytest.raises(ModelLoadError, match='not an MXNet symbol graph'):
+    with pytest.raises(UserError, match='not an MXNet symbol graph'):
         create_model_checked('mobilefacenet', checkpoint=str(tmp_path / 'model-0000.params'))
     assert read_symbol(MFN_DIR / 'model-symbol.json')['fc1']['op'] == 'BatchNorm'
 

@@ -6,7 +6,7 @@ import timm
 from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import get_notrace_functions, get_notrace_modules
 
-from conftest import MODEL_NAMES
+from helpers import MODEL_NAMES
 
 try:
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names

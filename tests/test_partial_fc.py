@@ -62,11 +62,10 @@ def _compare(rank: int, world: int, kind: str) -> dict:
     loss_s.backward()
 
     # the logged / clipped gradient norm: the shards' parts summed over processes, as the whole replicated head's
-    from train.face import Trainer
+    from train.distributed import clip_grad_norm
     norm_r = nn.utils.clip_grad_norm_(replicated.parameters(), float('inf'))
-    norm_s = Trainer._clip_grad_norm(SimpleNamespace(sharded=True, world=SimpleNamespace(world_size=world),
-                                                     backbone=sharded_backbone, head=head, device=torch.device('cpu')),
-                                     float('inf'))
+    cpu_world = SimpleNamespace(world_size=world, device=torch.device('cpu'))
+    norm_s = clip_grad_norm(ddp_s, sharded_backbone, head, cpu_world, sharded=True, max_norm=float('inf'))
     err = dict(loss=_rel(loss_s.detach(), global_loss), grad_norm=_rel(norm_s, norm_r),
                backbone=max(_rel(q.grad, p.grad) for p, q in zip(replicated.backbone.parameters(),
                                                                    sharded_backbone.parameters())),
@@ -96,7 +95,7 @@ def _sampled(rank: int, world: int) -> dict:
 
 def _overflow(rank: int, world: int) -> bool:
     """GradScaler: an overflow in the last process's centres skips the step on every process."""
-    from train.face import Trainer
+    from train.distributed import agree_on_overflow
     head = ShardedMarginHead(EMBED, CLASSES, world, rank)
     optimizer = torch.optim.SGD(head.parameters(), lr=1.0)
     scaler = torch.amp.GradScaler('cpu')
@@ -104,8 +103,7 @@ def _overflow(rank: int, world: int) -> bool:
     if rank == world - 1:
         head.weight.grad[0, 0] = float('inf')
     scaler.unscale_(optimizer)
-    Trainer._agree_on_overflow(SimpleNamespace(sharded=True, world=SimpleNamespace(world_size=world), scaler=scaler,
-                                               optimizer=optimizer))
+    agree_on_overflow(scaler, optimizer, SimpleNamespace(world_size=world), sharded=True)
     before = head.weight.detach().clone()
     scaler.step(optimizer)
     return torch.equal(before, head.weight.detach())
@@ -203,3 +201,25 @@ def test_adaface_margin_is_the_papers(head_cls):
         torch.testing.assert_close(ours.batch_std, ref.batch_std)
     scaler = (norms.clamp(0.001, 100) - ref.batch_mean) / (ref.batch_std + 1e-3)
     assert scaler.max() > 1  # the clip of the margin scaler is exercised
+
+
+def test_partial_fc_samples_the_batch_classes_plus_random_others():
+    torch.manual_seed(0)
+    head = MarginHead(16, 100, sample_rate=0.1)
+    labels = torch.tensor([3, 97, 3, 50])
+    emb = torch.randn(4, 16)
+    logits, targets = head(emb, labels)
+    assert logits.shape == (4, 10)
+    index, remapped = head.sample(labels)
+    assert {3, 50, 97} <= set(index.tolist()) and len(index) == 10
+    torch.manual_seed(1)
+    logits, targets = head(emb, labels)
+    torch.manual_seed(1)
+    index, _ = head.sample(labels)
+    assert torch.equal(index[targets], labels)  # the remapped labels point at the true classes
+    full = MarginHead(16, 100, sample_rate=0.1).eval()
+    assert full(emb, labels)[0].shape == (4, 100)  # eval mode scores every centre
+    logits.sum().backward()
+    untouched = torch.ones(100, dtype=torch.bool)
+    untouched[index] = False
+    assert head.weight.grad[untouched].abs().sum() == 0 and head.weight.grad[index].abs().sum() > 0

@@ -4,7 +4,7 @@ import pytest
 import timm
 from timm.models import model_entrypoint, get_pretrained_cfg
 
-from conftest import MODEL_NAMES
+from helpers import MODEL_NAMES
 
 
 def test_mobileone_and_dbb_variants_registered():

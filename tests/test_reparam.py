@@ -6,7 +6,7 @@ import torch.nn as nn
 import timm
 from timm.utils import reparameterize_model
 
-from conftest import MODEL_NAMES, calibrate_bn, rel_err
+from helpers import MODEL_NAMES, calibrate_bn, rel_err
 
 BRANCH_PARTS = ('conv_kxk', 'conv_scale', 'identity', '.bn.', 'norm.', 'dbb_')
 

@@ -67,8 +67,8 @@ def test_report_table_and_bad_model():
 
 def test_deploy_table_shows_gmacs_per_second_beside_latency():
     from timm_mobileone.runtimes import table
-    medians = {('a', 'eager'): 0.004, ('a', 'ncnn'): 0.002, ('b', 'eager'): 0.010}
-    md = table(['a', 'b'], medians, runtimes=('eager', 'ncnn'), gmacs={'a': 0.262, 'b': 1.0})
+    medians = {('a', 'eager'): 0.004, ('a', 'ncnn_fp32'): 0.002, ('b', 'eager'): 0.010}
+    md = table(['a', 'b'], medians, runtimes=('eager', 'ncnn_fp32'), gmacs={'a': 0.262, 'b': 1.0})
     lines = md.splitlines()
     assert lines[0].startswith('| model | GMACs | PyTorch eager ms (GMAC/s) | ncnn FP32 ms (GMAC/s) |')
     assert lines[2] == '| a | 0.262 | 4.00 (66) | 2.00 (131) | ncnn FP32 | 0.50x |'

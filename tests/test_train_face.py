@@ -15,11 +15,9 @@ import pytest
 import torch
 
 from train import face
-from train.data import ImageFolderDataset, RecordIODataset, ResumableSampler, collate, open_dataset
-from train.margin import MarginHead
-
-from conftest import identity_images, make_pack, write_image_folder, write_rec_pack
-from train_helpers import face_error, interrupt_then_resume
+from train.distributed import World
+from train.synthetic import identity_images, make_pack, write_image_folder, write_rec_pack
+from helpers import face_error, interrupt_then_resume
 
 REPO = Path(__file__).resolve().parents[1]
 # ArcFace s=64 m=0.5 on 8 identities x 16 images: 5 epochs of batch 16 = 40 steps (batch 8 is too noisy for the
@@ -81,18 +79,6 @@ def test_loss_falls_and_schedules_follow_the_recipe(run_a):
     assert lrs[-1] < 0.001
     val = [r for r in _rows(out) if 'val' in r]
     assert [r['step'] for r in val] == [8, 16, 24, 32, 40] and all('tiny_val' in r['val'] for r in val)
-
-
-def test_no_weight_decay_on_norm_and_bias_parameters():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                torch.nn.Linear(4, 2))
-    args = face.parse_args(['--data', 'x', '--output', 'y'])
-    opt = face.build_optimizer(model, args)
-    face.set_weight_decay(opt, 3e-5)
-    decay = {id(p) for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
-    assert decay == {id(model[0].weight), id(model[3].weight)}
-    assert isinstance(opt, torch.optim.SGD) and opt.defaults['momentum'] == 0.9 and not opt.defaults['nesterov']
-    assert all(g['weight_decay'] in (0.0, 3e-5) for g in opt.param_groups)
 
 
 def test_best_checkpoint_and_export_load_in_both_forms(run_a):
@@ -237,87 +223,6 @@ def test_torchrun_two_processes_on_gloo_sharded_head_crash_and_resume(tmp_path, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# datasets, sampler, partial FC
-
-
-def test_rec_and_folder_datasets_agree(tmp_path, samples):
-    rec = RecordIODataset(write_rec_pack(tmp_path / 'r', samples) / 'train.rec', flip=False)
-    folder = ImageFolderDataset(write_image_folder(tmp_path / 'f', samples), flip=False)
-    assert len(rec) == len(folder) == 64 and rec.num_classes == folder.num_classes == 8
-    for i in (0, 17, 63):
-        img_r, label_r, err_r = rec[i]
-        img_f, label_f, err_f = folder[i]
-        assert err_r == err_f == '' and label_r == label_f == samples[i][0]
-        assert img_r.dtype == torch.uint8 and img_r.shape == (3, 112, 112) and torch.equal(img_r, img_f)
-
-
-def test_forked_workers_read_a_pack_opened_in_the_parent(tmp_path):
-    """Workers inherit the parent's open .rec handle when forked: each must read through its own."""
-    samples = identity_images(identities=8, per_identity=24, seed=2)
-    ds = RecordIODataset(write_rec_pack(tmp_path / 'r', samples) / 'train.rec', flip=False)
-    ds[0]  # the parent opens the file before the workers fork
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate)
-    labels = []
-    for _, batch_labels, errors in loader:
-        assert errors == []
-        labels += batch_labels.tolist()
-    assert labels == [label for label, _ in samples]
-
-
-def test_num_classes_from_property_header_or_labels(tmp_path, samples):
-    assert RecordIODataset(write_rec_pack(tmp_path / 'a', samples[:24]) / 'train.rec').num_classes == 3
-    no_property = write_rec_pack(tmp_path / 'b', samples[:24], property_file=False)
-    assert RecordIODataset(no_property / 'train.rec').num_classes == 3  # header's identity key range
-    bare = write_rec_pack(tmp_path / 'c', samples[:24], property_file=False, header=False)
-    ds = RecordIODataset(bare / 'train.rec')
-    assert ds.num_classes == 3 and len(ds) == 24  # no header: every indexed record is an image
-
-
-def test_flip_depends_on_seed_epoch_and_index_only(tmp_path, samples):
-    ds = open_dataset(write_rec_pack(tmp_path / 'r', samples), (112, 112), flip=True, seed=5)
-    plain = open_dataset(tmp_path / 'r', (112, 112), flip=False)
-    flips = [torch.equal(ds[i][0], plain[i][0].flip(2)) for i in range(16)]
-    assert 3 < sum(flips) < 13 and flips == [torch.equal(ds[i][0], plain[i][0].flip(2)) for i in range(16)]
-    ds.set_epoch(1)
-    assert flips != [torch.equal(ds[i][0], plain[i][0].flip(2)) for i in range(16)]
-
-
-def test_resumable_sampler_skips_what_was_consumed():
-    data = list(range(37))
-    for rank in (0, 1):
-        full = ResumableSampler(data, num_replicas=2, rank=rank, seed=7)
-        full.set_epoch(3)
-        part = ResumableSampler(data, num_replicas=2, rank=rank, seed=7)
-        part.set_epoch(3, start=8)
-        assert list(part) == list(full)[8:] and len(part) == len(full) - 8
-    a, b = ResumableSampler(data, 2, 0, seed=7), ResumableSampler(data, 2, 1, seed=7)
-    assert not set(a) & set(b)  # replicas see disjoint samples
-
-
-def test_partial_fc_samples_the_batch_classes_plus_random_others():
-    torch.manual_seed(0)
-    head = MarginHead(16, 100, sample_rate=0.1)
-    labels = torch.tensor([3, 97, 3, 50])
-    emb = torch.randn(4, 16)
-    logits, targets = head(emb, labels)
-    assert logits.shape == (4, 10)
-    index, remapped = head.sample(labels)
-    assert {3, 50, 97} <= set(index.tolist()) and len(index) == 10
-    torch.manual_seed(1)
-    logits, targets = head(emb, labels)
-    torch.manual_seed(1)
-    index, _ = head.sample(labels)
-    assert torch.equal(index[targets], labels)  # the remapped labels point at the true classes
-    full = MarginHead(16, 100, sample_rate=0.1).eval()
-    assert full(emb, labels)[0].shape == (4, 100)  # eval mode scores every centre
-    logits.sum().backward()
-    untouched = torch.ones(100, dtype=torch.bool)
-    untouched[index] = False
-    assert head.weight.grad[untouched].abs().sum() == 0 and head.weight.grad[index].abs().sum() > 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# bad input: one line, exit code 2, nothing lost
 
 
 def _quick(data, out):
@@ -445,7 +350,7 @@ def test_initial_checkpoint_starts_from_its_weights(run_a, resume_pack, tmp_path
     out, _ = run_a
     args = face.parse_args(['--data', str(resume_pack), '--output', str(tmp_path / 'ft'), '--initial-checkpoint',
                             str(out / 'best.safetensors'), '-j', '0', '-b', '8'])
-    trainer = face.Trainer(args, face._Dist('cpu'))
+    trainer = face.Trainer(args, World('cpu'))
     saved = load_file(str(out / 'best.safetensors'))
     state = trainer.backbone.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())

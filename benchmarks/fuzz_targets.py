@@ -430,8 +430,8 @@ def _errors_recordio():
 
 
 def _errors_checkpoint():
-    from timm_mobileone._io import ModelLoadError
-    return (ModelLoadError,)
+    from timm_mobileone.errors import UserError
+    return (UserError,)
 
 
 TARGETS = {t.name: t for t in [

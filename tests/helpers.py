@@ -1,0 +1,75 @@
+"""Helpers the tests import by name (fixtures stay in conftest.py): model names, BatchNorm calibration, the shared
+real-face data, and the training CLI's resume / error drivers."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm
+import timm_mobileone  # noqa: F401  (registers the models)
+
+MODEL_NAMES = timm.list_models(module='mobileone_112')
+
+
+def calibrate_bn(model: torch.nn.Module, steps: int = 3, batch_size: int = 8, dtype=torch.float32, size: int = 112):
+    """A few train-mode passes so BatchNorm running statistics match the activations (then eval mode).
+
+    With fresh-init statistics (mean 0, var 1) MobileOne activations grow by orders of magnitude per block, so
+    comparisons of raw outputs mean nothing until the statistics are calibrated.
+    """
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(batch_size, 3, size, size, dtype=dtype))
+    return model.eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _shared_data():
+    """The project's shared test data: $TIMM_MOBILEONE_SHARED_DATA, or shared/data beside (or in) the checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [os.environ.get('TIMM_MOBILEONE_SHARED_DATA'), repo.parent / 'shared' / 'data',
+                  repo / 'shared' / 'data']
+    for c in candidates:
+        if c and (Path(c) / 'small_lfw.bin').is_file():
+            return Path(c)
+    return repo.parent / 'shared' / 'data'
+
+
+SHARED_DATA = _shared_data()
+SMALL_LFW = SHARED_DATA / 'small_lfw.bin'
+needs_small_lfw = pytest.mark.skipif(not SMALL_LFW.is_file(), reason=f'{SMALL_LFW} not found (shared test data)')
+
+
+def interrupt_then_resume(monkeypatch, argv, at_step: int = 3):
+    """Run `train.face` with Ctrl-C raised before step `at_step + 1` (exit 130, the last checkpoint kept), then
+    `--resume` it uninterrupted; returns the resumed run's summary."""
+    from train import face
+    step = face.Trainer.train_step
+
+    def interrupted(self, images, labels):
+        if self.step == at_step:
+            raise KeyboardInterrupt
+        return step(self, images, labels)
+
+    monkeypatch.setattr(face.Trainer, 'train_step', interrupted)
+    with pytest.raises(SystemExit) as e:
+        face.main(argv)
+    assert e.value.code == 130
+    monkeypatch.setattr(face.Trainer, 'train_step', step)
+    return face.main(argv + ['--resume'])
+
+
+def face_error(capsys, argv) -> str:
+    """`train.face` refusing `argv`: exit code 2 and one `error:` line, no traceback; returns the line."""
+    from train import face
+    with pytest.raises(SystemExit) as e:
+        face.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith('error: ') and 'Traceback' not in '\n'.join(err)
+    return err[-1]

@@ -1,0 +1,88 @@
+"""The plugin stands without the repository: the built wheel, installed into a fresh environment and run from a folder
+outside the repository, creates the models, renders and writes model cards where the user runs it, prints the zoo
+report and exports. The fresh environment sees this environment's dependencies (torch, timm, ...) through a path
+file, not its editable install of timm_mobileone: what runs is the wheel's copy."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f'{cmd} exited {proc.returncode}:\n{proc.stderr[-3000:]}'
+    return proc.stdout
+
+
+@pytest.fixture(scope='module')
+def wheel_env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('wheel')
+    src = tmp / 'src'  # a copy of what the wheel is built from: the build leaves nothing in the checkout
+    src.mkdir()
+    for name in ('pyproject.toml', 'README.md', 'LICENSE'):
+        if (REPO / name).is_file():
+            shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / 'timm_mobileone', src / 'timm_mobileone',
+                    ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+    _run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation', '-w', str(tmp / 'dist'),
+          str(src)], tmp, os.environ)
+    wheel = next((tmp / 'dist').glob('timm_mobileone-*.whl'))
+    venv = tmp / 'venv'
+    _run([sys.executable, '-m', 'venv', str(venv)], tmp, os.environ)
+    python = venv / 'bin' / 'python'
+    site = Path(_run([str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], tmp,
+                     os.environ).strip())
+    deps = {sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']}
+    (site / 'deps.pth').write_text(''.join(p + '\n' for p in sorted(deps)))  # no .pth processing: no editable copy
+    _run([str(python), '-m', 'pip', 'install', '-q', '--no-deps', '--no-index', str(wheel)], tmp, os.environ)
+    work = tmp / 'work'
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+    env.update(HF_HUB_OFFLINE='1', PYTHONDONTWRITEBYTECODE='1')
+    return python, site, work, env
+
+
+def test_models_and_card_from_the_installed_wheel(wheel_env):
+    python, site, work, env = wheel_env
+    out = _run([str(python), '-c', (
+        'import json, timm, torch, timm_mobileone\n'
+        'm = timm.create_model("mobileone_112_s0").eval()\n'
+        'f = timm.utils.reparameterize_model(m)\n'
+        'x = torch.randn(2, 3, 112, 112)\n'
+        'print(json.dumps(dict(file=timm_mobileone.__file__, shape=list(f(x).shape), '
+        'models=timm.list_models("mobileone_112_*"))))')], work, env)
+    facts = json.loads(out)
+    assert Path(facts['file']).is_relative_to(site)  # the wheel's copy, not the checkout
+    assert facts['shape'] == [2, 512] and 'mobileone_112_s4' in facts['models']
+    card = json.loads(_run([str(python), '-m', 'timm_mobileone.hub', 'card', '--model', 'mobileone_112_s0', '--tag',
+                            'test'], work, env))
+    written = work / card['card']  # a relative path: from the folder the user runs it in
+    assert written.is_file() and written.resolve().is_relative_to(work.resolve())
+    assert not any(site.rglob('hub_cards'))  # nothing written into the installed package
+
+
+def test_zoo_report_and_export_from_the_installed_wheel(wheel_env):
+    pytest.importorskip('onnxruntime')
+    python, site, work, env = wheel_env
+    report = json.loads(_run([str(python), '-m', 'timm_mobileone', '-m', 'mobileone_112_s0', '--repeats', '2',
+                              '-b', '2', '--json', '--no-progress'], work, env))
+    assert [r['model'] for r in report['models']] == ['mobileone_112_s0']
+    result = json.loads(_run([str(python), '-m', 'timm_mobileone.export', '--model', 'mobileone_112_s0', '--format',
+                              'onnx', '--out', 's0.onnx'], work, env))
+    assert (work / 's0.onnx').is_file() and result['min_cosine'] >= 0.99999
+
+
+def test_the_extras_install_one_opencv():
+    """The headless and the GUI OpenCV wheels both install `cv2`, and the later install silently overwrites the
+    other's files: every extra names the one insightface ([deploy]) requires."""
+    import tomllib
+    extras = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['optional-dependencies']
+    names = {req.split('>')[0].split('=')[0].split('[')[0].strip() for reqs in extras.values() for req in reqs}
+    assert {n for n in names if n.startswith('opencv')} == {'opencv-python'}
