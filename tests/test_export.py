@@ -168,3 +168,18 @@ def test_int8_without_calib_writes_nothing(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         export.main(['--model', 'mobileone_112_s0', '--onnx', str(tmp_path / 'x.onnx'), '--int8'])
     assert e.value.code == 2 and '--calib' in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_converters_print_nothing_to_a_cli_that_logs_at_info(tmp_path, caplog):
+    """train.compare_blocks logs at INFO: the ONNX export and INT8 quantization under it must not add onnxscript's /
+    onnx_ir's per-pass lines ("unused_removal: Removed 1 unused nodes") to its stderr."""
+    import logging
+    caplog.set_level(logging.INFO)
+    model = timm.create_model('mobileone_112_s0', inference_mode=True).eval()
+    formats.export_onnx(model, str(tmp_path / 'a.onnx'))
+    formats.quantize_int8(str(tmp_path / 'a.onnx'), str(tmp_path / 'a_int8.onnx'),
+                          np.random.default_rng(0).standard_normal((2, 3, 112, 112)).astype(np.float32))
+    assert (tmp_path / 'a_int8.onnx').is_file()
+    noisy = [r.name for r in caplog.records if r.name.startswith(('onnx_ir', 'onnxscript', 'torch.onnx'))]
+    assert not noisy, sorted(set(noisy))
+    assert logging.getLogger('onnx_ir').level == logging.NOTSET  # restored afterwards

@@ -29,6 +29,7 @@ runtime is one entry here (its exporter and runner functions above it) plus its 
 import contextlib
 import importlib
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -133,6 +134,22 @@ def quiet(verbose: bool = False):
             os.close(fd)
 
 
+@contextlib.contextmanager
+def converter_logs_quiet(verbose: bool = False, names: Sequence[str] = ('onnx_ir', 'onnxscript', 'torch.onnx')):
+    """Hold the ONNX converters' loggers at WARNING unless `verbose`: a CLI that logs at INFO (train.compare_blocks)
+    would otherwise print their per-pass lines ("unused_removal: Removed 1 unused nodes")."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    if not verbose:
+        for lg in loggers:
+            lg.setLevel(max(lg.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.setLevel(level)
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -163,7 +180,7 @@ def export_onnx(model: torch.nn.Module, path: str, opset: int = 18, dynamic_batc
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_file = Path(tmp) / out.name
-        with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
+        with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()), converter_logs_quiet(verbose):
             torch.onnx.export(model.eval(), (x,), str(tmp_file), **kwargs)
         atomic_write(out, lambda f: f.write(tmp_file.read_bytes()))
 
@@ -249,9 +266,10 @@ def quantize_int8(fp32_path: str, int8_path: str, calib: np.ndarray, method: str
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         pre = Path(tmp) / 'pre.onnx'
-        quant_pre_process(fp32_path, str(pre), skip_symbolic_shape=True)
+        with converter_logs_quiet():
+            quant_pre_process(fp32_path, str(pre), skip_symbolic_shape=True)
         q = Path(tmp) / out.name
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), converter_logs_quiet():
             quantize_static(str(pre), str(q), Reader(calib, input_name), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8,
                             activation_type=QuantType.QUInt8,
