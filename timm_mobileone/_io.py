@@ -1,11 +1,14 @@
-"""Process-level helpers for the CLIs: atomic file writes, the CPU allocator setting for long batched runs, and
-one-line error messages."""
+"""Process-level helpers for the CLIs: atomic file (and safetensors) writes, the CPU allocator setting for long
+batched runs, and one-line error messages."""
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, IO, Union
+from typing import TYPE_CHECKING, Callable, Dict, IO, Optional, Union
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def first_line(e: BaseException) -> str:
@@ -38,6 +41,14 @@ def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], None]) -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_safetensors(path: Union[str, Path], tensors: Dict[str, 'torch.Tensor'],
+                     metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write `tensors` (moved to the CPU, made contiguous) as one safetensors file, atomically (`atomic_write`)."""
+    from safetensors.torch import save
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata or {})
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _glibc():
@@ -146,7 +157,7 @@ def _load_mxnet(model, model_name: str, checkpoint: str, state) -> None:
     check = getattr(sys.modules.get(type(model).__module__), 'check_mxnet_symbol', None)
     if check is None:
         raise UserError(f'--checkpoint {checkpoint}: an MXNet checkpoint, and {model_name} has no MXNet port '
-                             f'(mobilefacenet has)')
+                        f'(mobilefacenet has)')
     symbol = symbol_path_for(checkpoint)
     try:
         if symbol.is_file():
@@ -159,7 +170,7 @@ def _load_mxnet(model, model_name: str, checkpoint: str, state) -> None:
     except RuntimeError as e:  # size mismatch
         detail = [line.strip() for line in str(e).splitlines() if 'size mismatch' in line]
         raise UserError(f'--checkpoint {checkpoint} does not fit {model_name}: '
-                             f'{detail[0] if detail else first_line(e)}') from None
+                        f'{detail[0] if detail else first_line(e)}') from None
     if result.missing_keys or result.unexpected_keys:
         raise UserError(
             f'--checkpoint {checkpoint} does not fit {model_name}: it lacks {len(result.missing_keys)} tensors the '

@@ -40,7 +40,7 @@ import timm
 from timm.utils import reparameterize_model
 
 from . import formats
-from ._io import create_model_checked
+from ._io import create_model_checked, first_line
 from .data import IMAGE_EXTS
 from .errors import UserError, cli
 from .formats import FORMATS
@@ -97,12 +97,6 @@ def calib_and_heldout(source: str, cfg: Dict[str, Any], calib_images: int,
     return images[:calib_images], images[calib_images:]
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return np.sum(a * b, axis=1)
-
-
 def create_fused(args) -> Tuple[torch.nn.Module, bool]:
     """The fused model of `args.model` (+ checkpoint), cross-layer equalized when `--equalize` asks; (model,
     equalized)."""
@@ -125,7 +119,7 @@ def compare(run: formats.Runner, fused: torch.nn.Module, images: np.ndarray) -> 
     with torch.no_grad():
         ref = fused(torch.from_numpy(images)).numpy()
     rel = max(float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-12)) for g, r in zip(got, ref))
-    cos = cosine(got, ref)
+    cos = formats.cosine(got, ref)
     return dict(max_rel_err=rel, min_cosine=float(cos.min()), mean_cosine=float(cos.mean()))
 
 
@@ -183,7 +177,7 @@ def run(args) -> Dict[str, Any]:
             raise
         except Exception as e:  # a converter's own failure: one line, no file
             raise UserError(f'--format {fmt.name}: the converter failed ({type(e).__name__}: '
-                            f'{(str(e).strip().splitlines() or [""])[0][:300]})') from None
+                            f'{first_line(e)[:300]})') from None
         checked = dict(max_rel_err=None, min_cosine=None, mean_cosine=None)
         if fmt.runner is not None:
             with formats.quiet(args.verbose):

@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ._io import atomic_write
+from ._io import atomic_write, first_line
 from .errors import UserError
 
 DEPLOY_EXTRA = 'pip install "timm-mobileone[deploy]"'
@@ -150,8 +150,11 @@ def converter_logs_quiet(verbose: bool = False, names: Sequence[str] = ('onnx_ir
             lg.setLevel(level)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two (N, D) embedding arrays: what verification compares."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.sum(a * b, axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,7 +220,7 @@ def onnx_runner(path: str, threads: int = 0) -> Runner:
     try:
         session = ort_session(path, threads)
     except Exception as e:  # ORT raises its own Fail / InvalidGraph / NoSuchFile types
-        raise UserError(f'{path}: ONNX Runtime cannot load it ({_first_line(e)})') from None
+        raise UserError(f'{path}: ONNX Runtime cannot load it ({first_line(e)})') from None
     batch = session.get_inputs()[0].shape[0]
     fixed = batch if isinstance(batch, int) else None
 
@@ -286,7 +289,7 @@ def onnx_int8_beside(fp32_path: Path, int8_path: Path, calib: np.ndarray, heldou
     quantize_int8(str(fp32_path), str(int8_path), calib, method, reduce_range)
     fp32, int8 = ort_session(str(fp32_path)), ort_session(str(int8_path))
     a, b = run_each(lambda x: ort_run(int8, x), heldout), run_each(lambda x: ort_run(fp32, x), heldout)
-    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    cos = cosine(a, b)
     lat_fp32 = median_seconds(lambda: ort_run(fp32, heldout[:1]), 20)
     lat_int8 = median_seconds(lambda: ort_run(int8, heldout[:1]), 20)
     return dict(onnx=str(int8_path), path=str(int8_path), calib_images=len(calib), heldout_images=len(heldout),
@@ -344,7 +347,7 @@ def executorch_runner(path: str) -> Runner:
     try:
         method = Runtime.get().load_program(str(path)).load_method('forward')
     except Exception as e:  # the runtime raises RuntimeError / ValueError with its own error codes
-        raise UserError(f'{path}: ExecuTorch cannot load it ({_first_line(e)})') from None
+        raise UserError(f'{path}: ExecuTorch cannot load it ({first_line(e)})') from None
 
     def run_one(x: np.ndarray) -> np.ndarray:
         return method.execute([torch.from_numpy(np.ascontiguousarray(x, np.float32))])[0].numpy()

@@ -62,19 +62,14 @@ DATASET_NAMES = {
 # checkpoints
 
 
-def read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
-    """A state dict from safetensors or a torch checkpoint (read with weights_only=True, EMA weights not preferred)."""
-    return read_state_dict(path)
-
-
 def load_train_time_model(model_name: str, checkpoint: str, **model_args) -> torch.nn.Module:
     if model_name not in timm.list_models('mobileone_112_*'):
         names = ', '.join(timm.list_models('mobileone_112_*'))
         raise UserError(f'--model {model_name}: not a mobileone_112 model ({names})')
-    state_dict = read_checkpoint(checkpoint)
+    state_dict = read_state_dict(checkpoint)
     if any('reparam_conv' in k for k in state_dict):
         raise UserError(f'--checkpoint {checkpoint}: already fused (reparam_conv weights); export needs the '
-                       f'train-time checkpoint, which it fuses itself')
+                        f'train-time checkpoint, which it fuses itself')
     args = dict(infer_model_args(state_dict), **{k: v for k, v in model_args.items() if v is not None})
     try:
         model = timm.create_model(model_name, **args)
@@ -97,7 +92,7 @@ def _load_checked(model_name: str, checkpoint: str, **model_args) -> torch.nn.Mo
         detail = re.search(r'size mismatch for ([^:]+): (.*)', str(e))
         what = f'{detail.group(1)}: {detail.group(2)}' if detail else first_line(e)
         raise UserError(f'--checkpoint {checkpoint} does not fit {model_name} ({what}); is it a checkpoint of '
-                       f'another variant?') from None
+                        f'another variant?') from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,8 +209,8 @@ def export(model_name: str, checkpoint: str, tag: str, out: str, results: Sequen
     err64 = fusion_error(model, torch.float64)
     if not err64 <= FUSION_TOLERANCE:
         raise UserError(f'refusing to export {checkpoint}: the fused model differs from the train-time one '
-                       f'(float64 relative error {err64:.3g} > {FUSION_TOLERANCE:g}); are its BatchNorm statistics '
-                       f'finite and positive?')
+                        f'(float64 relative error {err64:.3g} > {FUSION_TOLERANCE:g}); are its BatchNorm statistics '
+                        f'finite and positive?')
     err32 = fusion_error(model, torch.float32)
     fused = reparameterize_model(model)
     repo_id = repo_id or f'ORG/{model_name}.{tag}'

@@ -218,17 +218,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 @cli
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Convert an MXNet checkpoint to safetensors; one JSON object on stdout, user errors exit 2."""
-    from safetensors.torch import save
     from timm.utils import reparameterize_model
-    from ._io import atomic_write, create_model_checked
+    from ._io import create_model_checked, save_safetensors
     args = parse_args(argv)
     model = create_model_checked(args.model, checkpoint=args.params).eval()
     if args.fused:
         model = reparameterize_model(model)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    blob = save(state, metadata={'format': 'pt', 'source': Path(args.params).name,
-                                 'form': 'fused' if args.fused else 'train'})
-    atomic_write(args.out, lambda f: f.write(blob))
+    save_safetensors(args.out, state, metadata={'format': 'pt', 'source': Path(args.params).name,
+                                                'form': 'fused' if args.fused else 'train'})
     result = dict(model=args.model, params=args.params, out=args.out, fused=args.fused, tensors=len(state),
                   parameters=int(sum(v.numel() for k, v in state.items() if v.is_floating_point())))
     print(json.dumps(result))

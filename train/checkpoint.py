@@ -11,11 +11,11 @@ A crash at any moment leaves `last.json` naming a complete checkpoint. Each func
 """
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from timm_mobileone._io import atomic_write
+from timm_mobileone._io import atomic_write, save_safetensors  # noqa: F401  (the run folder's tensor writer)
 from timm_mobileone.errors import UserError
 
 STATE_NAME = 'last.json'
@@ -47,12 +47,6 @@ def prefixed(prefix: str, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
 def strip(prefix: str, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     n = len(prefix) + 1
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + '.')}
-
-
-def save_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    from safetensors.torch import save
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata or {})
-    atomic_write(path, lambda f: f.write(data))
 
 
 def json_write(path: Path, obj: Any) -> None:
