@@ -183,3 +183,21 @@ def test_converters_print_nothing_to_a_cli_that_logs_at_info(tmp_path, caplog):
     noisy = [r.name for r in caplog.records if r.name.startswith(('onnx_ir', 'onnxscript', 'torch.onnx'))]
     assert not noisy, sorted(set(noisy))
     assert logging.getLogger('onnx_ir').level == logging.NOTSET  # restored afterwards
+
+
+def test_deploy_table_int8_onnx_column_runs_the_quantized_model(tmp_path):
+    """The deploy table's ONNX Runtime INT8 column times a QDQ model quantized from the FP32 export, not the FP32 one."""
+    from timm_mobileone import runtimes
+    from timm_mobileone.__main__ import _calibrate
+    torch.manual_seed(0)
+    fused = timm.utils.reparameterize_model(_calibrate(timm.create_model('mobileone_112_s0'), (3, 112, 112)))
+    x = torch.randn(1, 3, 112, 112)
+    outs = {}
+    for column in ('onnx_fp32', 'onnx_int8'):
+        (tmp_path / column).mkdir()
+        outs[column] = runtimes._runner(column, fused, x, tmp_path / column)()
+    assert runtimes.LABELS['onnx_int8'] == 'ONNX Runtime INT8'
+    assert 'QuantizeLinear' in formats.onnx_ops(str(tmp_path / 'onnx_int8' / 'model_int8.onnx'))
+    assert outs['onnx_int8'].shape == outs['onnx_fp32'].shape == (1, 512)
+    assert not np.allclose(outs['onnx_int8'], outs['onnx_fp32'])
+    assert formats.cosine(outs['onnx_int8'], outs['onnx_fp32']).min() > 0.5

@@ -73,3 +73,25 @@ def test_deploy_table_shows_gmacs_per_second_beside_latency():
     assert lines[0].startswith('| model | GMACs | PyTorch eager ms (GMAC/s) | ncnn FP32 ms (GMAC/s) |')
     assert lines[2] == '| a | 0.262 | 4.00 (66) | 2.00 (131) | ncnn FP32 | 0.50x |'
     assert lines[3] == '| b | 1.000 | 10.00 (100) |  | PyTorch eager | 1.00x |'
+
+
+def test_round_robin_warms_each_entry_for_a_while_before_timing_it():
+    """After the pause, an entry runs untimed for `warm` seconds (a core that idled runs slowly for its first
+    10-20 ms); an entry slower than `long_call` is warmed by a busy wait instead of a second call."""
+    import time
+    from timm_mobileone.profile import time_round_robin
+    starts = {'short': [], 'long': []}
+
+    def make(key, seconds):
+        def call():
+            starts[key].append(time.perf_counter())
+            while time.perf_counter() - starts[key][-1] < seconds:
+                pass
+        return call
+    medians = time_round_robin({'short': make('short', 0.001), 'long': make('long', 0.03)}, repeats=2, pause=0.0,
+                               warm=0.02, long_call=0.01)
+    assert len(starts['short']) >= 2 * 11  # each round: >= 0.02 s of 1 ms calls, then the timed one
+    assert starts['short'][-1] - starts['short'][0] >= 2 * 0.02
+    assert len(starts['long']) == 3  # round 1: one untimed + the timed call; round 2: busy wait + the timed call
+    assert starts['long'][2] - starts['long'][1] >= 0.03 + 0.02
+    assert 0.001 <= medians['short'] < 0.03 <= medians['long']

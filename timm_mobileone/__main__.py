@@ -167,6 +167,7 @@ def time_all(rows: List[Dict[str, Any]], args, bar: Optional[Progress] = None) -
         return lambda k, n: bar.step(f'timing {label}, round {k + 1}/{n}') if k == 0 or (k + 1) % 5 == 0 else None
     t1 = time_round_robin(ones, args.repeats, on_round=progress('batch 1'))
     del ones  # the batch-1 calls hold every model and session: release them before the batched ones grow
+    release_freed_memory()
     if bar is not None:
         bar.update(1)
     # Batch B: round-robin over each model's forms, one model at a time, whose calls (models, ONNX Runtime sessions
@@ -177,6 +178,8 @@ def time_all(rows: List[Dict[str, Any]], args, bar: Optional[Progress] = None) -
         batched = {(i, form): c[1] for form, c in r.pop('_calls').items() if c[1] is not None}
         if batched:
             tb.update(time_round_robin(batched, rounds_b, on_round=progress(f'batch {args.batch_size}, {r["model"]}')))
+        del batched
+        release_freed_memory()  # this model's batched activations and arenas, kept in the heap for reuse until now
     if bar is not None:
         bar.update(1)
     for (i, form), seconds in t1.items():
@@ -259,8 +262,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     bar = Progress(steps, args.progress)
     rows = []
     try:
-        for name in names:
-            rows.append(report_row(name, timm.create_model(name), args, 'mobileone_112', bar))
+        # largest first (timm lists s0..s4): an export's transient peak (about 0.2 GB for S4's ONNX export and
+        # session) then comes while little else is held, not on top of every smaller model's calls
+        for name in reversed(names):
+            rows.insert(0, report_row(name, timm.create_model(name), args, 'mobileone_112', bar))
             release_freed_memory()
         for name in peers:
             model = create_peer(name)

@@ -472,7 +472,7 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
     Format(name='onnx', suffix='.onnx', runtime='ONNX Runtime', requires=('onnx', 'onnxruntime', 'onnxscript'),
            extra=ONNX_EXTRA, export=_export_onnx_format, runner=onnx_runner,
            precision=('fp32', 'int8 QDQ (per-channel int8 weights, uint8 activations)'),
-           int8='a second, statically quantized QDQ model beside the FP32 one (--int8-onnx)', timed=('fp32',),
+           int8='a second, statically quantized QDQ model beside the FP32 one (--int8-onnx)', timed=('fp32', 'int8'),
            int8_beside=onnx_int8_beside,
            input_normalization=onnx_input_normalization),
     Format(name='executorch', suffix='.pte', runtime='ExecuTorch XNNPACK', requires=('executorch', 'torchao'),

@@ -71,17 +71,20 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def time_round_robin(calls: Dict[Hashable, Callable[[], object]], repeats: int, pause: float = 0.05,
                      on_round: Optional[Callable[[int, int], object]] = None,
-                     long_call: float = 0.25) -> Dict[Hashable, float]:
+                     long_call: float = 0.25, warm: float = 0.03) -> Dict[Hashable, float]:
     """Median seconds per call of each entry, timed round-robin: every round times each call once, in the same
     order, so that the machine's load drifts alike for every entry (comparisons within one run stay fair).
 
-    Before each timed call: a `pause` (s), then an untimed call of the same entry. Runtimes' thread pools spin
-    after a call (ONNX Runtime's intra-op pool, torch's OpenMP threads) and steal the cores from whatever runs next:
-    measured on this 2-core box, MobileFaceNet in eager took 9.6 ms right after ONNX Runtime calls and 5.2 ms alone;
-    with the pause and the warm-up call, 5.9 ms (and ONNX Runtime 2.2 ms vs 1.4 ms alone). What remains is the
-    price of switching, paid alike by every entry. An entry whose last timed call took longer than `long_call`
-    (s) gets no untimed call: a pool that spins for a millisecond is noise there, and the untimed call would double
-    the time of the slowest (batched) measurements. `on_round(k, repeats)` is called before round k (progress).
+    Before each timed call: a `pause` (s), then untimed calls of the same entry for at least `warm` seconds (at
+    least one). The pause: runtimes' thread pools spin after a call (ONNX Runtime's intra-op pool, torch's OpenMP
+    threads) and steal the cores from whatever runs next (measured on a 2-core box: MobileFaceNet in eager took
+    9.6 ms right after ONNX Runtime calls, 5.2 ms alone). The warm-up: a core that has idled through the pause runs
+    slowly for its first 10-20 ms of work (clock ramp, or the hypervisor waking the vCPU): measured on a 2-core VM,
+    ExecuTorch XNNPACK batch 1 of fused S0 and MobileFaceNet took 7.9 and 8.0 ms with one warm-up call after the
+    pause, 7.6 and 7.5 ms after 10 ms of warm-up calls, and 3.9 and 3.9 ms (their back-to-back figures) after 20
+    ms or more. An entry whose last timed call took longer than `long_call` (s) is warmed by a `warm`-second busy
+    wait instead of a call (which would double the time of the slowest, batched, measurements; a busy wait warmed
+    as well as calls did). `on_round(k, repeats)` is called before round k (progress).
     """
     times: Dict[Hashable, List[float]] = {k: [] for k in calls}
     for k in range(repeats):
@@ -89,8 +92,13 @@ def time_round_robin(calls: Dict[Hashable, Callable[[], object]], repeats: int, 
             on_round(k, repeats)
         for key, call in calls.items():
             time.sleep(pause)
+            until = time.perf_counter() + warm
             if not times[key] or times[key][-1] < long_call:
                 call()
+                while time.perf_counter() < until:
+                    call()
+            while time.perf_counter() < until:
+                pass
             t0 = time.perf_counter()
             call()
             times[key].append(time.perf_counter() - t0)

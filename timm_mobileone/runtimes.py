@@ -4,9 +4,9 @@
 
 For each model (default: the five fused mobileone_112 variants and the reference MobileFaceNet): BN statistics
 calibrated on random inputs (as the zoo report), fused, then exported to each column: PyTorch eager (channels_last),
-then every precision each entry of `formats.FORMATS` lists in its `timed` (today: ONNX Runtime FP32, ExecuTorch
-XNNPACK FP32 and INT8 (PT2E, calibrated on random inputs: the timing needs no data; the accuracy of these INT8
-programs means nothing), ncnn FP32 with its fp16 options off). Then every (model, runtime) pair is timed one call at
+then every precision each entry of `formats.FORMATS` lists in its `timed` (today: ONNX Runtime FP32 and INT8 (static
+QDQ), ExecuTorch XNNPACK FP32 and INT8 (PT2E), ncnn FP32 with its fp16 options off; the INT8 models are calibrated on
+random inputs: the timing needs no data, and the accuracy of these INT8 models means nothing). Then every (model, runtime) pair is timed one call at
 a time, round-robin over all pairs for `--repeats` rounds, and the median is reported: the machine's load drifts
 alike for every column. A runtime that is not installed or whose export fails is a blank cell with a warning line.
 """
@@ -73,6 +73,10 @@ def _runner(column: str, fused: torch.nn.Module, x: torch.Tensor, tmp: Path) -> 
     calib = torch.randn((16, *x.shape[1:]), generator=torch.Generator().manual_seed(1)).numpy() if int8 else None
     path = tmp / f'model{fmt.suffix}'
     fmt.export(copy.deepcopy(fused), path, x, ExportOptions(int8=int8, calib=calib))
+    if int8 and fmt.int8_beside is not None:  # ONNX: the INT8 model is a second file, quantized from the FP32 one
+        from .formats import quantize_int8
+        quantize_int8(str(path), str(tmp / f'model_int8{fmt.suffix}'), calib)
+        path = tmp / f'model_int8{fmt.suffix}'
     run = fmt.runner(str(path))
     xn = x.numpy()
     return lambda: run(xn)
