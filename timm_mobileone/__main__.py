@@ -7,10 +7,10 @@ runs timed round-robin over every model and form so that load drifts alike. Rand
 statistics and flush-to-zero denormals: fresh-init MobileOne activations explode, and exploding or denormal values
 distort timings. No data, no network.
 
-The default run (the five MobileOne variants, batch B = 16) takes about 75 s and 1.9 GB on a 2-core machine; `--dbb`
+The default run (the five MobileOne variants, batch B = 16) takes about 100 s and 1.9 GB on a 2-core machine; `--dbb`
 adds the DBB family (the train-time forms differ; fused, a DBB model is its MobileOne model), `--peers` the
-comparison models, `--train-batch` the train-time form at batch B, and `--full` all three at batch 64 (8.6 minutes
-and 7.6 GB peak on the project's 2-core box: the train-time DBB forms at batch 64 dominate). Progress goes to
+comparison models, `--train-batch` the train-time form at batch B, and `--full` all three at batch 64 (12.5 minutes
+and 7.5 GB peak on the project's 2-core box: the train-time DBB forms at batch 64 dominate). Progress goes to
 stderr: a bar on a terminal, a line per step in a log.
 `--json` prints one JSON object instead of the table; `--plot` saves latency vs GMACs.
 
@@ -48,7 +48,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--train-batch', action='store_true',
                         help='also time the train-time form at batch --batch-size (the slowest, largest part)')
     parser.add_argument('--full', action='store_true',
-                        help='the full sweep: --dbb --peers --train-batch at batch 64 (8.6 minutes and 7.6 GB peak '
+                        help='the full sweep: --dbb --peers --train-batch at batch 64 (12.5 minutes and 7.5 GB peak '
                              'on 2 cores)')
     parser.add_argument('--peers', action='store_true', help=f'add the peers: {", ".join(PEERS)}')
     parser.add_argument('--peer', action='append', default=[], choices=sorted(PEERS), help='add one peer (repeatable)')
