@@ -202,8 +202,8 @@ def main(argv=None):
     md = table(results)
     if args.out:
         Path(args.out).write_text(md + '\n')
-    print(json.dumps(dict(results=results, runs=args.runs, runtime=args.runtime, int8=args.int8, command='python benchmarks/op_profile.py ' +
-                          ' '.join(sys.argv[1:] if argv is None else argv))))
+    command = 'python benchmarks/op_profile.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
+    print(json.dumps(dict(results=results, runs=args.runs, runtime=args.runtime, int8=args.int8, command=command)))
     print(md, file=sys.stderr)
 
 

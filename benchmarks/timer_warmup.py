@@ -75,8 +75,8 @@ def main(argv=None):
                 for w in (int(v) for v in args.warm_ms.split(','))]
         rows.append(dict(setting='30 ms busy wait, then one call', **timed(calls, args.rounds, 0.05, 0.03, busy=True)))
         rows.append(dict(setting='back to back, no pause', **timed(calls, args.rounds, 0.0, 0.0)))
-    print(json.dumps(dict(runtime=args.runtime, rounds=args.rounds, pause_ms=50, rows=rows,
-                          command='python benchmarks/timer_warmup.py ' + ' '.join(sys.argv[1:] if argv is None else argv))))
+    command = 'python benchmarks/timer_warmup.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
+    print(json.dumps(dict(runtime=args.runtime, rounds=args.rounds, pause_ms=50, rows=rows, command=command)))
     lines = ['| warm-up after the 50 ms pause | ' + ' | '.join(f'{n} (ms)' for n in names) + ' |',
              '|---|' + '---:|' * len(names)]
     lines += [f"| {r['setting']} | " + ' | '.join(f'{r[n]:.2f}' for n in names) + ' |' for r in rows]

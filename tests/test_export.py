@@ -186,7 +186,8 @@ def test_converters_print_nothing_to_a_cli_that_logs_at_info(tmp_path, caplog):
 
 
 def test_deploy_table_int8_onnx_column_runs_the_quantized_model(tmp_path):
-    """The deploy table's ONNX Runtime INT8 column times a QDQ model quantized from the FP32 export, not the FP32 one."""
+    """The deploy table's ONNX Runtime INT8 column times a QDQ model quantized from the FP32 export, not the FP32
+    one."""
     from timm_mobileone import runtimes
     from timm_mobileone.__main__ import _calibrate
     torch.manual_seed(0)

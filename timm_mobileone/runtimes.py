@@ -6,8 +6,9 @@ For each model (default: the five fused mobileone_112 variants and the reference
 calibrated on random inputs (as the zoo report), fused, then exported to each column: PyTorch eager (channels_last),
 then every precision each entry of `formats.FORMATS` lists in its `timed` (today: ONNX Runtime FP32 and INT8 (static
 QDQ), ExecuTorch XNNPACK FP32 and INT8 (PT2E), ncnn FP32 with its fp16 options off; the INT8 models are calibrated on
-random inputs: the timing needs no data, and the accuracy of these INT8 models means nothing). Then every (model, runtime) pair is timed one call at
-a time, round-robin over all pairs for `--repeats` rounds, and the median is reported: the machine's load drifts
+random inputs: the timing needs no data, and the accuracy of these INT8 models means nothing). Then every (model,
+runtime) pair is timed one call at a time, round-robin over all pairs for `--repeats` rounds, each call after a pause
+and 30 ms of warm-up calls (`profile.time_round_robin`), and the median is reported: the machine's load drifts
 alike for every column. A runtime that is not installed or whose export fails is a blank cell with a warning line.
 """
 import copy
