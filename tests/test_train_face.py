@@ -156,11 +156,49 @@ def test_crash_then_resume_matches_the_uninterrupted_run(resume_pack, val_pack, 
     assert sorted(p.name for p in out.glob('checkpoint-*')) == ['checkpoint-00000016.safetensors']
 
 
+def _process_tree(pid: int):
+    """`pid` and every process below it (from /proc: Linux, as torchrun's workers are)."""
+    parents = {}
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # a process that ended while being read
+            continue
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += [c for c, parent in parents.items() if parent == p]
+    return tree
+
+
+def _kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL a torchrun job, launcher and workers, and wait until none is left. torchrun starts each worker in a
+    session of its own, so killing the launcher's process group leaves the workers running: they went on to finish
+    the run and delete the checkpoint last.json had named, while the test resumed from it."""
+    tree = _process_tree(job.pid)  # before any kill: an orphaned worker is no longer below the launcher
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    job.wait()
+
+    def running(p: int) -> bool:  # a killed worker is a zombie until init reaps it: that counts as gone
+        try:
+            return Path(f'/proc/{p}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+        except (OSError, IndexError):
+            return False
+    deadline = time.time() + 30
+    while time.time() < deadline and any(running(p) for p in tree[1:]):
+        time.sleep(0.02)
+
+
 def _torchrun(args, **kw):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node=2', '-m', 'train.face',
            *args]
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    if kw.pop('background', False):  # its own process group: the launcher and both workers can be killed at once
+    if kw.pop('background', False):  # its own process group (the workers get sessions of their own: _kill_job)
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -201,9 +239,8 @@ def test_torchrun_two_processes_on_gloo_sharded_head_crash_and_resume(tmp_path, 
             if log.is_file() and max([r.get('step', 0) for r in _rows(out_b)] or [0]) >= 5:
                 break
             time.sleep(0.02)
-        os.killpg(job.pid, signal.SIGKILL)
     finally:
-        job.wait()
+        _kill_job(job)
     assert json.loads((out_b / 'last.json').read_text())['step'] == 4
     proc = _torchrun([*common, '--output', str(out_b), '--resume'])
     assert proc.returncode == 0, proc.stderr[-3000:]
