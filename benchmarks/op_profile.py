@@ -127,13 +127,14 @@ def profile_executorch(name: str, runs: int, tmp: Path, int8: bool = False):
         frame = Inspector(etdump_path=str(tmp / f'{name}.etdp')).to_dataframe()
     events = [(row.event_name, float(np.median(row.raw[warmup:])) * 1e3) for row in frame.itertuples()
               if row.event_block_name == 'Execute' and row.event_name not in ('DELEGATE_CALL', 'Method::execute')]
+    is_compute = [ev.startswith(('Convolution', 'Fully Connected')) for ev, _ in events]
     layers = layers_in_order(model, x)
-    compute = [i for i, (ev, _) in enumerate(events) if ev.startswith(('Convolution', 'Fully Connected'))]
+    matched = iter(layers) if sum(is_compute) == len(layers) else None  # the model's layers, in execution order
     per_op = []
-    for i, (ev, us) in enumerate(events):
+    for (ev, us), compute in zip(events, is_compute):
         kernel = re.sub(r' #\d+$', '', ev)
-        if i in compute and len(compute) == len(layers):  # matched in execution order
-            kind, macs = layers[compute.index(i)]
+        if compute and matched is not None:
+            kind, macs = next(matched)
             per_op.append((f'{kind} [{kernel.split(") ")[-1]}]', us, macs))
         else:
             per_op.append((kernel, us, 0))
@@ -166,10 +167,12 @@ def profile(name: str, runs: int, tmp: Path, int8: bool = False):
             per_node[ev['name']].append(ev['dur'])
             node_kind[ev['name']] = classify(ev.get('args', {}))
     int8_nodes = [n for n, k in node_kind.items() if k is None]  # in execution order (the trace's first run)
-    layers = layers_in_order(model, torch.from_numpy(x))
-    for n in int8_nodes:
-        kind, macs = layers[int8_nodes.index(n)] if len(layers) == len(int8_nodes) else ('int8 compute', 0)
-        node_kind[n] = (f'{kind} int8', macs)
+    if int8_nodes:
+        layers = layers_in_order(model, torch.from_numpy(x))
+        if len(layers) != len(int8_nodes):
+            layers = [('int8 compute', 0)] * len(int8_nodes)
+        for n, (kind, macs) in zip(int8_nodes, layers):
+            node_kind[n] = (f'{kind} int8', macs)
     # (kind, microseconds per run: the median over the timed runs, MACs) per node
     return summarize(name, [(node_kind[n][0], float(np.median(d[warmup:])), node_kind[n][1])
                             for n, d in per_node.items()])

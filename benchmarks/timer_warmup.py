@@ -8,17 +8,15 @@ Why: `profile.time_round_robin` pauses before each timed call so that the previo
 goes idle, and a core that idled runs slowly for its first milliseconds of work (clock ramp, or the hypervisor
 waking the vCPU). This measures that ramp on the machine at hand: each row is `--rounds` rounds, round-robin over
 the models, each timed call after the pause and W ms of untimed calls of the same model (at least one); "busy wait"
-spins W=30 ms without calling the model; "back to back" has no pause. Fused models, BN statistics calibrated on
-random batches. Prints one JSON object (medians in ms) and a markdown table on stderr.
+spins W=30 ms without calling the model; "back to back" has no pause. Every row is timed by
+`profile.time_round_robin` itself, with its `pause`, `warm` and `long_call` set per row. Fused models, BN statistics
+calibrated on random batches. Prints one JSON object (medians in ms) and a markdown table on stderr.
 """
 import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,22 +38,11 @@ def build(name: str, runtime: str, tmp: Path):
 
 
 def timed(calls, rounds: int, pause: float, warm: float, busy: bool = False):
-    times = {k: [] for k in calls}
-    for _ in range(rounds):
-        for key, call in calls.items():
-            time.sleep(pause)
-            until = time.perf_counter() + warm
-            if not busy:
-                call()
-            while time.perf_counter() < until:
-                if not busy:
-                    call()
-            if busy:
-                call()
-            t0 = time.perf_counter()
-            call()
-            times[key].append(time.perf_counter() - t0)
-    return {k: round(float(np.median(v)) * 1e3, 2) for k, v in times.items()}
+    """Medians (ms) from the project's own timer: warmed by calls for `warm` seconds (at least one), or with `busy`
+    by its busy wait (`long_call=0`: after the first round, every entry counts as a long call)."""
+    from timm_mobileone.profile import time_round_robin
+    medians = time_round_robin(calls, rounds, pause=pause, warm=warm, long_call=0.0 if busy else float('inf'))
+    return {k: round(v * 1e3, 2) for k, v in medians.items()}
 
 
 def main(argv=None):
@@ -73,7 +60,8 @@ def main(argv=None):
                 call()
         rows = [dict(setting='one call' if w == 0 else f'calls for {w} ms', **timed(calls, args.rounds, 0.05, w / 1e3))
                 for w in (int(v) for v in args.warm_ms.split(','))]
-        rows.append(dict(setting='30 ms busy wait, then one call', **timed(calls, args.rounds, 0.05, 0.03, busy=True)))
+        busy = timed(calls, args.rounds, 0.05, 0.03, busy=True)
+        rows.append(dict(setting='30 ms busy wait, no warm-up call', **busy))
         rows.append(dict(setting='back to back, no pause', **timed(calls, args.rounds, 0.0, 0.0)))
     command = 'python benchmarks/timer_warmup.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
     print(json.dumps(dict(runtime=args.runtime, rounds=args.rounds, pause_ms=50, rows=rows, command=command)))

@@ -77,7 +77,7 @@ def test_deploy_table_shows_gmacs_per_second_beside_latency():
 
 def test_round_robin_warms_each_entry_for_a_while_before_timing_it():
     """After the pause, an entry runs untimed for `warm` seconds (a core that idled runs slowly for its first
-    10-20 ms); an entry slower than `long_call` is warmed by a busy wait instead of a second call."""
+    10-20 ms); an entry slower than `long_call` gets a busy wait instead of a second call."""
     import time
     from timm_mobileone.profile import time_round_robin
     starts = {'short': [], 'long': []}

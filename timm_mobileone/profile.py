@@ -80,11 +80,12 @@ def time_round_robin(calls: Dict[Hashable, Callable[[], object]], repeats: int, 
     threads) and steal the cores from whatever runs next (measured on a 2-core box: MobileFaceNet in eager took
     9.6 ms right after ONNX Runtime calls, 5.2 ms alone). The warm-up: a core that has idled through the pause runs
     slowly for its first 10-20 ms of work (clock ramp, or the hypervisor waking the vCPU):
-    `benchmarks/timer_warmup.py` on a 2-core VM timed ExecuTorch XNNPACK batch 1 of fused S0 at 7.31 ms with one
-    warm-up call after the pause, 7.29 ms after 10 ms of warm-up calls, 3.51 ms after 20 ms and 3.25 ms back to
-    back (docs/speed.md). An entry whose last timed call took longer than `long_call` (s) is warmed by a
-    `warm`-second busy wait instead of a call (which would double the time of the slowest, batched, measurements; a
-    busy wait warmed as well as calls did). `on_round(k, repeats)` is called before round k (progress).
+    `benchmarks/timer_warmup.py` on a 2-core VM timed ExecuTorch XNNPACK batch 1 of fused S0 at 6.09 ms with one
+    warm-up call after the pause, 6.48 ms after 10 ms of warm-up calls, 3.11 ms after 20 ms and 3.37 ms back to
+    back (docs/speed.md). An entry whose last timed call took longer than `long_call` (s) gets a `warm`-second busy
+    wait instead of a call, which would double the time of the slowest, batched, measurements. The busy wait alone
+    did not warm a short call up (6.66 ms): a long call pays the ramp itself, a few percent over 0.25 s.
+    `on_round(k, repeats)` is called before round k (progress).
     """
     times: Dict[Hashable, List[float]] = {k: [] for k in calls}
     for k in range(repeats):
