@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, create_conv2d, get_device_dtype
 from timm.models.byobnet import LayerFn, num_groups
 
-__all__ = ['DBBBlock', 'BNAndPad', 'IdentityBasedConv1x1']
+__all__ = ['DBBBlock', 'BNAndPad', 'IdentityBasedConv1x1', 'check_dbb_train_form']
 
 
 class IdentityBasedConv1x1(nn.Module):
@@ -109,6 +109,24 @@ def _avg_kernel(channels: int, kernel_size: int, groups: int, like: torch.Tensor
     return k
 
 
+def check_dbb_train_form(train_form: str) -> str:
+    """'branches', or a ValueError: a DBB block has no exact merged training form (`timm_mobileone.merged`).
+
+    Its 1x1-kxk branch (and, on dense convs, the average branch) pads its inner BN's output with the value the BN
+    gives a zero input under the running statistics (`BNAndPad`, as the reference does), while the inside of the
+    map is normalized with the batch's: the border of that branch is not a per-channel affine map of one linear
+    function of the input, which is what a single merged conv with a bias computes. Merging would change the
+    function; it is refused rather than approximated.
+    """
+    if train_form == 'merged':
+        raise ValueError("train_form='merged' is not exact for DBB blocks: the 1x1-kxk branch pads its inner "
+                         "BatchNorm's output with running-statistics values while the batch statistics normalize "
+                         "the rest, which one merged conv cannot reproduce; use train_form='branches'")
+    if train_form != 'branches':
+        raise ValueError(f"train_form must be one of ('branches', 'merged'), got {train_form!r}")
+    return train_form
+
+
 class DBBBlock(nn.Module):
     """A conv of kernel k as a Diverse Branch Block, then optional attention (SE) and activation.
 
@@ -128,6 +146,7 @@ class DBBBlock(nn.Module):
             internal_chs: Optional[int] = None,
             layers: Optional[LayerFn] = None,
             drop_path_rate: float = 0.,
+            train_form: str = 'branches',
             device=None,
             dtype=None,
             **kwargs: Any,
@@ -144,10 +163,12 @@ class DBBBlock(nn.Module):
             internal_chs: Width of the 1x1 -> kxk branch (default: the input's, twice it for depthwise convs).
             layers: ByobNet layer functions (norm_act, act, attn).
             drop_path_rate: Unused: stochastic depth needs a skip connection, which a DBB network has not.
+            train_form: Only 'branches' (`check_dbb_train_form` says why 'merged' is refused).
             **kwargs: Further ByobNet block arguments (bottle_ratio, downsample, drop_block,
                 num_conv_branches), unused.
         """
         super().__init__()
+        self.train_form = check_dbb_train_form(train_form)
         dd = {'device': device, 'dtype': dtype}
         if tuple(dilation) != (1, 1):
             raise ValueError(f'DBBBlock supports dilation (1, 1) only, got {dilation}')

@@ -52,7 +52,8 @@ from timm.models.byobnet import (
     update_block_kwargs,
 )
 
-from .dbb import DBBBlock
+from .dbb import DBBBlock, check_dbb_train_form
+from .merged import TRAIN_FORMS, check_train_form, merged_forward
 
 __all__ = ['MobileOneBlock', 'GDCHead', 'Conv1x1Head', 'MobileOne112']
 
@@ -88,6 +89,7 @@ class MobileOneBlock(_TimmMobileOneBlock):
             kernel_size: int = 3,
             stride: int = 1,
             inference_mode: bool = False,
+            train_form: str = 'branches',
             **kwargs: Any,
     ) -> None:
         """
@@ -97,16 +99,29 @@ class MobileOneBlock(_TimmMobileOneBlock):
             kernel_size: Kernel size of the conv branches.
             stride: Stride of the block.
             inference_mode: Build the fused single-conv layout.
+            train_form: How the train-time layout computes its branches: 'branches' (each conv + BN as a module,
+                timm's forward) or 'merged' (the same function as one conv, `timm_mobileone.merged`). Same
+                parameters, keys and running statistics either way.
             **kwargs: Remaining `timm.models.byobnet.MobileOneBlock` arguments.
         """
         super().__init__(in_chs, out_chs, kernel_size=kernel_size, stride=stride, inference_mode=inference_mode,
                          **kwargs)
+        self.train_form = check_train_form(train_form)
         if inference_mode:
             # the same padding rule as the branch convs (ConvNormAct -> create_conv2d), registered after attn/act
             # as reparameterize() registers it, so both layouts list their state_dict keys in the same order
             dd = get_device_dtype(self._modules.pop('reparam_conv'))
             self.reparam_conv = create_conv2d(
                 in_chs, out_chs, kernel_size, stride=stride, groups=self.groups, bias=True, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reparam_conv is None and self.train_form == 'merged':
+            return self.act(self.attn(self._merged(x)))
+        return super().forward(x)
+
+    @torch.jit.unused
+    def _merged(self, x: torch.Tensor) -> torch.Tensor:
+        return merged_forward(self, x)
 
 
 @register_notrace_function  # a leaf for timm's fx tracing (fx only autowraps names without a leading '_')
@@ -336,6 +351,7 @@ class MobileOne112(nn.Module):
             inference_mode: bool = False,
             head_type: str = 'gdc',
             head_chs: Optional[int] = None,
+            train_form: str = 'branches',
             device=None,
             dtype=None,
     ) -> None:
@@ -354,6 +370,9 @@ class MobileOne112(nn.Module):
             head_type: Embedding head: 'gdc' (global depthwise conv, default) or 'conv1x1' (1x1 channel reduction
                 flattened into the linear embedding layer).
             head_chs: Channels of the conv1x1 head's reduction (default: the GDC head's parameter budget).
+            train_form: How train-time blocks compute their branches: 'branches' (default) or 'merged' (the same
+                function, parameters, keys and running statistics, run as one conv per block; see
+                `timm_mobileone.merged`). Switch later with `set_train_form()`.
         """
         super().__init__()
         if head_type not in HEAD_TYPES:
@@ -362,6 +381,7 @@ class MobileOne112(nn.Module):
             _check_positive_int('head_chs', head_chs)
             if head_type != 'conv1x1':
                 raise ValueError("head_chs sets the width of head_type='conv1x1'; the GDC head has none")
+        check_train_form(train_form)
         _check_positive_int('in_chans', in_chans)
         _check_positive_int('embed_dim', embed_dim)
         _check_num_classes(num_classes)
@@ -379,6 +399,7 @@ class MobileOne112(nn.Module):
         self.inference_mode = inference_mode
         self.head_type = head_type
         self.head_chs = head_chs
+        self.train_form = train_form
         self.grad_checkpointing = False
 
         stem_layers = get_layer_fns(cfg, allow_aa=False)
@@ -387,13 +408,15 @@ class MobileOne112(nn.Module):
         # stages' block type (MobileOneBlock or DBBBlock)
         stem_block = cfg.blocks[0][0].type
         self.stem = stem_block(
-            in_chans, cfg.stem_chs, kernel_size=3, stride=2, inference_mode=inference_mode, layers=stem_layers, **dd)
+            in_chans, cfg.stem_chs, kernel_size=3, stride=2, inference_mode=inference_mode, layers=stem_layers,
+            train_form=train_form, **dd)
         stem_feat = dict(num_chs=cfg.stem_chs, reduction=2, module='stem')
 
         def _block_kwargs(block_kwargs, block_cfg, model_cfg):
             # timm replaces model-level block_kwargs by block-level ones, so inference_mode is set on every block here
             update_block_kwargs(block_kwargs, block_cfg=block_cfg, model_cfg=model_cfg)
             block_kwargs['inference_mode'] = inference_mode
+            block_kwargs['train_form'] = train_form
 
         self.stages, self.feature_info, _ = create_byob_stages(
             cfg,
@@ -420,6 +443,20 @@ class MobileOne112(nn.Module):
         return ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=self.drop_rate, device=device,
             dtype=dtype)
+
+    @torch.jit.ignore
+    def set_train_form(self, train_form: str) -> None:
+        """Switch how the train-time blocks compute their branches ('branches' or 'merged'); nothing else changes
+        (parameters, keys, running statistics). Fused blocks have no branches and ignore it. The DBB family
+        refuses 'merged' (see `DBBBlock`), before anything is changed."""
+        check_train_form(train_form)
+        blocks = [m for m in self.modules() if isinstance(m, (MobileOneBlock, DBBBlock))]
+        for m in blocks:
+            if isinstance(m, DBBBlock):
+                check_dbb_train_form(train_form)
+        for m in blocks:
+            m.train_form = train_form
+        self.train_form = train_form
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
