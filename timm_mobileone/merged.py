@@ -289,7 +289,7 @@ def merged_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     training = bns[0].training
     how = plan(block, tuple(x.shape)) if training else 'fused'
     if how == 'branches':
-        return _branches_forward(block, x)
+        return block.branch_sum(x)
     conv = block.conv_kxk[0].conv
     dt = _stat_dtype(x)
     gamma = torch.stack([bn.weight for bn in bns], 1).to(dt)
@@ -300,7 +300,8 @@ def merged_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if bn_skip is not None:
         _check_bns([bn_skip])
     if training:
-        mean, var, count, skip_mean, skip_var = _branch_stats(block, x, kernels, how, dt)
+        with torch.autocast(x.device.type, enabled=False):  # statistics in float32 or wider, also under autocast
+            mean, var, count, skip_mean, skip_var = _branch_stats(block, x, kernels, how, dt)
         _update_running(bns, mean, var, count)
         if bn_skip is not None:
             _update_running([bn_skip], skip_mean[:, None], skip_var[:, None], count)
@@ -324,15 +325,4 @@ def merged_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = drop_path(out)
         if skip is not None:
             out = out + torch.addcmul(skip[1].view(1, -1, 1, 1), x, skip[0].view(1, -1, 1, 1)).to(out.dtype)
-    return out
-
-
-def _branches_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm's MobileOneBlock train-time sum (before attention and activation)."""
-    out = block.conv_scale(x) if block.conv_scale is not None else 0
-    for ck in block.conv_kxk:
-        out = out + ck(x)
-    out = block.drop_path(out)
-    if block.identity is not None:
-        out = out + block.identity(x)
     return out

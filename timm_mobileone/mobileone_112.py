@@ -115,9 +115,27 @@ class MobileOneBlock(_TimmMobileOneBlock):
                 in_chs, out_chs, kernel_size, stride=stride, groups=self.groups, bias=True, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.reparam_conv is None and self.train_form == 'merged':
+        if self.reparam_conv is not None:
+            return self.act(self.attn(self.reparam_conv(x)))
+        if self.train_form == 'merged':
             return self.act(self.attn(self._merged(x)))
-        return super().forward(x)
+        return self.act(self.attn(self.branch_sum(x)))
+
+    def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's train-time sum of the branches (before attention and activation), restated here because
+        TorchScript cannot call `super().forward()`."""
+        identity_out = 0
+        if self.identity is not None:
+            identity_out = self.identity(x)
+        scale_out = 0
+        if self.conv_scale is not None:
+            scale_out = self.conv_scale(x)
+        out = scale_out
+        for ck in self.conv_kxk:
+            out += ck(x)
+        out = self.drop_path(out)
+        out += identity_out
+        return out
 
     @torch.jit.unused
     def _merged(self, x: torch.Tensor) -> torch.Tensor:
