@@ -64,3 +64,19 @@ def test_resumable_sampler_skips_what_was_consumed():
         assert list(part) == list(full)[8:] and len(part) == len(full) - 8
     a, b = ResumableSampler(data, 2, 0, seed=7), ResumableSampler(data, 2, 1, seed=7)
     assert not set(a) & set(b)  # replicas see disjoint samples
+
+
+def test_sampler_keys_carry_the_epoch_to_persistent_workers(tmp_path):
+    """train.face's DataLoader workers persist across epochs: the sampler's keys (epoch * len + index) must give
+    the flips of that epoch without set_epoch() reaching the worker's copy of the dataset."""
+    from train.synthetic import identity_images, write_image_folder
+    write_image_folder(tmp_path / 'f', identity_images(2, 8, seed=1))
+    ds = open_dataset(tmp_path / 'f', (112, 112), flip=True, seed=3)
+    sampler = ResumableSampler(ds, seed=3)
+    sampler.set_epoch(2)
+    keys = list(sampler)
+    assert all(k >= 2 * len(ds) for k in keys)
+    reference = open_dataset(tmp_path / 'f', (112, 112), flip=True, seed=3)
+    reference.set_epoch(2)
+    for k in keys[:6]:
+        assert torch.equal(ds[k][0], reference[k - 2 * len(ds)][0])

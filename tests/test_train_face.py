@@ -394,3 +394,50 @@ def test_initial_checkpoint_starts_from_its_weights(run_a, resume_pack, tmp_path
     assert trainer.head.weight.shape == (16, 512)  # a new margin head for the new identities
     line = face_error(capsys, _quick(resume_pack, tmp_path / 'o') + ['--initial-checkpoint', str(tmp_path / 'no')])
     assert 'no such file' in line
+
+
+MERGED_FLAGS = ['--epochs', '1', '-b', '8', '--lr', '1e-3', '--warmup-epochs', '0', '--log-interval', '1',
+                '--checkpoint-every', '2', '--loss', 'cosface', '--no-export', '-j', '0']
+
+
+def test_merged_train_form_trains_as_the_branches_and_resumes(resume_pack, tmp_path, monkeypatch, capsys):
+    """--train-form merged: the branches' first loss (float32), checkpoints in the branches' keys, exact resume
+    after Ctrl-C; the bad combinations are refused with one line. (Later steps are not compared: on a fresh model
+    float32 rounding of either form moves the second loss by percents against float64, tests/test_merged.py
+    checks the forms' equality in float64.)"""
+    from safetensors.torch import load_file
+    a = face.main(['--data', str(resume_pack), '--output', str(tmp_path / 'a'), *MERGED_FLAGS])
+    merged = ['--data', str(resume_pack), '--train-form', 'merged', *MERGED_FLAGS]
+    b = face.main(merged + ['--output', str(tmp_path / 'b')])
+    c = interrupt_then_resume(monkeypatch, merged + ['--output', str(tmp_path / 'c')])
+    assert a['train_form'] == 'branches' and b['train_form'] == c['train_form'] == 'merged' and c['steps'] == 8
+    assert b['first_loss'] == pytest.approx(a['first_loss'], rel=1e-4)
+    lb = {r['step']: r['loss'] for r in _rows(tmp_path / 'b') if 'loss' in r}
+    lc = {r['step']: r['loss'] for r in _rows(tmp_path / 'c') if 'loss' in r}
+    assert sorted(lb) == sorted(lc) == list(range(1, 9))
+    for step in range(3, 9):  # resumed from the step-2 checkpoint
+        assert lc[step] == pytest.approx(lb[step], rel=1e-6), step
+    ka = load_file(str(tmp_path / 'a' / 'checkpoint-00000008.safetensors'))
+    kb = load_file(str(tmp_path / 'b' / 'checkpoint-00000008.safetensors'))
+    assert sorted(ka) == sorted(kb)
+    capsys.readouterr()
+    quick = ['--data', str(resume_pack), '-j', '0', '-b', '8', '--no-export']
+    assert 'no merged training form' in face_error(
+        capsys, quick + ['--output', str(tmp_path / 'm'), '--model', 'mobilefacenet', '--train-form', 'merged'])
+    assert 'not exact for DBB blocks' in face_error(
+        capsys, quick + ['--output', str(tmp_path / 'd'), '--model', 'mobileone_112_dbb_s0', '--train-form',
+                         'merged'])
+    # a run resumes in the form it started with
+    line = face_error(capsys, ['--data', str(resume_pack), '--output', str(tmp_path / 'c'), *MERGED_FLAGS,
+                               '--resume'])
+    assert "train_form='merged'" in line
+    assert not (tmp_path / 'm').exists() and not (tmp_path / 'd').exists()
+
+
+def test_compile_refused_where_it_cannot_compile(resume_pack, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError('Compiler: cc is not found\nmore detail')
+    monkeypatch.setattr(torch, 'compile', broken)
+    line = face_error(capsys, ['--data', str(resume_pack), '--output', str(tmp_path / 'c'), '-j', '0', '--compile'])
+    assert line.startswith('error: --compile: torch.compile (backend inductor) does not work') and 'cc is not' in line
+    assert not (tmp_path / 'c').exists()

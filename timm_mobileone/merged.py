@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['TRAIN_FORMS', 'check_train_form', 'merged_forward', 'patch_moments', 'plan']
+__all__ = ['TRAIN_FORMS', 'check_train_form', 'depthwise_patch_stats', 'merged_forward', 'patch_moments', 'plan']
 
 TRAIN_FORMS = ('branches', 'merged')
 
@@ -123,6 +123,10 @@ def _patch_moments_sums(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Te
     return second.t().reshape(c, k * k, k * k), first
 
 
+def _shifted(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return x.to(shift.dtype) - shift.view(1, -1, 1, 1)
+
+
 class _PatchMoments(torch.autograd.Function):
     """Sums over the batch and the output positions of a stride-1, zero-padded 3x3 depthwise conv of the patch
     products (C, 9, 9) and of the patches (C, 9), with a backward that needs no unfolded patches.
@@ -134,13 +138,14 @@ class _PatchMoments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor):
-        ctx.save_for_backward(x)
-        return _patch_moments_sums(x, 3)
+    def forward(ctx, x_in: torch.Tensor, shift: torch.Tensor):
+        ctx.save_for_backward(x_in, shift)  # x as given (bfloat16 under autocast): half a float32 copy's memory
+        return _patch_moments_sums(_shifted(x_in, shift), 3)
 
     @staticmethod
     def backward(ctx, g2: torch.Tensor, g1: torch.Tensor):
-        x, = ctx.saved_tensors
+        x_in, shift = ctx.saved_tensors
+        x = _shifted(x_in, shift)
         n, c, h, w = x.shape
         if g2 is None:
             g2 = x.new_zeros(c, 9, 9)
@@ -170,13 +175,70 @@ class _PatchMoments(torch.autograd.Function):
             dx[:, :, i, j] += gs[:, ai, aj, ai, aj] * x[:, :, i, j]
         ones = x.new_ones(1, c, h, w)  # the patch sums: every output position's patch, summed over the batch
         dx = dx + F.conv_transpose2d(ones, g1.to(x.dtype).reshape(c, 1, 3, 3), groups=c)[:, :, 1:1 + h, 1:1 + w]
-        return dx
+        return dx.to(x_in.dtype), None
 
 
-def patch_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def patch_moments(x: torch.Tensor, shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Batch sums of the 3x3 patch products (C, 9, 9) and patches (C, 9) that a stride-1 depthwise conv with zero
-    padding 1 sees (maps of at least 2x2); patch entries in row-major kernel order. Differentiable."""
-    return _PatchMoments.apply(x)
+    padding 1 sees (maps of at least 2x2) on `x - shift` (a per-channel constant, taken as given: no gradient),
+    zero-padded; patch entries in row-major kernel order; float32 for a float32 or lower-precision input, float64
+    for float64. Differentiable in x."""
+    if shift is None:
+        shift = torch.zeros(x.shape[1], dtype=_stat_dtype(x), device=x.device)
+    return _PatchMoments.apply(x, shift.detach().to(_stat_dtype(x)))
+
+
+@lru_cache(maxsize=None)
+def _border_geometry(h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor, List[List[int]]]:
+    """What the zero padding does to 3x3 patches on an h x w map, per image: for each offset a, the output
+    positions whose patch entry a lies inside the map (9,), the same for each pair (a, b) (9, 9), and for each
+    pair the rectangle [top, bottom, left, right) of padded-map positions q = p + a over the output positions p
+    whose entry b lies inside (the sums of the map over it pair the map with the inside indicator)."""
+    def span(n: int, a: int, b: int) -> Tuple[int, int]:  # p in [0, n) with p + a and p + b in [1, n + 1)
+        return max(0, 1 - a, 1 - b), min(n, n + 1 - a, n + 1 - b)
+    offs = [(i, j) for i in range(3) for j in range(3)]
+    inside = torch.zeros(9, dtype=torch.float64)
+    both = torch.zeros(9, 9, dtype=torch.float64)
+    rects = []
+    for u, a in enumerate(offs):
+        ri, rj = span(h, a[0], a[0]), span(w, a[1], a[1])
+        inside[u] = max(0, ri[1] - ri[0]) * max(0, rj[1] - rj[0])
+        for v, b in enumerate(offs):
+            ri, rj = span(h, a[0], b[0]), span(w, a[1], b[1])
+            both[u, v] = max(0, ri[1] - ri[0]) * max(0, rj[1] - rj[0])
+            pi, pj = (max(0, 1 - b[0]), min(h, h + 1 - b[0])), (max(0, 1 - b[1]), min(w, w + 1 - b[1]))
+            rects.append([pi[0] + a[0], pi[1] + a[0], pj[0] + a[1], pj[1] + a[1]])
+    return inside, both, rects
+
+
+def depthwise_patch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean (C, 9) and covariance (C, 9, 9) over the batch and the output positions of the zero-padded 3x3 patches
+    of a stride-1 depthwise conv, in float32 (float64 for float64 input), differentiable in x.
+
+    Computed about each channel's mean mu rather than from raw sums: with z = x - mu and I the inside-the-map
+    indicator of each patch entry, patch = patch(z) + mu I, so Cov = Cov(z) + mu (Cov(z, I) + Cov(I, z)) + mu^2
+    Cov(I). Cov(z) has no E[x^2] - E[x]^2 cancellation (z is centred), Cov(I) is geometry and Cov(z, I) a set of
+    rectangle sums of z; mu carries no gradient, since the covariance does not depend on it.
+    """
+    dt = _stat_dtype(x)
+    n, c, h, w = x.shape
+    count = n * h * w
+    plane = x.to(dt).sum(0)  # (C, H, W), differentiable
+    mu = (plane.sum((1, 2)) / count).detach()
+    second, first = patch_moments(x, mu)
+    mean_z = first / count
+    cov = second / count - mean_z[:, :, None] * mean_z[:, None, :]
+    inside, both, rects = _border_geometry(h, w)
+    mean_i = (inside * n / count).to(dt).to(x.device)
+    cov_i = (both * n / count).to(dt).to(x.device) - mean_i[:, None] * mean_i[None, :]
+    z_plane = F.pad(plane - n * mu.view(-1, 1, 1), [2, 1, 2, 1])  # the padded map after a zero row / column
+    integral = z_plane.cumsum(1).cumsum(2)
+    r = torch.tensor(rects, device=x.device)
+    z_in = (integral[:, r[:, 1], r[:, 3]] - integral[:, r[:, 0], r[:, 3]] - integral[:, r[:, 1], r[:, 2]]
+            + integral[:, r[:, 0], r[:, 2]]).view(c, 9, 9) / count
+    cross = z_in - mean_z[:, :, None] * mean_i[None, None, :]
+    cov = cov + mu.view(-1, 1, 1) * (cross + cross.transpose(1, 2)) + (mu * mu).view(-1, 1, 1) * cov_i
+    return mean_z + mu.view(-1, 1) * mean_i, cov
 
 
 # -- the merged block
@@ -245,18 +307,16 @@ def _branch_stats(block: nn.Module, x: torch.Tensor, kernels: torch.Tensor, how:
     """Batch mean and biased variance (C_out, B) of every branch's conv output, from the input's moments; the
     output positions counted; the input's own per-channel mean and variance (for the BN skip, stride 1)."""
     c_out, n_branches = kernels.shape[:2]
-    xs = x.to(dt)
     k = kernels.to(dt)
     if how == 'depthwise':
         count = x.shape[0] * x.shape[2] * x.shape[3]
-        second, first = patch_moments(xs)
-        mean_patch = first / count  # (C, 9)
-        cov = second / count - mean_patch[:, :, None] * mean_patch[:, None, :]
+        mean_patch, cov = depthwise_patch_stats(x)
         k = k.reshape(c_out, n_branches, 9)
         mean = torch.einsum('cbu,cu->cb', k, mean_patch)
         var = torch.einsum('cbu,cuv,cbv->cb', k, cov, k)
         return mean, var, count, mean_patch[:, 4], cov[:, 4, 4]  # the centre tap visits every position once
     stride = block.conv_kxk[0].conv.stride
+    xs = x.to(dt)
     if stride != (1, 1):
         xs = xs[:, :, ::stride[0], ::stride[1]]
     count = xs.numel() // xs.shape[1]

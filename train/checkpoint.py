@@ -27,9 +27,9 @@ RUN_DEFINING = ('model', 'model_kwargs', 'loss', 'margin', 'scale', 'adaface_h',
                 'sample_rate', 'epochs', 'batch_size', 'lr', 'opt', 'sched', 'warmup_epochs', 'warmup_lr', 'min_lr',
                 'poly_power', 'weight_decay', 'weight_decay_end', 'model_ema', 'model_ema_decay', 'num_classes', 'seed',
                 'world_size', 'drop_path', 'teacher', 'teacher_checkpoint', 'teacher_onnx', 'teacher_raw_pixels',
-                'distill_weight', 'distill_proj', 'hint_weight')
+                'distill_weight', 'distill_proj', 'hint_weight', 'train_form')
 # what a run folder written before a flag existed was started with
-RUN_DEFAULTS = dict(head='replicated')
+RUN_DEFAULTS = dict(head='replicated', train_form='branches')
 
 
 def checkpoint_name(step: int) -> str:

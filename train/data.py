@@ -54,6 +54,11 @@ class _FaceImages(Dataset):
         return torch.zeros(3, *self.input_size, dtype=torch.uint8), 0, message
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Union[int, Tuple[int, int, int]], str]:
+        # a key of ResumableSampler carries its epoch (epoch * len + index): DataLoader workers that persist
+        # across epochs hold a copy of this dataset made once, which set_epoch() no longer reaches
+        epoch, index = divmod(index, len(self))
+        if epoch:
+            self.epoch = epoch
         flip = self._flip(index)
         image, label, error = self.decoded(index, flip)
         return image, ((label, index, int(flip)) if self.with_index else label), error
@@ -182,8 +187,11 @@ class ResumableSampler(DistributedSampler):
         self.start = start
 
     def __iter__(self) -> Iterator[int]:
+        """This epoch's dataset indices from `start`, as keys `epoch * len(dataset) + index` that carry the epoch
+        to the dataset (in whichever worker process decodes them)."""
         indices: List[int] = list(super().__iter__())
-        return iter(indices[self.start:])
+        offset = self.epoch * len(self.dataset)
+        return iter([offset + i for i in indices[self.start:]])
 
     def __len__(self) -> int:
         return self.num_samples - self.start

@@ -55,6 +55,7 @@ from .margin import MarginHead
 from .optim import build_lr_scheduler, build_optimizer, load_optimizer, optimizer_tensors, set_weight_decay, \
     weight_decay_at
 from .partial_fc import ShardedMarginHead
+from .step import StepStats, check_compile, set_train_form
 
 _logger = logging.getLogger('train')
 
@@ -109,6 +110,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--channels-last', action='store_true',
                    help='channels_last memory format (CUDA only: on CPU, oneDNN#6035 breaks its backward)')
     p.add_argument('--grad-checkpointing', action='store_true', help='recompute activations in backward')
+    p.add_argument('--train-form', default='branches', choices=('branches', 'merged'),
+                   help='how MobileOne blocks train: every branch as a module, or the same function as one conv '
+                        'per block (timm_mobileone.merged: exact, same weights and checkpoints, faster)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model and loss (checkpoints are '
+                   'the uncompiled model\'s)')
+    p.add_argument('--compile-backend', default='inductor', help='torch.compile backend (timm train.py\'s '
+                   '--torchcompile value; eager: dynamo tracing alone)')
     p.add_argument('--sync-bn', action='store_true', help='synchronize BatchNorm statistics across processes')
     p.add_argument('--val', nargs='+', default=[], metavar='PACK',
                    help='verification packs (.bin) or aligned folders with pairs.txt for validation')
@@ -215,12 +223,18 @@ class Trainer:
         self.world = world
         self.device = world.device
         self.out = Path(args.output)
-        self._check_output()
         torch.manual_seed(args.seed)  # the same initial weights on every process (DDP broadcasts rank 0's anyway)
         self.backbone = create_model_checked(args.model, args.pretrained, args.initial_checkpoint,
                                              num_classes=0, drop_path_rate=args.drop_path or None,
                                              **args.model_kwargs)
         self.arch = self.backbone.pretrained_cfg.get('architecture') or args.model
+        set_train_form(self.backbone, args.model, args.train_form)
+        if args.train_form == 'merged' and args.sync_bn and world.world_size > 1:
+            raise UserError('--train-form merged with --sync-bn: the merged form computes each process\'s own '
+                            'batch statistics; use --train-form branches to synchronize them')
+        if args.compile:
+            check_compile(self.device, args.compile_backend)
+        self._check_output()  # after the model's refusals: a refused run leaves no folder behind
         self.data_cfg = self._face_data_cfg()
         if args.export and self.arch not in timm.list_models('mobileone_112_*'):
             raise UserError(f'--model {args.model}: the hub export handles mobileone_112 models only; pass '
@@ -266,7 +280,9 @@ class Trainer:
             else:
                 self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         self.ema = ModelEmaV3(self.backbone, decay=args.model_ema_decay) if args.model_ema else None
-        self.optimizer = build_optimizer(self.net, args)
+        if args.compile:  # in place: the modules, their state_dict keys and the checkpoints stay the uncompiled ones
+            self.ddp.compile(backend=args.compile_backend)
+        self.optimizer = build_optimizer(self.net, args, fused=self.device.type == 'cuda')
         head_ids = {id(p) for p in self.head.parameters()}
         order = [p for g in self.optimizer.param_groups for p in g['params']]
         self.head_indices = {i for i, p in enumerate(order) if id(p) in head_ids}  # in the optimizer state dict
@@ -281,6 +297,8 @@ class Trainer:
         self.warmup_steps = max(0, min(self.total_steps - 1, round(args.warmup_epochs * self.steps_per_epoch)))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, args, self.total_steps, self.warmup_steps)
         self.step = 0
+        self._data_loader = None
+        self.stats = StepStats(self.device)
         self.best: Optional[Dict[str, Any]] = None
         self.val_sets = self._load_val_sets() if world.main else []
         self.mean = torch.tensor(self.data_cfg['mean'], device=self.device).view(1, 3, 1, 1) * 255
@@ -544,14 +562,21 @@ class Trainer:
     # -- training
 
     def _loader(self, epoch: int, start: int):
+        """The run's one DataLoader, at this epoch's batches. Its workers persist across epochs: the sampler
+        hands them (epoch, index) keys, so no epoch state lives in a worker's copy of the dataset."""
         self.sampler.set_epoch(epoch, start * self.args.batch_size)
         self.dataset.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(self.args.seed + epoch)  # worker seeds: not from the global RNG
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.args.batch_size, sampler=self.sampler, num_workers=self.args.workers,
-            collate_fn=collate, pin_memory=self.device.type == 'cuda', drop_last=True, generator=gen)
+        if self._data_loader is None:
+            gen = torch.Generator().manual_seed(self.args.seed)  # worker seeds: not from the global RNG
+            self._data_loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=self.args.batch_size, sampler=self.sampler, num_workers=self.args.workers,
+                collate_fn=collate, pin_memory=self.device.type == 'cuda', drop_last=True, generator=gen,
+                persistent_workers=self.args.workers > 0, prefetch_factor=4 if self.args.workers > 0 else None)
+        return self._data_loader
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
+        """One optimizer step with no host synchronisation (bar GradScaler's own, float16 only): the loss, its
+        finiteness and the gradient norm accumulate on the device (`self.stats`), read at the log interval."""
         self.lr_scheduler.step_update(self.step)
         wd = weight_decay_at(self.step, self.total_steps, self.args.weight_decay, self.args.weight_decay_end)
         set_weight_decay(self.optimizer, wd)
@@ -559,11 +584,6 @@ class Trainer:
         images = images.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         loss = self.ddp(images, labels)
-        if not torch.isfinite(loss):
-            # recorded in the run's log (train.compare_blocks counts diverged runs from it), then reported
-            self._log(dict(step=self.step + 1, diverged=True, loss=str(loss.item())))
-            raise UserError(f'loss is {loss.item()} at step {self.step}; lower --lr or add --clip-grad (the last '
-                            f'checkpoint, step {ckpt.last_step(self.out)}, is kept for --resume)')
         self.optimizer.zero_grad(set_to_none=True)
         # the total gradient norm is logged every step (a trainability signal); max_norm=inf measures, clips nothing
         max_norm = self.args.clip_grad or float('inf')
@@ -580,8 +600,23 @@ class Trainer:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.backbone, step=self.step)
-        return dict(loss=loss.item(), lr=self.optimizer.param_groups[0]['lr'], weight_decay=wd,
-                    grad_norm=float(grad_norm))
+        self.stats.add(self.step + 1, loss, torch.as_tensor(grad_norm, device=loss.device))
+        return dict(loss=loss, lr=self.optimizer.param_groups[0]['lr'], weight_decay=wd)
+
+    def check_finite(self, read: Optional[Dict[str, Any]] = None) -> None:
+        """Raise (and record in the run's log) if a loss since the last read was not finite: at every log
+        interval, and before a checkpoint or a validation could keep the diverged weights."""
+        if read is not None:
+            bad = (read['bad_step'], read['bad_loss']) if read['bad_step'] else None
+        else:
+            bad = self.stats.first_bad()
+        if bad is None:
+            return
+        step, loss = bad  # step: 1-based, as log rows count
+        # recorded in the run's log (train.compare_blocks counts diverged runs from it), then reported
+        self._log(dict(step=step, diverged=True, loss=str(loss)))
+        raise UserError(f'loss is {loss} at step {step - 1} (seen at step {self.step}); lower --lr or add '
+                        f'--clip-grad (the last checkpoint, step {ckpt.last_step(self.out)}, is kept for --resume)')
 
     def fit(self) -> Dict[str, Any]:
         args, t_start = self.args, time.perf_counter()
@@ -598,25 +633,30 @@ class Trainer:
                 stats = self.train_step(images, labels)
                 self.step += 1
                 seen += len(images) * self.world.world_size
-                first_loss = stats['loss'] if first_loss is None else first_loss
+                if first_loss is None:
+                    first_loss = stats['loss'].item()
                 if self.step % args.log_interval == 0 or self.step == self.total_steps:
-                    loss = self.world.mean(stats['loss'])
+                    read = self.stats.read()
+                    self.check_finite(read)
+                    loss = self.world.mean(read['last_loss'])
                     last_loss = loss
                     elapsed = time.perf_counter() - t_log
                     row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, loss=loss, lr=stats['lr'],
-                               weight_decay=stats['weight_decay'], grad_norm=stats['grad_norm'],
-                               images_per_second=seen / max(elapsed, 1e-9))
+                               weight_decay=stats['weight_decay'], grad_norm=read['grad_norm'],
+                               mean_loss=self.world.mean(read['loss']), images_per_second=seen / max(elapsed, 1e-9))
                     self._log(row)
                     _logger.info(f"step {self.step}/{self.total_steps} epoch {row['epoch']:.2f} loss {loss:.4f} "
                                  f"lr {stats['lr']:.3g} wd {stats['weight_decay']:.3g} "
                                  f"{row['images_per_second']:.1f} img/s")
                     t_log, seen = time.perf_counter(), 0
                 if self.step % val_every == 0 or self.step == self.total_steps:
+                    self.check_finite()
                     if self.world.main:
                         self.validate()
                     self.world.barrier()
                     t_log = time.perf_counter()
                 if self.step % ckpt_every == 0 or self.step == self.total_steps:
+                    self.check_finite()
                     self.save_checkpoint()
                     self.world.barrier()
                 if self.step >= self.total_steps:
@@ -626,7 +666,8 @@ class Trainer:
             world_size=self.world.world_size, head={k: v for k, v in self.head_memory.items() if k != 'line'},
             steps=self.step, total_steps=self.total_steps, epochs=args.epochs,
             first_loss=first_loss, last_loss=last_loss, best=self.best, output=str(self.out),
-            peak_memory_mb=self._peak_memory_mb(), teacher=self.teacher_info,
+            peak_memory_mb=self._peak_memory_mb(), teacher=self.teacher_info, train_form=args.train_form,
+            compile=args.compile,
             seconds=round(time.perf_counter() - t_start, 3), command=args.command)
         if self.world.main:
             summary['export'] = self.export() if args.export else None

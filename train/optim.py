@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 
-def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, args, fused: bool = False) -> torch.optim.Optimizer:
     """timm's decay / no-decay parameter groups (norm and bias parameters get none) under SGD or AdamW.
 
     Built directly rather than with timm's create_optimizer_v2, whose 'sgd' is Nesterov SGD; the recipe (and
@@ -17,9 +17,11 @@ def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     groups = param_groups_weight_decay(model, weight_decay=args.weight_decay)
     for g in groups:
         g['anneal_weight_decay'] = g['weight_decay'] > 0
+    # fused=True (CUDA): one kernel for the whole update instead of foreach's several per parameter group
+    extra = dict(fused=True) if fused else {}
     if args.opt == 'sgd':
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    return torch.optim.AdamW(groups, lr=args.lr)
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, **extra)
+    return torch.optim.AdamW(groups, lr=args.lr, **extra)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, args, total_steps: int, warmup_steps: int):
