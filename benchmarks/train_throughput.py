@@ -7,8 +7,8 @@
 Two paths:
 * **synthetic**: the ceiling. One fixed batch already on the device; a step is train.face's FaceTrainModel
   (backbone + CosFace head over `--num-classes` identities) forward, backward and an SGD step (fused on CUDA).
-  Every entry's steps are timed round-robin with the project's timer (`timm_mobileone.profile.time_round_robin`),
-  median of `--rounds`.
+  Each model's entries are timed round-robin with MobileFaceNet's, by the project's timer
+  (`timm_mobileone.profile.time_round_robin`, median of `--rounds`), then freed before the next model.
 * **train.face** (with `--data`, or `--real` on generated crops): the trainer itself on real crops (decode, flip,
   pinned copies, normalisation on the device), its own images/s from `log.jsonl` after the first log interval;
   the entries run one after another, each once per round.
@@ -22,14 +22,12 @@ Prints progress on stderr, one JSON object on stdout; `--out` also writes the ma
 the train.face path, so a cut run keeps what it measured).
 """
 import argparse
-import copy
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -38,14 +36,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REFERENCE = 'mobilefacenet'
+DEFAULT_MODELS = (REFERENCE, 'mobileone_112_s0', 'mobileone_112_s1', 'mobileone_112_s2', 'mobileone_112_s3',
+                  'mobileone_112_s4', 'mobileone_112_dbb_s0')
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--models', nargs='+', default=[REFERENCE, 'mobileone_112_s0', 'mobileone_112_s1',
-                                                   'mobileone_112_s2', 'mobileone_112_s3', 'mobileone_112_s4',
-                                                   'mobileone_112_dbb_s0'], help='models (the reference first)')
+    p.add_argument('--models', nargs='+', default=None,
+                   help=f'models (default: {" ".join(DEFAULT_MODELS)}; --quick: the first two); each is timed with '
+                        f'the reference ({REFERENCE}) in a process of its own')
     p.add_argument('--forms', nargs='+', default=['branches', 'merged'], choices=('branches', 'merged'),
                    help='train forms (merged: MobileOne models only)')
     p.add_argument('--compile', action='store_true', help='also time each entry under torch.compile')
@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     p.add_argument('--data', default='', help='train.face --data: also time the trainer on these crops')
     p.add_argument('--real', action='store_true', help='time the trainer on generated crops when no --data')
+    p.add_argument('--no-real', dest='real', action='store_false', help=argparse.SUPPRESS)
     p.add_argument('--real-steps', type=int, default=60, help='train.face steps per entry')
     p.add_argument('--workers', type=int, default=min(12, os.cpu_count() or 1), help='train.face --workers')
     p.add_argument('--quick', action='store_true', help='mobilefacenet and S0, 3 rounds')
@@ -66,8 +67,9 @@ def parse_args(argv=None):
     cuda = args.device.startswith('cuda')
     args.batch_size = args.batch_size or (256 if cuda else 32)
     args.steps = args.steps or (10 if cuda else 1)
+    if args.models is None:
+        args.models = list(DEFAULT_MODELS[:2] if args.quick else DEFAULT_MODELS)
     if args.quick:
-        args.models = [REFERENCE, 'mobileone_112_s0']
         args.rounds = min(args.rounds, 3)
         args.real_steps = min(args.real_steps, 12)
     return args
@@ -94,9 +96,11 @@ def _build(entry, args, device):
     backbone = timm.create_model(entry['model'], num_classes=0)
     if _has_merged(entry['model']):
         backbone.set_train_form(entry['form'])
+    with torch.no_grad():  # the embedding size, probed in eval mode as train.face does (MobileFaceNet: 128)
+        embed_dim = backbone.eval()(torch.zeros(1, 3, 112, 112)).shape[-1]
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else None
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    net = FaceTrainModel(backbone, MarginHead(512, args.num_classes, 'cosface'), amp).to(
+    net = FaceTrainModel(backbone.train(), MarginHead(embed_dim, args.num_classes, 'cosface'), amp).to(
         device, memory_format=memory_format).train()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, **(dict(fused=True) if device.type == 'cuda'
                                                                         else {}))
@@ -109,6 +113,8 @@ def _build(entry, args, device):
 
 
 def _step_fn(net, opt, x, y, steps: int, device):
+    from timm_mobileone._io import release_freed_memory
+
     def run():
         for _ in range(steps):
             loss = net(x, y)
@@ -117,6 +123,8 @@ def _step_fn(net, opt, x, y, steps: int, device):
             opt.step()
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
+        else:  # glibc keeps each step's freed peak: with every entry alive, 11 of them exhausted 24 GB (S3, batch 32)
+            release_freed_memory()
     return run
 
 
@@ -146,26 +154,70 @@ def cuda_step_peak(run, device) -> int:
 
 
 def synthetic(args, device) -> List[Dict[str, Any]]:
+    """Per model, its entries and the reference's, round-robin, in a process of its own (one process for every
+    group grew past 24 GB of host memory at batch 32 on CPU, the freed heap of the earlier groups kept); ratios
+    are taken within each group."""
+    entries = _entries(args)
+    others = [m for m in dict.fromkeys(e['model'] for e in entries) if m != REFERENCE] or [REFERENCE]
+    if len(others) == 1:
+        return _synthetic_group(args, device, others[0], 0)
+    rows: List[Dict[str, Any]] = []
+    argv = sys.argv[1:]
+    for group, model in enumerate(others):
+        cmd = [sys.executable, __file__, *_without(argv, ('--models', '--out', '--data')), '--no-real', '--models',
+               *([REFERENCE] if REFERENCE in args.models else []), model]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            print(f'{model}: the group failed (exit {done.returncode})', file=sys.stderr)
+            continue
+        for row in json.loads(done.stdout.strip().splitlines()[-1])['rows']:
+            if row['model'] != REFERENCE or group == 0:
+                rows.append(dict(row, group=group))
+    return rows
+
+
+def _without(argv: List[str], flags) -> List[str]:
+    """argv less the given flags and their values."""
+    out, skip = [], False
+    for a in argv:
+        if a.startswith('-') and not a[1:2].isdigit():  # a flag (not a negative number) ends the last one's values
+            skip = a.split('=')[0] in flags
+        if not skip:
+            out.append(a)
+    return out
+
+
+def _synthetic_group(args, device, model: str, group: int) -> List[Dict[str, Any]]:
+    """One model's entries and the reference's, built, warmed up and timed round-robin."""
     from timm_mobileone.profile import time_round_robin
-    rows, calls = [], {}
-    for i, entry in enumerate(_entries(args)):
+    entries = _entries(args)
+    rows: List[Dict[str, Any]] = []
+    members = [e for e in entries if e['model'] in (REFERENCE, model)]
+    built, calls = [], {}
+    for i, entry in enumerate(members):
         t0 = time.perf_counter()
         net, opt, x, y = _build(entry, args, device)
         run = _step_fn(net, opt, x, y, args.steps, device)
         run()  # warm-up: optimizer state, autotuning, compilation
-        row = dict(entry, path='synthetic', batch_size=args.batch_size,
+        row = dict(entry, path='synthetic', group=group, batch_size=args.batch_size,
                    setup_s=round(time.perf_counter() - t0, 1),
                    activation_mb_per_image=round(activation_bytes(net, x, y) / args.batch_size / 2 ** 20, 3))
         if device.type == 'cuda':
             row['step_peak_mb_per_image'] = round(cuda_step_peak(run, device) / args.batch_size / 2 ** 20, 3)
-        rows.append(row)
+        built.append(row)
         calls[i] = run
         print(f'built {entry} in {row["setup_s"]} s', file=sys.stderr)
-    medians = time_round_robin(calls, args.rounds, on_round=lambda k, n: print(f'round {k + 1}/{n}',
-                                                                               file=sys.stderr))
-    for i, row in enumerate(rows):
+    medians = time_round_robin(calls, args.rounds, on_round=lambda k, n: print(
+        f'{model}: round {k + 1}/{n}', file=sys.stderr))
+    for i, row in enumerate(built):
         row['step_s'] = round(medians[i] / args.steps, 5)
         row['images_per_s'] = round(args.batch_size * args.steps / medians[i], 1)
+    # the reference's rows once (from the first group); every group's own reference gives its ratios
+    for row in built:
+        ref = next((r for r in built if r['model'] == REFERENCE and r['compiled'] == row['compiled']), None)
+        row['ref_images_per_s'] = ref['images_per_s'] if ref else None
+        if row['model'] != REFERENCE or group == 0:
+            rows.append(row)
     return rows
 
 
@@ -242,7 +294,8 @@ def add_ratios(rows: List[Dict[str, Any]]) -> None:
         if not r.get('images_per_s'):
             continue
         ref = find(r['path'], REFERENCE, 'branches', r['compiled'])
-        r['vs_mfn'] = round(r['images_per_s'] / ref['images_per_s'], 3) if ref else None
+        ref_rate = r.get('ref_images_per_s') or (ref['images_per_s'] if ref else None)  # same group if timed there
+        r['vs_mfn'] = round(r['images_per_s'] / ref_rate, 3) if ref_rate else None
         base = find(r['path'], r['model'], 'branches', r['compiled'])
         r['vs_branches'] = round(r['images_per_s'] / base['images_per_s'], 3) if base else None
         if base and 'activation_mb_per_image' in r and base.get('activation_mb_per_image'):

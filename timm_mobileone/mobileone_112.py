@@ -19,6 +19,9 @@ Differences from the paper / timm's `mobileone_s*`:
 * The DBB family `mobileone_112_dbb_s0..s4`: the same macro-architecture with every conv a Diverse Branch Block
   (`dbb.py`, https://arxiv.org/abs/2103.13425) instead of a MobileOne block; fused, each is exactly the fused
   `mobileone_112_sN` network (same modules, keys and shapes).
+* `train_form='merged'` (or `model.set_train_form('merged')`): train-time blocks compute their branches' exact
+  function as one conv, the batch statistics from the input's moments (`merged.py`); same parameters, keys and
+  running statistics. The DBB family refuses it (its BN-and-pad branches do not merge exactly).
 * The GDC kernel is derived from `img_size` (default 112 -> 7x7). Any other input size is refused with a
   ValueError naming the size the model was built for; build the model with `img_size=` to use another size.
 
