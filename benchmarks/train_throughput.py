@@ -153,15 +153,15 @@ def cuda_step_peak(run, device) -> int:
     return torch.cuda.max_memory_allocated(device) - steady
 
 
-def synthetic(args, device) -> List[Dict[str, Any]]:
+def synthetic(args, device, rows: List[Dict[str, Any]], write) -> None:
     """Per model, its entries and the reference's, round-robin, in a process of its own (one process for every
     group grew past 24 GB of host memory at batch 32 on CPU, the freed heap of the earlier groups kept); ratios
     are taken within each group."""
     entries = _entries(args)
     others = [m for m in dict.fromkeys(e['model'] for e in entries) if m != REFERENCE] or [REFERENCE]
     if len(others) == 1:
-        return _synthetic_group(args, device, others[0], 0)
-    rows: List[Dict[str, Any]] = []
+        rows += _synthetic_group(args, device, others[0], 0)
+        return
     argv = sys.argv[1:]
     for group, model in enumerate(others):
         cmd = [sys.executable, __file__, *_without(argv, ('--models', '--out', '--data')), '--no-real', '--models',
@@ -173,7 +173,7 @@ def synthetic(args, device) -> List[Dict[str, Any]]:
         for row in json.loads(done.stdout.strip().splitlines()[-1])['rows']:
             if row['model'] != REFERENCE or group == 0:
                 rows.append(dict(row, group=group))
-    return rows
+        write()  # after each group: a run cut by a time limit keeps what it measured
 
 
 def _without(argv: List[str], flags) -> List[str]:
@@ -323,7 +323,7 @@ def main(argv=None) -> Dict[str, Any]:
             add_ratios(rows)
             Path(args.out).write_text(table(rows) + '\n')
     t0 = time.perf_counter()
-    rows += synthetic(args, device)
+    synthetic(args, device, rows, write)
     write()
     if args.data or args.real:
         real = train_face(args, device, write)
