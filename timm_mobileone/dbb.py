@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, create_conv2d, get_device_dtype
 from timm.models.byobnet import LayerFn, num_groups
 
+from .merged import check_train_form
+
 __all__ = ['DBBBlock', 'BNAndPad', 'IdentityBasedConv1x1', 'check_dbb_train_form']
 
 
@@ -118,12 +120,10 @@ def check_dbb_train_form(train_form: str) -> str:
     function of the input, which is what a single merged conv with a bias computes. Merging would change the
     function; it is refused rather than approximated.
     """
-    if train_form == 'merged':
+    if check_train_form(train_form) == 'merged':
         raise ValueError("train_form='merged' is not exact for DBB blocks: the 1x1-kxk branch pads its inner "
                          "BatchNorm's output with running-statistics values while the batch statistics normalize "
                          "the rest, which one merged conv cannot reproduce; use train_form='branches'")
-    if train_form != 'branches':
-        raise ValueError(f"train_form must be one of ('branches', 'merged'), got {train_form!r}")
     return train_form
 
 

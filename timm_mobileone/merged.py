@@ -32,10 +32,13 @@ Either way the block computes the branches' function with the same parameters, s
 statistics (updated as `nn.BatchNorm2d` does: the unbiased variance, `momentum`, or the cumulative average when
 it is None), so checkpoints, `reparameterize()`, resume and exports do not know which form trained a model. In
 eval mode a merged block fuses on the fly from the running statistics (what `reparameterize()` computes: one
-conv). Moments are accumulated in float32 (float64 stays float64), also under autocast; the variance is
-E[y^2] - E[y]^2 of those sums, whose rounding (float32: about 1e-6 relative for post-ReLU inputs) is of the
-order of a float32 BatchNorm's own. Checked in float64 against the branches in `tests/test_merged.py`: outputs,
-loss, every gradient and the running statistics within 1e-9 relative.
+conv). Moments are accumulated in float32 (float64 stays float64), also under autocast, about each channel's
+mean (`depthwise_patch_stats`; the 1x1 covariance from centred inputs). Checked in float64 against the branches in
+`tests/test_merged.py`: outputs, loss, every gradient and the running statistics within 1e-9 relative. In
+float32 the merged form rounds about twice as much as the branches (S0, batch 16, against float64: output
+1.7e-4 vs 7.7e-5 relative, running variances 1.5e-5 vs 5.0e-6); on S0's first 56x56 depthwise block the input
+gradient is 3e-4 off against 1e-7, from the fused conv's own sums, not from the statistics (those and their
+gradients are within 2e-7).
 
 Not merged: SyncBatchNorm branches (their statistics span processes) and BatchNorms without running statistics
 (refused with a ValueError).
@@ -85,6 +88,14 @@ def _lag_index(k: int) -> Tuple[List[Tuple[int, int]], List[int], List[int], Lis
     return lags, lag, top, left
 
 
+@lru_cache(maxsize=None)
+def _lag_tensors(k: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """`_lag_index`'s per-pair lists and the k*k offsets as index tensors on `device`, made once per device
+    (not a host-to-device copy per block and step)."""
+    _, lag, top, left = _lag_index(k)
+    return tuple(torch.tensor(v, device=device) for v in (lag, top, left, list(range(k * k))))
+
+
 def _rect_sums(integral: torch.Tensor, slab, top, left, h: int, w: int) -> torch.Tensor:
     """Sums of `integral`'s slabs over h x w rectangles at (top, left): (len(top), C)."""
     return (integral[slab, :, top + h, left + w] - integral[slab, :, top, left + w]
@@ -107,7 +118,7 @@ def _patch_moments_sums(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Te
     p = k // 2
     xp = F.pad(x, [p, p, p, p])
     hp, wp = h + 2 * p, w + 2 * p
-    lags, lag, top, left = _lag_index(k)
+    lags = _lag_index(k)[0]
     slabs = []
     for di, dj in lags:  # sum over the batch of x[q] x[q + d], placed at q on the padded grid
         a = xp[:, :, :hp - di, max(0, -dj):wp - max(0, dj)]
@@ -115,10 +126,8 @@ def _patch_moments_sums(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Te
         slabs.append(F.pad(_batch_dot(a, b), [max(0, -dj) + 1, max(0, dj), 1, di]))
     slabs.append(F.pad(xp.sum(0), [1, 0, 1, 0]))
     integral = torch.stack(slabs).cumsum(2).cumsum(3)  # (lags + 1, C, hp + 1, wp + 1), a zero first row / column
-    dev = x.device
-    second = _rect_sums(integral, torch.tensor(lag, device=dev), torch.tensor(top, device=dev),
-                        torch.tensor(left, device=dev), h, w)
-    o = torch.arange(k * k, device=dev)
+    lag, top, left, o = _lag_tensors(k, x.device)
+    second = _rect_sums(integral, lag, top, left, h, w)
     first = _rect_sums(integral, len(lags), o // k, o % k, h, w)  # an int slab index: (C, k*k)
     return second.t().reshape(c, k * k, k * k), first
 
@@ -189,11 +198,13 @@ def patch_moments(x: torch.Tensor, shift: Optional[torch.Tensor] = None) -> Tupl
 
 
 @lru_cache(maxsize=None)
-def _border_geometry(h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor, List[List[int]]]:
+def _border_geometry(h: int, w: int, device: torch.device, dtype: torch.dtype
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the zero padding does to 3x3 patches on an h x w map, per image: for each offset a, the output
     positions whose patch entry a lies inside the map (9,), the same for each pair (a, b) (9, 9), and for each
     pair the rectangle [top, bottom, left, right) of padded-map positions q = p + a over the output positions p
-    whose entry b lies inside (the sums of the map over it pair the map with the inside indicator)."""
+    whose entry b lies inside (the sums of the map over it pair the map with the inside indicator). On `device`,
+    made once per map size (every step's blocks reuse them)."""
     def span(n: int, a: int, b: int) -> Tuple[int, int]:  # p in [0, n) with p + a and p + b in [1, n + 1)
         return max(0, 1 - a, 1 - b), min(n, n + 1 - a, n + 1 - b)
     offs = [(i, j) for i in range(3) for j in range(3)]
@@ -208,7 +219,7 @@ def _border_geometry(h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor, List[L
             both[u, v] = max(0, ri[1] - ri[0]) * max(0, rj[1] - rj[0])
             pi, pj = (max(0, 1 - b[0]), min(h, h + 1 - b[0])), (max(0, 1 - b[1]), min(w, w + 1 - b[1]))
             rects.append([pi[0] + a[0], pi[1] + a[0], pj[0] + a[1], pj[1] + a[1]])
-    return inside, both, rects
+    return inside.to(device, dtype), both.to(device, dtype), torch.tensor(rects, device=device)
 
 
 def depthwise_patch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -228,12 +239,11 @@ def depthwise_patch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     second, first = patch_moments(x, mu)
     mean_z = first / count
     cov = second / count - mean_z[:, :, None] * mean_z[:, None, :]
-    inside, both, rects = _border_geometry(h, w)
-    mean_i = (inside * n / count).to(dt).to(x.device)
-    cov_i = (both * n / count).to(dt).to(x.device) - mean_i[:, None] * mean_i[None, :]
+    inside, both, r = _border_geometry(h, w, x.device, dt)
+    mean_i = inside * n / count
+    cov_i = both * n / count - mean_i[:, None] * mean_i[None, :]
     z_plane = F.pad(plane - n * mu.view(-1, 1, 1), [2, 1, 2, 1])  # the padded map after a zero row / column
     integral = z_plane.cumsum(1).cumsum(2)
-    r = torch.tensor(rects, device=x.device)
     z_in = (integral[:, r[:, 1], r[:, 3]] - integral[:, r[:, 0], r[:, 3]] - integral[:, r[:, 1], r[:, 2]]
             + integral[:, r[:, 0], r[:, 2]]).view(c, 9, 9) / count
     cross = z_in - mean_z[:, :, None] * mean_i[None, None, :]
@@ -344,12 +354,12 @@ def _merged_kernel(kernels: torch.Tensor, scale: torch.Tensor, skip: Optional[to
 
 def merged_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A train-time MobileOneBlock's output before its attention and activation, as one conv (module doc)."""
+    training = block.conv_kxk[0].bn.training
+    how = plan(block, tuple(x.shape)) if training else 'fused'
+    if how == 'branches':  # decided before any kernel is stacked: this is every step's path for such blocks
+        return block.branch_sum(x)
     kernels, bns = _branch_kernels(block)
     _check_bns(bns)
-    training = bns[0].training
-    how = plan(block, tuple(x.shape)) if training else 'fused'
-    if how == 'branches':
-        return block.branch_sum(x)
     conv = block.conv_kxk[0].conv
     dt = _stat_dtype(x)
     gamma = torch.stack([bn.weight for bn in bns], 1).to(dt)

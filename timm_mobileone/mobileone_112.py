@@ -56,7 +56,7 @@ from timm.models.byobnet import (
 )
 
 from .dbb import DBBBlock, check_dbb_train_form
-from .merged import TRAIN_FORMS, check_train_form, merged_forward
+from .merged import check_train_form, merged_forward
 
 __all__ = ['MobileOneBlock', 'GDCHead', 'Conv1x1Head', 'MobileOne112']
 
@@ -472,9 +472,8 @@ class MobileOne112(nn.Module):
         refuses 'merged' (see `DBBBlock`), before anything is changed."""
         check_train_form(train_form)
         blocks = [m for m in self.modules() if isinstance(m, (MobileOneBlock, DBBBlock))]
-        for m in blocks:
-            if isinstance(m, DBBBlock):
-                check_dbb_train_form(train_form)
+        if any(isinstance(m, DBBBlock) for m in blocks):
+            check_dbb_train_form(train_form)
         for m in blocks:
             m.train_form = train_form
         self.train_form = train_form

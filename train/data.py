@@ -47,8 +47,8 @@ class _FaceImages(Dataset):
     def _load(self, index: int) -> Tuple[bytes, float, str]:
         raise NotImplementedError
 
-    def _flip(self, index: int) -> bool:
-        return self.flip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5
+    def _flip(self, index: int, epoch: int) -> bool:
+        return self.flip and np.random.default_rng([self.seed, epoch, index]).random() < 0.5
 
     def _failed(self, message: str) -> Tuple[torch.Tensor, int, str]:
         return torch.zeros(3, *self.input_size, dtype=torch.uint8), 0, message
@@ -57,9 +57,7 @@ class _FaceImages(Dataset):
         # a key of ResumableSampler carries its epoch (epoch * len + index): DataLoader workers that persist
         # across epochs hold a copy of this dataset made once, which set_epoch() no longer reaches
         epoch, index = divmod(index, len(self))
-        if epoch:
-            self.epoch = epoch
-        flip = self._flip(index)
+        flip = self._flip(index, epoch or self.epoch)
         image, label, error = self.decoded(index, flip)
         return image, ((label, index, int(flip)) if self.with_index else label), error
 
