@@ -603,13 +603,10 @@ class Trainer:
         self.stats.add(self.step + 1, loss, torch.as_tensor(grad_norm, device=loss.device))
         return dict(loss=loss, lr=self.optimizer.param_groups[0]['lr'], weight_decay=wd)
 
-    def check_finite(self, read: Optional[Dict[str, Any]] = None) -> None:
+    def check_finite(self) -> None:
         """Raise (and record in the run's log) if a loss since the last read was not finite: at every log
         interval, and before a checkpoint or a validation could keep the diverged weights."""
-        if read is not None:
-            bad = (read['bad_step'], read['bad_loss']) if read['bad_step'] else None
-        else:
-            bad = self.stats.first_bad()
+        bad = self.stats.first_bad()
         if bad is None:
             return
         step, loss = bad  # step: 1-based, as log rows count
@@ -636,8 +633,8 @@ class Trainer:
                 if first_loss is None:
                     first_loss = stats['loss'].item()
                 if self.step % args.log_interval == 0 or self.step == self.total_steps:
+                    self.check_finite()
                     read = self.stats.read()
-                    self.check_finite(read)
                     loss = self.world.mean(read['last_loss'])
                     last_loss = loss
                     elapsed = time.perf_counter() - t_log

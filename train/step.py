@@ -46,8 +46,7 @@ class StepStats:
         """The means since the last read (one host synchronisation), then start again."""
         n = max(self.steps, 1)
         out = dict(loss=self.loss_sum.item() / n, grad_norm=self.grad_norm_sum.item() / n,
-                   bad_step=int(self.bad_step.item()), bad_loss=self.bad_loss.item(), last_loss=self.last_loss.item(),
-                   steps=self.steps)
+                   last_loss=self.last_loss.item(), steps=self.steps)
         self._reset()
         return out
 
