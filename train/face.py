@@ -45,6 +45,7 @@ import torch.nn as nn
 
 from timm_mobileone._io import create_model_checked
 from timm_mobileone.errors import UserError, cli
+from timm_mobileone.merged import TRAIN_FORMS
 
 from . import checkpoint as ckpt
 from . import distill
@@ -110,7 +111,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--channels-last', action='store_true',
                    help='channels_last memory format (CUDA only: on CPU, oneDNN#6035 breaks its backward)')
     p.add_argument('--grad-checkpointing', action='store_true', help='recompute activations in backward')
-    p.add_argument('--train-form', default='branches', choices=('branches', 'merged'),
+    p.add_argument('--train-form', default='branches', choices=TRAIN_FORMS,
                    help='how MobileOne blocks train: every branch as a module, or the same function as one conv '
                         'per block (timm_mobileone.merged: exact, same weights and checkpoints, faster)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model and loss (checkpoints are '
