@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from timm_mobileone.formats import FORMATS  # noqa: E402  (after the sys.path line above)
+from timm_mobileone.deploy.formats import FORMATS  # noqa: E402  (after the sys.path line above)
 
 
 def main(argv=None) -> dict:

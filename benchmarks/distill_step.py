@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv=None):
     import timm
     import timm_mobileone  # noqa: F401
-    from timm_mobileone.profile import time_round_robin
+    from timm_mobileone.deploy.profile import time_round_robin
     from train.data import collate, open_dataset
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--data', required=True, help='an ImageFolder of aligned crops (e.g. train.split\'s train/)')
@@ -66,7 +66,7 @@ def main(argv=None):
         calls[f'{name}/forward'] = forward
         calls[f'{name}/step'] = step
     if args.teacher_checkpoint:
-        from timm_mobileone._io import create_model_checked
+        from timm_mobileone.checkpoints import create_model_checked
         teacher = timm.utils.reparameterize_model(create_model_checked('mobilefacenet',
                                                                        checkpoint=args.teacher_checkpoint).eval())
 

@@ -60,8 +60,8 @@ def forward_only(args) -> dict:
     import torch
     import timm
     import timm_mobileone  # noqa: F401
-    from timm_mobileone.data import PairImages, load_verification_set
-    from timm_mobileone._io import keep_freed_memory_for_reuse
+    from timm_mobileone.verification_data import PairImages, load_verification_set
+    from timm_mobileone.cli import keep_freed_memory_for_reuse
     keep_freed_memory_for_reuse()  # as the eval CLI does: both sides run under the same allocator setting
     torch.set_flush_denormal(True)
     ds = load_verification_set(args.data)

@@ -190,7 +190,7 @@ class Target:
 
 
 def _read_pack(folder: Path, data: bytes):
-    from timm_mobileone.data import PairImages, load_pack
+    from timm_mobileone.verification_data import PairImages, load_pack
     path = folder / 'lfw.bin'
     path.write_bytes(data)
     ds = load_pack(path)
@@ -209,7 +209,7 @@ def _pack_strategy():
 
 
 def _read_image(folder: Path, data: bytes):
-    from timm_mobileone.data import decode_aligned
+    from timm_mobileone.verification_data import decode_aligned
     return decode_aligned(data, (112, 112))
 
 
@@ -231,7 +231,7 @@ def _image_strategy():
 
 
 def _read_pairs(folder: Path, data: bytes):
-    from timm_mobileone.data import load_pairs_folder
+    from timm_mobileone.verification_data import load_pairs_folder
     for person in ('Alice', 'Bob'):
         (folder / person).mkdir(exist_ok=True)
         for n in (1, 2):
@@ -275,7 +275,7 @@ def _recordio_strategy():
 
 
 def _read_checkpoint(folder: Path, example):
-    from timm_mobileone._io import read_state_dict
+    from timm_mobileone.checkpoints import read_state_dict
     name, data = example
     path = folder / name
     path.write_bytes(data)
@@ -309,7 +309,7 @@ def _checkpoint_strategy():
 
 
 def _read_npy(folder: Path, data: bytes):
-    from timm_mobileone.data import read_embeddings, read_npy
+    from timm_mobileone.verification_data import read_embeddings, read_npy
     path = folder / 'e.npy'
     path.write_bytes(data)
     arr = read_npy(path, mmap=True)
@@ -415,12 +415,12 @@ def _errors_mxnet():
 
 
 def _errors_pack():
-    from timm_mobileone.data import PackError
+    from timm_mobileone.verification_data import PackError
     return (PackError,)
 
 
 def _errors_image():
-    from timm_mobileone.data import ImageError
+    from timm_mobileone.verification_data import ImageError
     return (ImageError,)
 
 

@@ -29,15 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.lfw import main as lfw_main  # noqa: E402
 from timm_mobileone.export import main as export_main  # noqa: E402
+from timm_mobileone.verification_data import read_pairs_txt  # noqa: E402
 
 
 def unpaired_people(data: Path):
-    paired = set()
-    for i, line in enumerate((data / 'pairs.txt').read_text().splitlines()):
-        f = line.split()
-        if i == 0 and len(f) == 2:
-            continue
-        paired.update([f[0]] if len(f) == 3 else [f[0], f[2]])
+    paired = read_pairs_txt(data / 'pairs.txt').people()
     return sorted(p.name for p in data.iterdir() if p.is_dir() and p.name not in paired)
 
 
@@ -62,8 +58,8 @@ def activation_spread(model_name: str, checkpoint: str, calib: Path, images: int
     import timm
     import torch
     from PIL import Image
-    from timm_mobileone._io import create_model_checked
-    from timm_mobileone.quant import equalize
+    from timm_mobileone.checkpoints import create_model_checked
+    from timm_mobileone.deploy.quant import equalize
     fused = timm.utils.reparameterize_model(create_model_checked(model_name, checkpoint=checkpoint).eval())
     cfg = fused.pretrained_cfg
     files = sorted(calib.glob('*.jpg'))[:images]

@@ -110,7 +110,7 @@ def profile_executorch(name: str, runs: int, tmp: Path, int8: bool = False):
     import torch
     from executorch.devtools import Inspector
     from executorch.runtime import Runtime
-    from timm_mobileone.formats import export_executorch, quiet
+    from timm_mobileone.deploy.formats import export_executorch, quiet
     model = fused_model(name)
     x = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(0))
     calib = torch.randn(16, 3, 112, 112, generator=torch.Generator().manual_seed(1)).numpy() if int8 else None
@@ -144,7 +144,7 @@ def profile_executorch(name: str, runs: int, tmp: Path, int8: bool = False):
 def profile(name: str, runs: int, tmp: Path, int8: bool = False):
     import onnxruntime as ort
     import torch
-    from timm_mobileone.formats import export_onnx, quantize_int8
+    from timm_mobileone.deploy.formats import export_onnx, quantize_int8
     model = fused_model(name)
     path = str(tmp / f'{name}.onnx')
     export_onnx(model, path)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build(name: str, runtime: str, tmp: Path):
     import torch
-    from timm_mobileone.formats import FORMATS, ExportOptions, quiet
+    from timm_mobileone.deploy.formats import FORMATS, ExportOptions, quiet
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from op_profile import fused_model
     model = fused_model(name)
@@ -40,7 +40,7 @@ def build(name: str, runtime: str, tmp: Path):
 def timed(calls, rounds: int, pause: float, warm: float, busy: bool = False):
     """Medians (ms) from the project's own timer: warmed by calls for `warm` seconds (at least one), or with `busy`
     by its busy wait (`long_call=0`: after the first round, every entry counts as a long call)."""
-    from timm_mobileone.profile import time_round_robin
+    from timm_mobileone.deploy.profile import time_round_robin
     medians = time_round_robin(calls, rounds, pause=pause, warm=warm, long_call=0.0 if busy else float('inf'))
     return {k: round(v * 1e3, 2) for k, v in medians.items()}
 

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.compare_blocks import training_cost  # noqa: E402
+from train.compare_measure import training_cost  # noqa: E402
 
 
 def main(argv=None):

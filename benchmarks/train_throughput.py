@@ -8,7 +8,7 @@ Two paths:
 * **synthetic**: the ceiling. One fixed batch already on the device; a step is train.face's FaceTrainModel
   (backbone + CosFace head over `--num-classes` identities) forward, backward and an SGD step (fused on CUDA).
   Each model's entries are timed round-robin with MobileFaceNet's, by the project's timer
-  (`timm_mobileone.profile.time_round_robin`, median of `--rounds`), then freed before the next model.
+  (`timm_mobileone.deploy.profile.time_round_robin`, median of `--rounds`), then freed before the next model.
 * **train.face** (with `--data`, or `--real` on generated crops): the trainer itself on real crops (decode, flip,
   pinned copies, normalisation on the device), its own images/s from `log.jsonl` after the first log interval;
   the entries run one after another, each once per round.
@@ -91,7 +91,7 @@ def _has_merged(model: str) -> bool:
 def _build(entry, args, device):
     """train.face's FaceTrainModel (backbone + CosFace head), an SGD optimizer and a fixed batch on the device."""
     import timm
-    from train.face import FaceTrainModel
+    from train.step import FaceTrainModel
     from train.margin import MarginHead
     backbone = timm.create_model(entry['model'], num_classes=0)
     if _has_merged(entry['model']):
@@ -113,7 +113,7 @@ def _build(entry, args, device):
 
 
 def _step_fn(net, opt, x, y, steps: int, device):
-    from timm_mobileone._io import release_freed_memory
+    from timm_mobileone.cli import release_freed_memory
 
     def run():
         for _ in range(steps):
@@ -189,7 +189,7 @@ def _without(argv: List[str], flags) -> List[str]:
 
 def _synthetic_group(args, device, model: str, group: int) -> List[Dict[str, Any]]:
     """One model's entries and the reference's, built, warmed up and timed round-robin."""
-    from timm_mobileone.profile import time_round_robin
+    from timm_mobileone.deploy.profile import time_round_robin
     entries = _entries(args)
     rows: List[Dict[str, Any]] = []
     members = [e for e in entries if e['model'] in (REFERENCE, model)]

@@ -17,11 +17,14 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from timm_mobileone import formats, results as R
-from timm_mobileone._io import atomic_write, create_model_checked, first_line
-from timm_mobileone.data import (
+from timm_mobileone import results as R
+from timm_mobileone.checkpoints import create_model_checked
+from timm_mobileone.cli import cli  # noqa: F401  (the eval CLIs import cli and UserError from here)
+from timm_mobileone.deploy import formats
+from timm_mobileone.errors import UserError, first_line
+from timm_mobileone.files import atomic_write
+from timm_mobileone.verification_data import (
     PackError, PairImages, VerificationSet, collate_images, load_verification_set, read_embeddings)
-from timm_mobileone.errors import UserError, cli  # noqa: F401  (the eval CLIs import both from here)
 
 from . import _verification as V
 
@@ -113,8 +116,9 @@ def resolve_data(args, default_targets: Sequence[str], load_images: bool = True)
 
 
 class ArtifactModel:
-    """An exported artifact run by its runtime (`timm_mobileone.formats`), called like a model: (B, C, H, W) tensor in,
-    (B, D) tensor out. Artifacts exported at a fixed batch size run in chunks of it (ExecuTorch, ncnn: one image)."""
+    """An exported artifact run by its runtime (`timm_mobileone.deploy.formats`), called like a model: (B, C, H, W)
+    tensor in, (B, D) tensor out. Artifacts exported at a fixed batch size run in chunks of it (ExecuTorch, ncnn: one
+    image)."""
 
     def __init__(self, runtime: str, path: str, pretrained_cfg: Dict):
         fmt = formats.FORMATS[runtime]

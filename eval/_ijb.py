@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from timm_mobileone.data import PackError
+from timm_mobileone.verification_data import PackError
 
 _logger = logging.getLogger('eval')
 

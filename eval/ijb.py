@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from timm_mobileone import results as R
-from timm_mobileone.data import read_npy
+from timm_mobileone.verification_data import read_npy
 
 from . import _ijb as J
 from ._common import (

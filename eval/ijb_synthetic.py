@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from timm_mobileone.errors import cli
+from timm_mobileone.cli import cli
 
 from ._ijb import ARCFACE_TEMPLATE, CROP_SIZE
 

@@ -19,7 +19,8 @@ from typing import Dict, List, Optional
 import torch
 
 from timm_mobileone import results as R
-from timm_mobileone._io import create_model_checked, first_line
+from timm_mobileone.checkpoints import create_model_checked
+from timm_mobileone.errors import first_line
 
 from ._common import DEFAULT_WORKERS, RERUN_DROP, RERUN_PATHS, UserError, _versions, cli, finish
 

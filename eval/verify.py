@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from timm_mobileone import results as R
-from timm_mobileone.data import VerificationSet
+from timm_mobileone.verification_data import VerificationSet
 
 from ._common import build_parser, cli, finish, parse, resolve_data, run
 

@@ -1,4 +1,6 @@
 """Fixtures only; the helpers tests import by name are in helpers.py, the synthetic data in train/synthetic.py."""
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,9 @@ import timm
 import timm_mobileone  # noqa: F401  (registers the models)
 
 from train.synthetic import make_pack
+
+if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N processes share the cores; one intra-op thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -48,19 +48,19 @@ needs_small_lfw = pytest.mark.skipif(not SMALL_LFW.is_file(), reason=f'{SMALL_LF
 def interrupt_then_resume(monkeypatch, argv, at_step: int = 3):
     """Run `train.face` with Ctrl-C raised before step `at_step + 1` (exit 130, the last checkpoint kept), then
     `--resume` it uninterrupted; returns the resumed run's summary."""
-    from train import face
-    step = face.Trainer.train_step
+    from train import face, loop
+    step = loop.Trainer.train_step
 
     def interrupted(self, images, labels):
         if self.step == at_step:
             raise KeyboardInterrupt
         return step(self, images, labels)
 
-    monkeypatch.setattr(face.Trainer, 'train_step', interrupted)
+    monkeypatch.setattr(loop.Trainer, 'train_step', interrupted)
     with pytest.raises(SystemExit) as e:
         face.main(argv)
     assert e.value.code == 130
-    monkeypatch.setattr(face.Trainer, 'train_step', step)
+    monkeypatch.setattr(loop.Trainer, 'train_step', step)
     return face.main(argv + ['--resume'])
 
 

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 import timm
 from timm.utils import reparameterize_model
 
-from timm_mobileone.dbb import DBBBlock
-from timm_mobileone.mobileone_112 import default_head_chs
+from timm_mobileone.models.dbb import DBBBlock
+from timm_mobileone.models.mobileone_112 import default_head_chs
 
 from helpers import calibrate_bn, rel_err
 
@@ -85,8 +85,9 @@ def test_dbb_has_no_mobileone_branches_and_more_train_params():
     mo = timm.create_model('mobileone_112_s1')
     assert sum(p.numel() for p in dbb.parameters()) > sum(p.numel() for p in mo.parameters())
     assert dbb.pretrained_cfg['tag'] == 'untrained'
-    with pytest.raises(RuntimeError, match='No pretrained weights exist'):
+    with pytest.raises(RuntimeError, match='No pretrained weights exist') as e:
         timm.create_model('mobileone_112_dbb_s1', pretrained=True)
+    assert "'hf-hub:" in str(e.value) and 'apple_in1k' not in str(e.value)  # no ImageNet DBB weights to name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def test_bare_and_tagged_names_load_the_imagenet_classifier(imagenet_file, name)
 
 def test_classifier_of_another_size_is_fresh_with_a_warning(imagenet_file, caplog):
     path, _ = imagenet_file
-    with caplog.at_level(logging.WARNING, logger='timm_mobileone.mobileone_112'):
+    with caplog.at_level(logging.WARNING, logger='timm_mobileone.models.mobileone_112'):
         timm.create_model('mobileone_112_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                           global_pool='avg', num_classes=10)
     text = ' '.join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
@@ -160,7 +161,7 @@ def test_face_checkpoint_into_a_classifier_model_warns_and_loads(tmp_path, caplo
     face = timm.create_model('mobileone_112_s0')
     path = tmp_path / 'model.safetensors'
     save_file({k: v.contiguous() for k, v in face.state_dict().items()}, str(path))
-    with caplog.at_level(logging.WARNING, logger='timm_mobileone.mobileone_112'):
+    with caplog.at_level(logging.WARNING, logger='timm_mobileone.models.mobileone_112'):
         model = timm.create_model('mobileone_112_s0', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                                   num_classes=7)
     torch.testing.assert_close(model.state_dict()['head.proj.weight'], face.state_dict()['head.proj.weight'])

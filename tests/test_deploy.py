@@ -1,13 +1,15 @@
 """On-device formats: ExecuTorch (XNNPACK FP32 and INT8) and ncnn run here and match PyTorch; Core ML's spec;
 insightface's model zoo as a real client of the ONNX export; what bad input gets."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import timm
-from timm_mobileone import export, formats
+from timm_mobileone import export
+from timm_mobileone.deploy import formats
 from timm_mobileone.errors import UserError
 
 pytest.importorskip('executorch')
@@ -36,9 +38,10 @@ def pte(calibrated_s0, heldout_args, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def ncnn_param(calibrated_s0, heldout_args, tmp_path_factory):
-    path = tmp_path_factory.mktemp('ncnn') / 's0.param'
-    return path, _export(None, '--checkpoint', str(calibrated_s0), '--format', 'ncnn', '--out', str(path),
-                         *heldout_args)
+    # `--out s0` (no suffix) writes s0.param + s0.bin, as `--out s0.param` does
+    path = tmp_path_factory.mktemp('ncnn') / 's0'
+    result = _export(None, '--checkpoint', str(calibrated_s0), '--format', 'ncnn', '--out', str(path), *heldout_args)
+    return path.with_name('s0.param'), result
 
 
 def test_executorch_fp32_and_int8_run_and_match(pte, calibrated_s0, heldout_args, tmp_path, capsys):
@@ -71,6 +74,15 @@ def test_ncnn_fp32_weights_and_the_fp16_runtime(ncnn_param):
     # ncnn's own fp16 default: reported beside, an order of magnitude or more further off
     assert result['fp16_runtime']['max_rel_err'] > 10 * result['max_rel_err']
     assert sorted(p.name for p in path.parent.iterdir()) == ['s0.bin', 's0.param']
+    assert result['path'] == str(path) and result['files'] == [str(path), str(path.with_suffix('.bin'))]
+
+
+def test_a_multi_file_format_names_its_files_from_out():
+    ncnn, onnx = formats.FORMATS['ncnn'], formats.FORMATS['onnx']
+    for out in ('m', 'm.param', 'm.bin'):
+        assert [p.name for p in ncnn.files(ncnn.artifact_path(Path(out)))] == ['m.param', 'm.bin']
+    assert ncnn.artifact_path(Path('d/m.v2')) == Path('d/m.v2.param')
+    assert onnx.artifact_path(Path('m')) == Path('m')  # a one-file format writes the name given
 
 
 def test_eval_lfw_on_the_deployed_artifacts(pte, ncnn_param, calibrated_s0, face_pack, capsys):
@@ -108,7 +120,7 @@ def test_insightface_model_zoo_loads_the_onnx_export(calibrated_s0, face_pack, t
     embedding for an aligned crop."""
     insightface = pytest.importorskip('insightface')
     from insightface.model_zoo import get_model
-    from timm_mobileone.data import PairImages, load_pack
+    from timm_mobileone.verification_data import PairImages, load_pack
     path = tmp_path / 's0.onnx'
     _export(tmp_path, '--checkpoint', str(calibrated_s0), '--out', str(path), *(['--dynamic-batch'] * dynamic))
     rec = get_model(str(path), providers=['CPUExecutionProvider'])

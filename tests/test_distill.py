@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import face
+from train import face, step
 from train.distill import DistillHead
 
 from train.synthetic import identity_images, make_pack, write_image_folder
@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
 
 
 def _flags(setup, out, *extra):
-    return ['--model', 'mobileone_112_s0', '--model-kwargs', 'embed_dim=128', '--data', str(setup['data']),
+    return ['--model', 'mobileone_112_test', '--model-kwargs', 'embed_dim=128', '--data', str(setup['data']),
             '--loss', 'none', '--teacher', 'mobilefacenet', '--teacher-checkpoint', str(setup['teacher']),
             '--output', str(out), '--epochs', '2', '-b', '8', '--lr', '0.01', '--warmup-epochs', '0.5', '-j', '0',
             '--log-interval', '1', '--seed', '7', *extra]
@@ -76,7 +76,7 @@ def test_distilled_student_exports_and_loads_back_at_the_teachers_size(run):
     card = (hub / 'README.md').read_text()
     assert 'distillation from the teacher `mobilefacenet`' in card and "licence terms carry over" in card
     assert 'license: other' in card and summary['export']['tag'] == 'synthetic_distill'
-    ref = timm.create_model('mobileone_112_s0', embed_dim=128)
+    ref = timm.create_model('mobileone_112_test', embed_dim=128)
     ref.load_state_dict(load_file(str(out / 'best.safetensors')))
     x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_projection_margin_and_feature_hint_beside_distillation(setup, tmp_path)
     from safetensors.torch import load_file
     state = load_file(str(tmp_path / 'p' / 'checkpoint-00000003.safetensors'))
     assert state['head.proj.weight'].shape == (128, 512) and state['head.margin.weight'].shape == (4, 512)
-    assert state['head.hint.weight'].shape == (512, 1024, 1, 1)  # S0's last map (1024) to MobileFaceNet's (512)
+    assert state['head.hint.weight'].shape == (512, 128, 1, 1)  # the student's last map (128) to the teacher's (512)
     assert sorted({k.split('.')[0] for k in state} - {'model', 'head', 'rng'}) == ['optimizer']
     assert not [k for k in state if k.startswith('head.') and k.split('.')[1] not in ('proj', 'margin', 'hint')]
     assert all(math.isfinite(v) and v > 0 for v in _losses(tmp_path / 'p').values())
@@ -176,7 +176,7 @@ def _lfw_folder(root: Path) -> Path:
 
 
 def test_split_is_person_disjoint_with_balanced_validation_folds(tmp_path, capsys):
-    from timm_mobileone.data import load_verification_set
+    from timm_mobileone.verification_data import load_verification_set
     from train import split
     src = _lfw_folder(tmp_path / 'lfw')
     result = split.main(['--data', str(src), '--val-folds', '2', '--val-subfolds', '2', '--output',
@@ -202,8 +202,8 @@ def test_onnx_teacher_gives_the_torch_teachers_targets(setup, tmp_path):
     """--teacher-onnx: the same targets as the model it was exported from (eval's ONNX runner, the cfg's input)."""
     import argparse
     import timm
-    from timm_mobileone._io import create_model_checked
-    from timm_mobileone.formats import export_onnx
+    from timm_mobileone.checkpoints import create_model_checked
+    from timm_mobileone.deploy.formats import export_onnx
     from train.data import open_dataset
     from train.distill import teacher_targets
     fused = timm.utils.reparameterize_model(create_model_checked('mobilefacenet',
@@ -236,14 +236,15 @@ def test_data_fingerprint_follows_the_pack(tmp_path):
 def test_divergence_is_recorded_in_the_run_for_compare_blocks(setup, tmp_path, monkeypatch, capsys):
     """A non-finite loss stops train.face (one line, exit 2) and leaves a `diverged` row in log.jsonl, which
     train.compare_blocks reads (a result to count, not a failure to grep for)."""
-    from train.compare_blocks import diverged_at, trainability
-    forward, calls = face.FaceTrainModel.forward, []
+    from train.compare_report import trainability
+    from train.compare_runs import diverged_at
+    forward, calls = step.FaceTrainModel.forward, []
 
     def nan_at_step_2(self, images, labels):
         calls.append(1)
         loss = forward(self, images, labels)
         return loss * float('nan') if len(calls) == 2 else loss
-    monkeypatch.setattr(face.FaceTrainModel, 'forward', nan_at_step_2)
+    monkeypatch.setattr(step.FaceTrainModel, 'forward', nan_at_step_2)
     out = tmp_path / 'nan'
     line = face_error(capsys, _flags(setup, out, '--no-export', '--epochs', '1'))
     assert 'loss is nan at step 1' in line
@@ -254,10 +255,11 @@ def test_divergence_is_recorded_in_the_run_for_compare_blocks(setup, tmp_path, m
 
 def test_compare_blocks_measures_each_students_agreement_with_its_teacher(setup, run):
     """compare_blocks' teacher agreement: the per-image cosine of student and teacher on the validation crops."""
-    from train.compare_blocks import read_run, teacher_agreement
+    from train.compare_measure import teacher_agreement
+    from train.compare_runs import read_run
     out, _ = run
     student = dict(read_run(out), diverged=False)
-    teacher_agreement([student], [('mobileone_112_s0', {'embed_dim': 128})], [student['model']],
+    teacher_agreement([student], [('mobileone_112_test', {'embed_dim': 128})], [student['model']],
                       [str(setup['val'])], 'cpu')
     agree = student['teacher_agreement']
     assert agree['images'] == 20 and -1 <= agree['cosine_p05'] <= agree['cosine_mean'] <= 1

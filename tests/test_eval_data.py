@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from timm_mobileone.data import (
+from timm_mobileone.verification_data import (
     PackError, PairImages, load_pack, load_pairs_folder, load_verification_set, read_embeddings)
 
 from helpers import SMALL_LFW, needs_small_lfw

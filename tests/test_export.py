@@ -10,7 +10,8 @@ import torch
 
 import timm
 from eval import lfw
-from timm_mobileone import export, formats
+from timm_mobileone import export
+from timm_mobileone.deploy import formats
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -188,7 +189,7 @@ def test_converters_print_nothing_to_a_cli_that_logs_at_info(tmp_path, caplog):
 def test_deploy_table_int8_onnx_column_runs_the_quantized_model(tmp_path):
     """The deploy table's ONNX Runtime INT8 column times a QDQ model quantized from the FP32 export, not the FP32
     one."""
-    from timm_mobileone import runtimes
+    from timm_mobileone.deploy import runtimes
     from timm_mobileone.__main__ import _calibrate
     torch.manual_seed(0)
     fused = timm.utils.reparameterize_model(_calibrate(timm.create_model('mobileone_112_s0'), (3, 112, 112)))

@@ -48,7 +48,7 @@ def test_reader_refuses_broken_input_cleanly(name, tmp_path_factory):
 
 
 def test_every_truncation_of_a_real_pack_is_refused(tmp_path):
-    from timm_mobileone.data import PackError, load_pack
+    from timm_mobileone.verification_data import PackError, load_pack
     for data in (F.pack_bytes(2, 'array', 4), F.pack_bytes(2, 'bytes', 2)):
         path = tmp_path / 'p.bin'
         for cut in range(len(data)):
@@ -65,7 +65,7 @@ def test_every_truncation_of_a_real_pack_is_refused(tmp_path):
 
 def test_truncated_safetensors_checkpoint_is_one_line_for_eval(tmp_path):
     # `eval.lfw --checkpoint` on a truncated safetensors file ended in a safetensors traceback
-    from timm_mobileone._io import create_model_checked
+    from timm_mobileone.checkpoints import create_model_checked
     from timm_mobileone.errors import UserError
     path = tmp_path / 'ck.safetensors'
     path.write_bytes(F.safetensors_bytes()[:40])
@@ -75,7 +75,7 @@ def test_truncated_safetensors_checkpoint_is_one_line_for_eval(tmp_path):
 
 def test_png_declaring_100000x100000_is_refused_before_decoding():
     # Pillow raises DecompressionBombError (not an OSError) above 2x MAX_IMAGE_PIXELS and decodes below it
-    from timm_mobileone.data import ImageError, decode_aligned
+    from timm_mobileone.verification_data import ImageError, decode_aligned
     before = _peak_mb()
     with pytest.raises(ImageError, match='decompression bomb'):
         decode_aligned(F.png_declaring(100000, 100000), (112, 112))
@@ -85,7 +85,7 @@ def test_png_declaring_100000x100000_is_refused_before_decoding():
 
 
 def test_npy_declaring_10e12_elements_is_refused_before_allocating(tmp_path):
-    from timm_mobileone.data import PackError, read_embeddings
+    from timm_mobileone.verification_data import PackError, read_embeddings
     path = tmp_path / 'e.npy'
     path.write_bytes(F.npy_with_header({'descr': '<f4', 'fortran_order': False, 'shape': (10 ** 12, 2)}, b'\0' * 64))
     with pytest.raises(PackError, match='declares shape'):
@@ -141,14 +141,14 @@ def test_recordio_index_offset_outside_the_file_names_the_index(tmp_path):
 
 
 def test_pairs_txt_that_is_not_utf8_is_one_line(tmp_path):
-    from timm_mobileone.data import PackError, load_pairs_folder
+    from timm_mobileone.verification_data import PackError, load_pairs_folder
     (tmp_path / 'pairs.txt').write_bytes(b'Alice 1 2\n\xc3\x28 1 2\n')
     with pytest.raises(PackError, match='not UTF-8'):
         load_pairs_folder(tmp_path)
 
 
 def test_ijb_features_file_declaring_more_than_it_holds(tmp_path):
-    from timm_mobileone.data import PackError, read_npy
+    from timm_mobileone.verification_data import PackError, read_npy
     path = tmp_path / 'f.npy'
     path.write_bytes(F.npy_with_header({'descr': '<f4', 'fortran_order': False, 'shape': (469375, 2, 512)}, b''))
     with pytest.raises(PackError, match='truncated or corrupt'):
@@ -163,9 +163,9 @@ def test_ijb_pair_list_with_non_ascii_field_is_one_line_not_a_segfault(tmp_path)
     import sys
     path = tmp_path / 'ijbc_template_pair_label.txt'
     path.write_bytes(b'5 3 \xf1\xa5\x95\x8e\xc3\xa9\xc2\x9b\xf0\xa0\x88\x92\xc3\xaa -inf 9223372036854775807\n')
-    code = ('import sys; from pathlib import Path; from eval._ijb import read_pairs; from timm_mobileone.data import '
-            'PackError\nfor _ in range(5):\n    try: read_pairs(Path(sys.argv[1]))\n    except PackError as e: '
-            'print(e)')
+    code = ('import sys; from pathlib import Path; from eval._ijb import read_pairs\n'
+            'from timm_mobileone.verification_data import PackError\n'
+            'for _ in range(5):\n    try: read_pairs(Path(sys.argv[1]))\n    except PackError as e: print(e)')
     proc = subprocess.run([sys.executable, '-c', code, str(path)], cwd=F.REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-500:]
     assert proc.stdout.count('expected 3 fields') == 5
@@ -173,7 +173,7 @@ def test_ijb_pair_list_with_non_ascii_field_is_one_line_not_a_segfault(tmp_path)
 
 def test_npy_header_with_an_unclosed_bracket_is_one_line(tmp_path):
     # the soak's first find: numpy parses old-style .npy headers with Python's tokenizer, which raised TokenError
-    from timm_mobileone.data import PackError, read_npy
+    from timm_mobileone.verification_data import PackError, read_npy
     path = tmp_path / 'e.npy'
     data = bytearray(F.npy_bytes())
     data[110] = ord('[')  # in the header's padding: an unclosed bracket
@@ -195,7 +195,7 @@ def test_checkpoint_with_wrong_shapes_or_dtypes_is_one_line(s0_state_dict, tmp_p
     from hypothesis import strategies as st
     from safetensors.torch import save_file
     from timm_mobileone import hub
-    from timm_mobileone._io import create_model_checked
+    from timm_mobileone.checkpoints import create_model_checked
     from timm_mobileone.errors import UserError
     keys = sorted(k for k, v in s0_state_dict.items() if v.is_floating_point())
     dtypes = [torch.float16, torch.float64, torch.int8, torch.bool, torch.complex64, torch.uint8]
@@ -235,7 +235,7 @@ def test_checkpoint_with_wrong_shapes_or_dtypes_is_one_line(s0_state_dict, tmp_p
     ('newline_in_module_name', b'\x80\x04\x8c\x05nu\nmp\x94\x8c\x06system\x94\x93.'),
 ])
 def test_pack_errors_are_one_line(name, data, tmp_path):
-    from timm_mobileone.data import PackError, load_pack
+    from timm_mobileone.verification_data import PackError, load_pack
     path = tmp_path / f'{name}.bin'
     path.write_bytes(data)
     with pytest.raises(PackError) as e:
@@ -246,7 +246,7 @@ def test_pack_errors_are_one_line(name, data, tmp_path):
 def test_ijb_media_id_of_2_to_the_64_is_one_line(tmp_path):
     # found by benchmarks/fuzz_soak.py: an id past int64 in *_face_tid_mid.txt raised OverflowError
     from eval._ijb import read_template_media
-    from timm_mobileone.data import PackError
+    from timm_mobileone.verification_data import PackError
     path = tmp_path / 'ijbc_face_tid_mid.txt'
     path.write_text('1.jpg 3 100\n2.jpg 3 18446744073709551616\n')
     with pytest.raises(PackError, match='ijbc_face_tid_mid.txt:2: media id .* is out of range'):
@@ -255,7 +255,7 @@ def test_ijb_media_id_of_2_to_the_64_is_one_line(tmp_path):
 
 def test_pack_declaring_10e12_labels_is_refused_before_allocating(tmp_path):
     import pickle
-    from timm_mobileone.data import PackError, load_pack
+    from timm_mobileone.verification_data import PackError, load_pack
     data = pickle.dumps(([np.zeros(2, np.uint8)] * 2, np.zeros(1, bool)), protocol=2)
     i = data.rfind(b'K\x01\x85')  # the issame array's shape (1,)
     path = tmp_path / 'big.bin'
@@ -268,7 +268,7 @@ def test_pack_declaring_10e12_labels_is_refused_before_allocating(tmp_path):
 
 def test_pairs_txt_with_a_300_character_name_is_one_line(tmp_path):
     # found by the CI property: pathlib's is_file() raises ENAMETOOLONG instead of returning False
-    from timm_mobileone.data import PackError, load_pairs_folder
+    from timm_mobileone.verification_data import PackError, load_pairs_folder
     (tmp_path / 'pairs.txt').write_text('a' * 300 + ' 0 0\n')
     with pytest.raises(PackError, match='pairs.txt:1: no image'):
         load_pairs_folder(tmp_path)
@@ -290,8 +290,9 @@ def test_pack_that_crashed_numpy_setstate_loads_in_a_fresh_process():
     import subprocess
     import sys
     path = F.REPO / 'tests' / 'data' / 'pack_numpy_setstate_segfault.bin'
-    code = ('import sys; from timm_mobileone.data import PackError, load_pack\nfor _ in range(3):\n    try: '
-            'print(load_pack(sys.argv[1]).num_pairs)\n    except PackError as e: print("refused")')
+    code = ('import sys; from timm_mobileone.verification_data import PackError, load_pack\n'
+            'for _ in range(3):\n    try: print(load_pack(sys.argv[1]).num_pairs)\n'
+            '    except PackError as e: print("refused")')
     proc = subprocess.run([sys.executable, '-c', code, str(path)], cwd=F.REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-500:]
     assert len(proc.stdout.split()) == 3
@@ -299,7 +300,7 @@ def test_pack_that_crashed_numpy_setstate_loads_in_a_fresh_process():
 
 def test_pack_arrays_are_built_only_from_checked_state(tmp_path):
     import pickle
-    from timm_mobileone.data import PackError, load_pack
+    from timm_mobileone.verification_data import PackError, load_pack
     path = tmp_path / 'p.bin'
     for bins in ([np.zeros(4, np.float64)] * 2, [np.zeros(4, np.int32)] * 2):  # dtypes no pack holds
         path.write_bytes(pickle.dumps((bins, [True]), protocol=2))

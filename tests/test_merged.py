@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import timm
 
 from helpers import calibrate_bn, rel_err
-from timm_mobileone.merged import patch_moments, plan
+from timm_mobileone.models.merged import patch_moments, plan
 
 SIZE = 32  # 32 -> 16 -> 16 -> 8 -> 4 -> 2: every block kind (stride 1 and 2, depthwise and 1x1, the stem) at 2x2+
 

@@ -13,9 +13,9 @@ from timm.models import model_entrypoint
 
 from benchmarks import fuzz_targets as F
 from helpers import SHARED_DATA, calibrate_bn, rel_err
-from timm_mobileone._io import create_model_checked
+from timm_mobileone.checkpoints import create_model_checked
 from timm_mobileone.errors import UserError
-from timm_mobileone.mobilefacenet import INSIGHTFACE_STD
+from timm_mobileone.models.mobilefacenet import INSIGHTFACE_STD
 from timm_mobileone.mxnet import MXNetError, read_params, read_symbol, symbol_path_for
 
 MFN_DIR = SHARED_DATA / 'mobilefacenet_y1'
@@ -31,7 +31,7 @@ needs_lfw_dev = pytest.mark.skipif(not (LFW_DEV / 'pairs.txt').is_file() or not 
 
 
 def test_registered_with_insightface_preprocessing():
-    assert model_entrypoint('mobilefacenet').__module__ == 'timm_mobileone.mobilefacenet'
+    assert model_entrypoint('mobilefacenet').__module__ == 'timm_mobileone.models.mobilefacenet'
     model = timm.create_model('mobilefacenet')
     cfg = timm.data.resolve_model_data_config(model)
     assert cfg['input_size'] == (3, 112, 112)
@@ -40,8 +40,9 @@ def test_registered_with_insightface_preprocessing():
     ours = (x / 255 - cfg['mean'][0]) / cfg['std'][0]
     torch.testing.assert_close(ours, (x - 127.5) * 0.0078125, rtol=0, atol=1e-6)
     assert model.pretrained_cfg['tag'] == 'insightface_ms1m_y1' and not model.pretrained_cfg.get('hf_hub_id')
-    with pytest.raises(RuntimeError, match='No pretrained weights exist'):
+    with pytest.raises(RuntimeError, match='No pretrained weights exist') as e:
         timm.create_model('mobilefacenet', pretrained=True)
+    assert 'python -m timm_mobileone.mxnet' in str(e.value)
 
 
 def test_forward_backward_features_and_params():
@@ -72,7 +73,7 @@ def test_reparameterize_is_exact_in_float64_and_loads_into_inference_mode():
 
 
 def test_cross_layer_equalization_keeps_the_function_and_evens_ranges():
-    from timm_mobileone.quant import channel_ranges, equalize
+    from timm_mobileone.deploy.quant import channel_ranges, equalize
     model = calibrate_bn(timm.create_model('mobilefacenet').double(), dtype=torch.float64)
     fused = timm.utils.reparameterize_model(model)
     with torch.no_grad():  # uneven per-channel ranges, as BN folding leaves them
@@ -164,7 +165,7 @@ def _crops(n: int):
 @needs_lfw_dev
 def test_port_equals_insightface_ncnn_fc1(mfn):
     pytest.importorskip('ncnn')
-    from timm_mobileone.formats import ncnn_runner
+    from timm_mobileone.deploy.formats import ncnn_runner
     pixels = _crops(4)
     ref = ncnn_runner(str(MFN_DIR / "mobilefacenet.param"))(pixels)  # 0..255 RGB, the graph normalizes
     x = torch.from_numpy((pixels / 255 - 0.5) / INSIGHTFACE_STD[0]).float()
@@ -221,7 +222,7 @@ def test_symbol_json_that_is_not_the_graph_is_refused(tmp_path):
 
 @needs_mfn
 def test_converter_writes_safetensors_that_plain_timm_loads(mfn, tmp_path, capsys):
-    from timm_mobileone.mxnet import main
+    from timm_mobileone.mxnet.__main__ import main
     out = tmp_path / 'mfn.safetensors'
     result = main(['--params', str(PARAMS), '--out', str(out)])
     assert json.loads(capsys.readouterr().out)['tensors'] == result['tensors']

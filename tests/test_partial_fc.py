@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from train.face import FaceTrainModel
+from train.step import FaceTrainModel
 from train.margin import KINDS, MarginHead
 from train.partial_fc import ShardedMarginHead, shard_range
 

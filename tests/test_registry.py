@@ -8,11 +8,13 @@ from helpers import MODEL_NAMES
 
 
 def test_mobileone_and_dbb_variants_registered():
+    # S0-S4 of each family, and the tiny `_test` member of each (timm's test_* convention) for the loop's tests
     assert timm.list_models('mobileone_112_*') == sorted(
-        [f'mobileone_112_s{i}' for i in range(5)] + [f'mobileone_112_dbb_s{i}' for i in range(5)])
+        [f'mobileone_112_s{i}' for i in range(5)] + [f'mobileone_112_dbb_s{i}' for i in range(5)]
+        + ['mobileone_112_test', 'mobileone_112_dbb_test'])
     assert MODEL_NAMES == timm.list_models('mobileone_112_*')
     for name in MODEL_NAMES:
-        assert model_entrypoint(name).__module__ == 'timm_mobileone.mobileone_112'
+        assert model_entrypoint(name).__module__ == 'timm_mobileone.models.mobileone_112'
 
 
 def test_no_clash_with_timm_mobileone():
@@ -40,7 +42,8 @@ def test_tags_and_defaults():
     tags = timm.list_models('mobileone_112_*', include_tags=True)
     # only weights that exist: Apple's ImageNet weights as timm hosts them; no invented face-weight ids
     assert {t.split('.')[1] for t in tags} == {'apple_in1k', 'untrained'}
-    assert {t for t in tags if '_dbb_' in t} == {f'mobileone_112_dbb_s{i}.untrained' for i in range(5)}
+    assert {t for t in tags if '_dbb_' in t} == {f'mobileone_112_dbb_s{i}.untrained' for i in range(5)} | {
+        'mobileone_112_dbb_test.untrained'}
     for i in range(5):
         apple = get_pretrained_cfg(f'mobileone_112_s{i}.apple_in1k')
         assert apple.hf_hub_id == f'timm/mobileone_s{i}.apple_in1k'
@@ -59,6 +62,13 @@ def test_face_preprocessing_from_cfg():
     assert cfg['crop_pct'] == 1.0 and cfg['interpolation'] == 'bilinear'
 
 
-def test_pretrained_without_weights_is_a_clear_error():
-    with pytest.raises(RuntimeError, match='No pretrained weights exist for mobileone_112_s1'):
+def test_pretrained_without_weights_names_what_exists():
+    # the headline call: one error naming the ImageNet tag, the Hub / local-dir forms and the trainer
+    with pytest.raises(RuntimeError, match='No pretrained weights exist for mobileone_112_s1') as e:
         timm.create_model('mobileone_112_s1', pretrained=True)
+    for hint in ("'mobileone_112_s1.apple_in1k'", "'hf-hub:", "'local-dir:", 'python -m train.face'):
+        assert hint in str(e.value)
+    # a source given at the call passes the check (here: a file that is not there, so timm's loader fails)
+    with pytest.raises((FileNotFoundError, RuntimeError, OSError)) as e:
+        timm.create_model('mobileone_112_s1', pretrained=True, pretrained_cfg_overlay=dict(file='/nonexistent.pth'))
+    assert 'No pretrained weights exist' not in str(e.value)

@@ -8,7 +8,7 @@ import pytest
 import timm
 
 from timm_mobileone.__main__ import main
-from timm_mobileone.profile import count_macs, count_params
+from timm_mobileone.deploy.profile import count_macs, count_params
 
 
 def test_report_sizes_json(capsys):
@@ -66,7 +66,7 @@ def test_report_table_and_bad_model():
 
 
 def test_deploy_table_shows_gmacs_per_second_beside_latency():
-    from timm_mobileone.runtimes import table
+    from timm_mobileone.deploy.runtimes import table
     medians = {('a', 'eager'): 0.004, ('a', 'ncnn_fp32'): 0.002, ('b', 'eager'): 0.010}
     md = table(['a', 'b'], medians, runtimes=('eager', 'ncnn_fp32'), gmacs={'a': 0.262, 'b': 1.0})
     lines = md.splitlines()
@@ -79,7 +79,7 @@ def test_round_robin_warms_each_entry_for_a_while_before_timing_it():
     """After the pause, an entry runs untimed for `warm` seconds (a core that idled runs slowly for its first
     10-20 ms); an entry slower than `long_call` gets a busy wait instead of a second call."""
     import time
-    from timm_mobileone.profile import time_round_robin
+    from timm_mobileone.deploy.profile import time_round_robin
     starts = {'short': [], 'long': []}
 
     def make(key, seconds):

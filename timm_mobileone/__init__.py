@@ -5,8 +5,7 @@
     fused = timm.create_model('mobileone_112_s1', inference_mode=True)   # fused layout, for fused checkpoints
     timm.utils.reparameterize_model(model)                               # train-time -> fused, same function
 """
-from .mobileone_112 import GDCHead, MobileOne112, MobileOneBlock, checkpoint_filter_fn, feat_size_for
-from .mobilefacenet import MobileFaceNet
+from .models import GDCHead, MobileFaceNet, MobileOne112, MobileOneBlock, checkpoint_filter_fn, feat_size_for
 
 __version__ = '0.1.0'
 __all__ = ['GDCHead', 'MobileFaceNet', 'MobileOne112', 'MobileOneBlock', 'checkpoint_filter_fn', 'feat_size_for',

@@ -30,15 +30,15 @@ import timm
 from timm.utils import reparameterize_model
 
 from . import __version__
-from ._io import first_line, keep_freed_memory_for_reuse, release_freed_memory
-from .errors import UserError, cli
-from .formats import FORMATS
-from .profile import count_macs, count_params, fusion_error, time_round_robin
-from .runtimes import eager_calls, onnx_calls
+from .cli import cli, keep_freed_memory_for_reuse, release_freed_memory
+from .deploy.formats import FORMATS
+from .deploy.profile import count_macs, count_params, fusion_error, time_round_robin
+from .deploy.runtimes import eager_calls, onnx_calls
+from .errors import UserError, first_line
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from .peers import PEERS
+    from .deploy.peers import PEERS
     parser = argparse.ArgumentParser(
         prog='python -m timm_mobileone', description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -242,7 +242,7 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
 @cli
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
-    from .peers import PEERS, create_peer
+    from .deploy.peers import PEERS, create_peer
     available = timm.list_models('mobileone_112_*')
     names = args.model or [n for n in available if args.dbb or args.runtimes or '_dbb_' not in n]
     unknown = [n for n in names if n not in available]
@@ -293,8 +293,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 def _runtimes(args, names: List[str], peers: List[str]) -> Dict:
     """The deploy table (runtimes.py): every fused model in every runtime installed here, interleaved."""
-    from . import runtimes
-    from .peers import create_peer
+    from .deploy import runtimes
+    from .deploy.peers import create_peer
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

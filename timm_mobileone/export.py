@@ -39,11 +39,12 @@ import torch
 import timm
 from timm.utils import reparameterize_model
 
-from . import formats
-from ._io import create_model_checked, first_line
-from .data import IMAGE_EXTS
-from .errors import UserError, cli
-from .formats import FORMATS
+from .checkpoints import create_model_checked
+from .cli import cli
+from .deploy import formats
+from .deploy.formats import FORMATS
+from .errors import UserError, first_line
+from .verification_data import IMAGE_EXTS
 
 _logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ FP32_MAX_REL_ERR = 1e-3
 def load_face_images(source: str, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
                      limit: int) -> np.ndarray:
     """Up to `limit` aligned face crops from a folder (recursively) or an insightface pack, normalized, NCHW."""
-    from .data import PackError, PairImages, VerificationSet, load_pack
+    from .verification_data import PackError, PairImages, VerificationSet, load_pack
     path = Path(source)
     h, w = input_size[-2:]
     if path.is_dir():
@@ -104,7 +105,7 @@ def create_fused(args) -> Tuple[torch.nn.Module, bool]:
     fused = reparameterize_model(model.eval())
     mode = getattr(args, 'equalize', 'off')
     if mode == 'on' or (mode == 'auto' and args.int8 and hasattr(fused, 'equalization_pairs')):
-        from .quant import equalize
+        from .deploy.quant import equalize
         if not hasattr(fused, 'equalization_pairs'):
             raise UserError(f'--equalize on: {args.model} lists no layer pairs to equalize')
         equalize(fused)
@@ -162,7 +163,7 @@ def run(args) -> Dict[str, Any]:
     opts = formats.ExportOptions(int8=int8_here, calib=calib, mean=cfg['mean'], std=cfg['std'], opset=args.opset,
                                  dynamic_batch=args.dynamic_batch, coreml_input=args.coreml_input,
                                  coreml_precision=args.coreml_precision, verbose=args.verbose)
-    out = Path(args.out)
+    out = fmt.artifact_path(Path(args.out))
     out.parent.mkdir(parents=True, exist_ok=True)
     result: Dict[str, Any] = dict(model=args.model, checkpoint=args.checkpoint or None, format=fmt.name, path=str(out),
                                   input_size=list(cfg['input_size']), batch=1, inputs=inputs, equalized=equalized,
@@ -215,7 +216,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--checkpoint', default='', help='train-time checkpoint to load before fusing')
     parser.add_argument('--format', default='onnx', choices=list(FORMATS),
                         help=', '.join(f'{f.name} ({f.suffix})' for f in FORMATS.values()))
-    parser.add_argument('--out', default='', help='output path (the artifact of --format)')
+    parser.add_argument('--out', default='',
+                        help='output path (the artifact of --format; ncnn: X or X.param writes X.param + X.bin)')
     parser.add_argument('--onnx', default='', help='output ONNX file (the fused FP32 model): --format onnx --out')
     parser.add_argument('--verbose', action='store_true', help='show the exporters\' progress lines on stderr')
     parser.add_argument('--coreml-input', default='image', choices=('image', 'tensor'),

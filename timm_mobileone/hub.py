@@ -34,10 +34,12 @@ from timm.utils import reparameterize_model
 
 from . import __version__
 from . import results as R
-from ._io import atomic_write, first_line, read_state_dict
-from .errors import UserError, cli
-from .mobileone_112 import infer_model_args
-from .profile import count_macs, count_params, fusion_error
+from .checkpoints import read_state_dict
+from .cli import cli
+from .deploy.profile import count_macs, count_params, fusion_error
+from .errors import UserError, first_line
+from .files import atomic_write
+from .models.mobileone_112 import infer_model_args
 
 _logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from timm_mobileone._io import atomic_write, save_safetensors  # noqa: F401  (the run folder's tensor writer)
+from timm_mobileone.files import atomic_write, save_safetensors  # noqa: F401  (the run folder's tensor writer)
 from timm_mobileone.errors import UserError
 
 STATE_NAME = 'last.json'

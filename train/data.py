@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from timm_mobileone.data import ImageError, decode_aligned
+from timm_mobileone.verification_data import ImageError, decode_aligned
 from timm_mobileone.errors import UserError
 
 from .recordio import RecordIOError, RecordIOReader, image_keys, unpack

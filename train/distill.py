@@ -189,7 +189,7 @@ def build_teacher(args, input_size: Tuple[int, int]):
     except UserError:
         raise
     except Exception as e:  # the runtime's own complaint (an artifact exported for another shape, ...)
-        from timm_mobileone._io import first_line
+        from timm_mobileone.errors import first_line
         raise UserError(f'--teacher {targs.model}: cannot run on {input_size[0]}x{input_size[1]} crops '
                         f'({first_line(e)})') from None
     if out.ndim != 2:
@@ -216,7 +216,7 @@ def _read_cache(path: Path, expected: Dict[str, str]) -> Optional[Tuple[torch.Te
     except UserError:
         raise
     except Exception as e:  # truncated or foreign file
-        from timm_mobileone._io import first_line
+        from timm_mobileone.errors import first_line
         raise UserError(f'--teacher-cache {path}: unreadable ({first_line(e)}); delete it or give another path') \
             from None
 
@@ -246,7 +246,7 @@ def teacher_targets(dataset, args, cache: Path, input_size: Tuple[int, int], com
     targets = flipped = None
     images = _Unflipped(dataset)
     _logger.info(f'teacher targets: embedding {len(images)} images and their flips with {targs.model}')
-    from timm_mobileone.data import PackError
+    from timm_mobileone.verification_data import PackError
     try:
         for start, out, out_flip, _ in embed_batches(teacher, images, 'teacher', cfg, targs):
             if targets is None:

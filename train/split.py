@@ -20,9 +20,10 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from timm_mobileone.errors import UserError, cli
-from timm_mobileone._io import atomic_write
-from timm_mobileone.data import IMAGE_EXTS
+from timm_mobileone.cli import cli
+from timm_mobileone.errors import UserError
+from timm_mobileone.files import atomic_write
+from timm_mobileone.verification_data import IMAGE_EXTS, PackError, read_pairs_txt
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -37,26 +38,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def read_pairs(pairs_file: Path) -> Tuple[int, int, List[List[str]]]:
-    """(folds, pairs per class per fold, pair lines as field lists) of an LFW pairs.txt with its header."""
+    """(folds, pairs per class per fold, pair lines as field lists) of an LFW pairs.txt with its header
+    (`read_pairs_txt` parses; a split needs the header's folds and LFW's fold sizes)."""
     try:
-        lines = [ln.split() for ln in pairs_file.read_text(encoding='utf-8').splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f'--data {pairs_file}: cannot be read ({e})') from None
-    if not lines or len(lines[0]) != 2 or not all(f.isdigit() for f in lines[0]):
+        parsed = read_pairs_txt(pairs_file)
+    except PackError as e:
+        raise UserError(f'--data {e}') from None
+    if parsed.folds is None or parsed.per_fold is None:
         raise UserError(f'--data {pairs_file}: no "folds pairs-per-fold" header line; the folds are needed')
-    folds, n = int(lines[0][0]), int(lines[0][1])
-    pairs = lines[1:]
+    folds, n, pairs = parsed.folds, parsed.per_fold, parsed.pairs
     if folds < 1 or n < 1 or len(pairs) != 2 * folds * n:
         raise UserError(f'--data {pairs_file}: the header says {folds} folds x 2 x {n} pairs, the file has '
                         f'{len(pairs)}')
-    bad = [i for i, f in enumerate(pairs) if len(f) not in (3, 4)]
-    if bad:
-        raise UserError(f'--data {pairs_file}:{bad[0] + 2}: expected "name n1 n2" or "name1 n1 name2 n2"')
     return folds, n, pairs
-
-
-def _people(pairs: List[List[str]]) -> set:
-    return {f[0] for f in pairs} | {f[2] for f in pairs if len(f) == 4}
 
 
 def _place(src: Path, dst: Path, copy: bool) -> None:
@@ -88,7 +82,7 @@ def split(args) -> Dict:
     if k < 2 or len(same) % k:
         raise UserError(f'--val-subfolds {k}: must be >= 2 and divide the {len(same)} same-person pairs')
     per = len(same) // k
-    val_people = _people(same + diff)
+    val_people = {f[0] for f in same + diff} | {f[2] for f in diff}
     people = sorted(d.name for d in root.iterdir() if d.is_dir())
     train_people = [p for p in people if p not in val_people]
     missing = sorted(val_people - set(people))

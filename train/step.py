@@ -1,19 +1,50 @@
-"""What a training step leaves on the device until a log interval reads it, and the step's speed switches.
+"""The training step: the model's forward and loss (`FaceTrainModel`), backward, the optimizer and EMA updates
+(`train_step`), what a step leaves on the device until a log interval reads it, and the step's speed switches.
 
 A training step that reads a value on the host (`loss.item()`, `float(grad_norm)`, `if not torch.isfinite(loss)`)
 waits for the GPU to finish that step before the next can be queued; `StepStats` keeps the sums and the non-finite
 flag as device tensors and reads them once per `--log-interval` (and before any checkpoint or validation, so a
 diverged step never reaches a checkpoint).
 """
+from contextlib import nullcontext
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from timm_mobileone._io import first_line
-from timm_mobileone.errors import UserError
+from timm_mobileone.errors import UserError, first_line
 
-__all__ = ['StepStats', 'set_train_form', 'check_compile']
+from .distributed import agree_on_overflow, clip_grad_norm
+from .optim import set_weight_decay, weight_decay_at
+
+__all__ = ['FaceTrainModel', 'StepStats', 'train_step', 'set_train_form', 'check_compile']
+
+
+class FaceTrainModel(nn.Module):
+    """Backbone + margin head; `forward(images, labels)` returns the mean cross-entropy of the margin logits.
+
+    Replicated head: one module so that DistributedDataParallel wraps both. Sharded head: the backbone passed in
+    is the DDP-wrapped one and the head stays outside DDP (each process holds other centres).
+    The head runs in float32 outside autocast: normalized cosines times s=64 need the precision.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, amp: Any = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.amp = amp
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hint = None
+        with self.amp if self.amp is not None else nullcontext():
+            if getattr(self.head, 'hint_weight', 0):  # distillation with a feature hint (one process only)
+                features = self.backbone.forward_features(images)
+                embeddings = self.backbone.forward_head(features)
+                hint = self.head.hint_loss(features, images)
+            else:
+                embeddings = self.backbone(images)
+        loss = self.head.loss(embeddings.float(), labels)
+        return loss if hint is None else loss + hint
 
 
 class StepStats:
@@ -83,3 +114,34 @@ def check_compile(device: torch.device, backend: str = 'inductor') -> None:
     except Exception as e:  # torch._dynamo / inductor raise many types; all mean "cannot compile here"
         raise UserError(f'--compile: torch.compile (backend {backend}) does not work on this platform ({device.type}): '
                         f'{first_line(e)}; run without --compile') from None
+
+
+def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
+    """One optimizer step of a built run (`self`: a `train.loop.Trainer`), with no host synchronisation (bar
+    GradScaler's own, float16 only): the loss, its finiteness and the gradient norm accumulate on the device
+    (`self.stats`), read at the log interval."""
+    self.lr_scheduler.step_update(self.step)
+    wd = weight_decay_at(self.step, self.total_steps, self.args.weight_decay, self.args.weight_decay_end)
+    set_weight_decay(self.optimizer, wd)
+    images = images.to(self.device, non_blocking=True).float()
+    images = images.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
+    labels = labels.to(self.device, non_blocking=True)
+    loss = self.ddp(images, labels)
+    self.optimizer.zero_grad(set_to_none=True)
+    # the total gradient norm is logged every step (a trainability signal); max_norm=inf measures, clips nothing
+    max_norm = self.args.clip_grad or float('inf')
+    if self.scaler is not None:
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        agree_on_overflow(self.scaler, self.optimizer, self.world, self.sharded)
+        grad_norm = clip_grad_norm(self.net, self.backbone, self.head, self.world, self.sharded, max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+    else:
+        loss.backward()
+        grad_norm = clip_grad_norm(self.net, self.backbone, self.head, self.world, self.sharded, max_norm)
+        self.optimizer.step()
+    if self.ema is not None:
+        self.ema.update(self.backbone, step=self.step)
+    self.stats.add(self.step + 1, loss, torch.as_tensor(grad_norm, device=loss.device))
+    return dict(loss=loss, lr=self.optimizer.param_groups[0]['lr'], weight_decay=wd)

@@ -40,8 +40,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ._io import atomic_write, first_line
-from .errors import UserError
+from ..errors import UserError, first_line
+from ..files import atomic_write
 
 DEPLOY_EXTRA = 'pip install "timm-mobileone[deploy]"'
 ONNX_EXTRA = 'pip install "timm-mobileone[onnx]"'
@@ -94,6 +94,15 @@ class Format:
 
     def files(self, path: Path) -> List[Path]:
         return [path] + [path.with_suffix(s) for s in self.companions]
+
+    def artifact_path(self, out: Path) -> Path:
+        """The artifact's path for `--out`: a format that writes several files names them all from `--out`, with or
+        without its suffix (ncnn: `--out X`, `X.param` and `X.bin` each write `X.param` + `X.bin`)."""
+        if not self.companions or out.suffix == self.suffix:
+            return out
+        if out.suffix in self.companions:
+            return out.with_suffix(self.suffix)
+        return out.with_name(out.name + self.suffix)
 
     def column(self, precision: str) -> str:
         """The deploy table's column id (`<format>_<precision>`) and label."""

@@ -34,7 +34,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from timm.layers import get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from .mobileone_112 import GDCHead, feat_size_for, feature_take_indices, upstream_checkpoint_hook
+from .mobileone_112 import (
+    GDCHead, feat_size_for, feature_take_indices, require_weights, upstream_checkpoint_hook)
 
 __all__ = ['ConvBnPReLU', 'Bottleneck', 'MobileFaceNet']
 
@@ -377,6 +378,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create_mobilefacenet(variant: str, pretrained: bool = False, **kwargs) -> MobileFaceNet:
+    require_weights(variant, pretrained, kwargs, (
+        "insightface's weights are not hosted here (non-commercial research licence). Load their MXNet file with "
+        "--checkpoint model-0000.params in the project's CLIs, or convert it (`python -m timm_mobileone.mxnet "
+        "--params model-0000.params --out mobilefacenet.safetensors`) and create it with checkpoint_path=<file>."))
     return build_model_with_cfg(
         MobileFaceNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -414,7 +419,7 @@ def mobilefacenet(pretrained: bool = False, **kwargs) -> MobileFaceNet:
 def check_mxnet_symbol(nodes: Dict[str, Dict[str, Any]], model: MobileFaceNet, source: str = 'symbol') -> None:
     """Raise MXNetError unless the MXNet graph (`mxnet.read_symbol`) is this model: every conv's geometry, BN eps,
     PReLU placement, residual adds, the GDC head, the embedding size and the input normalization of the cfg."""
-    from .mxnet import MXNetError, parse_tuple
+    from ..mxnet import MXNetError, parse_tuple
 
     def fail(what: str) -> None:
         raise MXNetError(f'{source}: not the graph of this mobilefacenet: {what}')

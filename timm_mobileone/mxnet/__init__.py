@@ -19,11 +19,10 @@ truncated, oversized or malformed file raises MXNetError (one line) and never al
 Why a reader plus a converter, and not `timm.create_model(..., checkpoint_path='model-0000.params')`: timm's
 `load_checkpoint` reads every non-safetensors file with `torch.load`, which an MXNet file is not, and patching timm
 from a plugin would change it for every other model. So the project's CLIs (`eval.*`, `timm_mobileone.export`,
-`hub export`, the zoo report) accept the `.params` file as `--checkpoint` directly (`_io.create_model_checked`
-converts it in memory), and this module's CLI writes a safetensors file that plain timm loads with
+`hub export`, the zoo report) accept the `.params` file as `--checkpoint` directly (`checkpoints.create_model_checked`
+converts it in memory), and this package's CLI (`__main__.py`) writes a safetensors file that plain timm loads with
 `checkpoint_path=` anywhere.
 """
-import argparse
 import json
 import re
 import struct
@@ -32,9 +31,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import UserError, cli
+from ..errors import UserError
 
-__all__ = ['MXNetError', 'read_params', 'read_symbol', 'symbol_path_for', 'main']
+__all__ = ['MXNetError', 'parse_tuple', 'read_params', 'read_symbol', 'symbol_path_for']
 
 LIST_MAGIC = 0x112
 V1_MAGIC = 0xF993FAC8
@@ -202,36 +201,3 @@ def read_symbol(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
 def parse_tuple(text: str) -> Tuple[int, ...]:
     """MXNet's attribute tuples, '(3, 3)' -> (3, 3)."""
     return tuple(int(v) for v in re.findall(r'-?\d+', text))
-
-
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='python -m timm_mobileone.mxnet', description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('-m', '--model', default='mobilefacenet', help='the timm model the checkpoint is for')
-    parser.add_argument('--params', required=True, help='the MXNet PREFIX-NNNN.params file')
-    parser.add_argument('--out', required=True, help='the safetensors file to write (timm state dict)')
-    parser.add_argument('--fused', action='store_true',
-                        help='write the reparameterized (BN-folded) state dict, for inference_mode=True models')
-    return parser.parse_args(argv)
-
-
-@cli
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Convert an MXNet checkpoint to safetensors; one JSON object on stdout, user errors exit 2."""
-    from timm.utils import reparameterize_model
-    from ._io import create_model_checked, save_safetensors
-    args = parse_args(argv)
-    model = create_model_checked(args.model, checkpoint=args.params).eval()
-    if args.fused:
-        model = reparameterize_model(model)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_safetensors(args.out, state, metadata={'format': 'pt', 'source': Path(args.params).name,
-                                                'form': 'fused' if args.fused else 'train'})
-    result = dict(model=args.model, params=args.params, out=args.out, fused=args.fused, tensors=len(state),
-                  parameters=int(sum(v.numel() for k, v in state.items() if v.is_floating_point())))
-    print(json.dumps(result))
-    return result
-
-
-if __name__ == '__main__':
-    main()

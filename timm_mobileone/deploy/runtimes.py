@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ._io import first_line
+from ..errors import first_line
 from .formats import FORMATS, ExportOptions, quiet
 from .profile import count_macs, time_round_robin
 

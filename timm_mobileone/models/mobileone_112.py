@@ -736,7 +736,28 @@ def _fused_weights_overlay(variant: str, kwargs: Dict[str, Any]) -> Dict[str, An
                        f'call model.reparameterize().')
 
 
+def require_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any], advice: str) -> None:
+    """For `pretrained=True` on a cfg with no weights to load: one error that names what does exist (`advice`)
+    instead of timm's generic "No pretrained weights exist ... Use pretrained=False". A source given at the call
+    (`hf-hub:` / `local-dir:` names, `pretrained_cfg_overlay=dict(file=...)`) passes."""
+    if not pretrained:
+        return
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
+        raise RuntimeError(f'No pretrained weights exist for {variant}.{cfg.tag}: {advice}')
+
+
+def _face_weights_advice(variant: str) -> str:
+    imagenet = ('' if '_dbb_' in variant else
+                f" For ImageNet initialisation (a fine-tuning start, not a face model) create '{variant}.apple_in1k'.")
+    return (f"no face weights are published for it.{imagenet} For trained face weights create 'hf-hub:<repo id>' or "
+            f"'local-dir:<folder>' (written by `python -m timm_mobileone.hub export`), or pretrained=False with "
+            f"checkpoint_path=<file>; to train them: `python -m train.face`.")
+
+
 def _create_mobileone_112(variant: str, pretrained: bool = False, **kwargs) -> MobileOne112:
+    require_weights(variant, pretrained, kwargs, _face_weights_advice(variant))
     fused_source = pretrained and kwargs.get('inference_mode', False)
     if fused_source:
         overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
@@ -766,10 +787,11 @@ def _mobileone_112_cfg(
         se_blocks: Tuple[int, ...] = (),
         num_conv_branches: int = 1,
         block: type = None,
+        d: Tuple[int, int, int, int] = (2, 8, 10, 1),
 ) -> ByoModelCfg:
     """MobileOne as timm builds it (`_mobileone_bcfg`), with stage 1 at stride 1 and our inference-mode block
     (`block`: MobileOneBlock, or DBBBlock for the DBB family, which ignores num_conv_branches)."""
-    stages = _mobileone_bcfg(wf=wf, se_blocks=se_blocks, num_conv_branches=num_conv_branches)
+    stages = _mobileone_bcfg(d=d, wf=wf, se_blocks=se_blocks, num_conv_branches=num_conv_branches)
     stages = [[replace(b, type=partial(block or MobileOneBlock)) for b in s] for s in stages]
     stages[0][0] = replace(stages[0][0], s=1)
     return ByoModelCfg(blocks=tuple(tuple(s) for s in stages), stem_type='one', stem_chs=min(64, int(64 * wf[0])))
@@ -782,6 +804,10 @@ model_cfgs = dict(
     mobileone_112_s2=_mobileone_112_cfg(wf=(1.5, 2.0, 2.5, 4.0)),
     mobileone_112_s3=_mobileone_112_cfg(wf=(2.0, 2.5, 3.0, 4.0)),
     mobileone_112_s4=_mobileone_112_cfg(wf=(3.0, 3.5, 3.5, 4.0), se_blocks=(0, 0, 5, 1)),
+    # a tiny member for tests and smoke runs of the machinery (as timm's test_* models): one block pair per stage,
+    # a quarter of the widths, two conv branches and an SE block: 1/150 of S0's train-time MACs, 1/47 of its params
+    mobileone_112_test=_mobileone_112_cfg(wf=(0.25, 0.25, 0.25, 0.25), se_blocks=(0, 0, 0, 1), num_conv_branches=2,
+                                          d=(1, 1, 1, 1)),
 )
 # the DBB family: the same macro-architecture (widths, depths, strides, SE, head), every conv a Diverse Branch Block
 model_cfgs.update({
@@ -837,7 +863,8 @@ default_cfgs = generate_default_cfgs({
         (f'mobileone_112_s{i}.untrained*', _cfg(license='apache-2.0')),
         (f'mobileone_112_dbb_s{i}.untrained', _dbb_cfg()),
     )
-})
+} | {'mobileone_112_test.untrained': _cfg(license='apache-2.0'),
+     'mobileone_112_dbb_test.untrained': _dbb_cfg()})
 
 
 @register_model
@@ -898,3 +925,15 @@ def mobileone_112_dbb_s3(pretrained: bool = False, **kwargs) -> MobileOne112:
 def mobileone_112_dbb_s4(pretrained: bool = False, **kwargs) -> MobileOne112:
     """MobileOne-S4 layout with Diverse Branch Blocks and SE (fuses to mobileone_112_s4), GDC embedding head."""
     return _create_mobileone_112('mobileone_112_dbb_s4', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_test(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """A tiny MobileOne-112 for tests and smoke runs (as timm's test_* models): 1 block pair per stage, 1/4 width."""
+    return _create_mobileone_112('mobileone_112_test', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_test(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """`mobileone_112_test` with Diverse Branch Blocks: fuses to exactly the fused `mobileone_112_test` network."""
+    return _create_mobileone_112('mobileone_112_dbb_test', pretrained=pretrained, **kwargs)

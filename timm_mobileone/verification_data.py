@@ -21,11 +21,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ._io import first_line
-from .errors import UserError
+from .errors import UserError, first_line
 
-__all__ = ['PackError', 'ImageError', 'VerificationSet', 'load_pack', 'load_pairs_folder', 'load_verification_set',
-           'decode_aligned', 'PairImages', 'collate_images', 'read_npy', 'read_embeddings']
+__all__ = ['PackError', 'ImageError', 'VerificationSet', 'PairsTxt', 'read_pairs_txt', 'load_pack', 'load_pairs_folder',
+           'load_verification_set', 'decode_aligned', 'PairImages', 'collate_images', 'read_npy', 'read_embeddings']
 
 
 class PackError(UserError, ValueError):
@@ -229,49 +228,77 @@ def _find_image(root: Path, person: str, number: str, pairs_file: Path, line_no:
     raise PackError(f'{pairs_file}:{line_no}: no image {stem}.jpg (or .png, ...)')
 
 
-def load_pairs_folder(path: Union[str, Path], name: Optional[str] = None) -> VerificationSet:
-    """Aligned images in `<root>/<name>/<name>_<nnnn>.jpg` with an LFW-style `pairs.txt`.
+@dataclass
+class PairsTxt:
+    """An LFW-style `pairs.txt`: an optional header `folds pairs_per_fold` (`10 300`), then one pair per line,
+    `name n1 n2` (the same person) or `name1 n1 name2 n2` (different people)."""
+    path: Path
+    pairs: List[List[str]]  # each pair line's fields
+    line_numbers: List[int]  # each pair's line in the file (1-based), for messages
+    folds: Optional[int] = None  # the header's, where there is one
+    per_fold: Optional[int] = None
 
-    `path` is the folder (holding `pairs.txt`) or the pairs file itself. The header line `folds pairs_per_fold`
-    (`10 300`) is optional; then `name n1 n2` lines (same person) or `name1 n1 name2 n2` lines (different people).
-    """
+    @property
+    def issame(self) -> List[bool]:
+        return [len(p) == 3 for p in self.pairs]
+
+    def images(self, i: int) -> Tuple[Tuple[str, str], Tuple[str, str]]:
+        """Pair i's two images as (person, number) each."""
+        p = self.pairs[i]
+        return ((p[0], p[1]), (p[0], p[2])) if len(p) == 3 else ((p[0], p[1]), (p[2], p[3]))
+
+    def people(self) -> set:
+        return {name for i in range(len(self.pairs)) for name, _ in self.images(i)}
+
+
+def read_pairs_txt(path: Union[str, Path]) -> PairsTxt:
+    """The one reader of `pairs.txt` (eval's aligned folders, `train.split`, the INT8 benchmark); whatever is wrong
+    with the file (missing, not UTF-8 text, a line that is not a pair, no pairs) raises PackError naming the line."""
     path = Path(path)
-    pairs_file = path / 'pairs.txt' if path.is_dir() else path
-    root = pairs_file.parent
-    if not pairs_file.is_file():
-        raise PackError(f'{pairs_file}: no such file (an aligned folder needs a pairs.txt)')
-    images: List[str] = []
-    issame: List[bool] = []
-    folds: Optional[int] = None
+    if not path.is_file():
+        raise PackError(f'{path}: no such file (an aligned folder needs a pairs.txt)')
     try:
-        lines = pairs_file.read_text(encoding='utf-8').splitlines()
+        lines = path.read_text(encoding='utf-8').splitlines()
     except UnicodeDecodeError as e:
-        raise PackError(f'{pairs_file}: not UTF-8 text ({e.reason} at byte {e.start})') from None
+        raise PackError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start})') from None
     except OSError as e:
-        raise PackError(f'{pairs_file}: cannot be read ({e.strerror or e})') from None
+        raise PackError(f'{path}: cannot be read ({e.strerror or e})') from None
+    out = PairsTxt(path=path, pairs=[], line_numbers=[])
     for line_no, line in enumerate(lines, start=1):
         fields = line.split()
         if not fields:
             continue
         if line_no == 1 and len(fields) == 2 and all(f.isdigit() for f in fields):
-            folds = int(fields[0]) if len(fields[0]) <= 6 else None  # header: folds, pairs per fold
+            # header: folds, pairs per fold (absurd lengths are no header to use, not an int to build)
+            out.folds, out.per_fold = (int(f) if len(f) <= 9 else None for f in fields)
             continue
-        if len(fields) == 3:
-            images += [_find_image(root, fields[0], fields[1], pairs_file, line_no),
-                       _find_image(root, fields[0], fields[2], pairs_file, line_no)]
-            issame.append(True)
-        elif len(fields) == 4:
-            images += [_find_image(root, fields[0], fields[1], pairs_file, line_no),
-                       _find_image(root, fields[2], fields[3], pairs_file, line_no)]
-            issame.append(False)
-        else:
-            raise PackError(f'{pairs_file}:{line_no}: expected "name n1 n2" or "name1 n1 name2 n2", got {line!r}')
-    if not issame:
-        raise PackError(f'{pairs_file}: no pairs')
-    if folds is not None and not 2 <= folds <= len(issame):
+        if len(fields) not in (3, 4):
+            raise PackError(f'{path}:{line_no}: expected "name n1 n2" or "name1 n1 name2 n2", got {line!r}')
+        out.pairs.append(fields)
+        out.line_numbers.append(line_no)
+    if not out.pairs:
+        raise PackError(f'{path}: no pairs')
+    return out
+
+
+def load_pairs_folder(path: Union[str, Path], name: Optional[str] = None) -> VerificationSet:
+    """Aligned images in `<root>/<name>/<name>_<nnnn>.jpg` with an LFW-style `pairs.txt` (`read_pairs_txt`).
+
+    `path` is the folder (holding `pairs.txt`) or the pairs file itself; the header's folds are the protocol's
+    where they can split these pairs (else eval's `--num-folds` decides).
+    """
+    path = Path(path)
+    pairs_file = path / 'pairs.txt' if path.is_dir() else path
+    root = pairs_file.parent
+    parsed = read_pairs_txt(pairs_file)
+    images: List[str] = []
+    for i, line_no in enumerate(parsed.line_numbers):
+        images += [_find_image(root, person, number, pairs_file, line_no) for person, number in parsed.images(i)]
+    folds = parsed.folds
+    if folds is not None and not 2 <= folds <= len(parsed.pairs):
         folds = None  # a header that cannot define folds over these pairs is ignored (eval uses --num-folds)
-    return VerificationSet(name=name or root.name, source=str(pairs_file), issame=np.array(issame), images=images,
-                           folds=folds)
+    return VerificationSet(name=name or root.name, source=str(pairs_file), issame=np.array(parsed.issame),
+                           images=images, folds=folds)
 
 
 def load_verification_set(path: Union[str, Path]) -> VerificationSet:

@@ -1,6 +1,6 @@
 """Reference models the zoo report and the deploy table compare against at 112x112.
 
-MobileFaceNet is this project's port of insightface's (`mobilefacenet.py`: the layout of Table 1 of
+MobileFaceNet is this project's port of insightface's (`models/mobilefacenet.py`: the layout of Table 1 of
 `MobileFaceNets`, https://arxiv.org/abs/1804.07573, as insightface trained it, and the model its trained MXNet
 weights load into): PReLU, inverted residual bottlenecks, a GDC head and a 128-d embedding, 0.99M params, about
 0.22 GMACs. The timm peers are built by name; those with train-time branches are reparameterized for their fused

@@ -1,0 +1,256 @@
+"""The training loop of `train.face`: epochs over the resumable sampler, logging, validation on a fused copy,
+checkpoints and resume, and the hub export at the end."""
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from timm_mobileone.errors import UserError
+
+from . import checkpoint as ckpt
+from .build import TrainSetup
+from .checkpoint import BEST_RESULT, BEST_WEIGHTS, RUN_DEFINING
+from .data import collate
+from .optim import load_optimizer, optimizer_tensors
+from .step import train_step
+
+__all__ = ['Trainer']
+
+_logger = logging.getLogger('train')
+
+
+def _default_tag(data: str, loss: str) -> str:
+    p = Path(data)
+    name = p.parent.name if p.suffix == '.rec' else p.name
+    slug = re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_') or 'custom'
+    return f'{slug}_{loss}' if slug[0].isalnum() else f'custom_{loss}'
+
+
+class Trainer(TrainSetup):
+    """One training process: the parts `TrainSetup` builds from the flags, run: steps, validation, checkpoints."""
+
+    train_step = train_step
+
+    # -- checkpoints
+
+    def _run_config(self) -> Dict[str, Any]:
+        cfg = {k: getattr(self.args, k) for k in RUN_DEFINING if k not in ('world_size', 'num_classes')}
+        return dict(cfg, world_size=self.world.world_size, num_classes=self.num_classes)
+
+    def save_checkpoint(self) -> None:
+        rng = self.world.gather(dict(cpu=torch.get_rng_state(),
+                                     cuda=torch.cuda.get_rng_state() if self.device.type == 'cuda' else None))
+        opt_tensors, opt_rest = optimizer_tensors(self.optimizer)
+        name = ckpt.checkpoint_name(self.step)
+        shards: List[str] = []
+        if self.sharded:  # every process writes its centres and their optimizer state
+            head_keys = {k for k in opt_tensors if int(k.split('.')[1]) in self.head_indices}
+            shards = [ckpt.shard_name(self.step, r) for r in range(self.world.world_size)]
+            shard = dict(ckpt.prefixed('head', self.head.state_dict()), **{k: opt_tensors.pop(k) for k in head_keys})
+            ckpt.save_safetensors(self.out / shards[self.world.rank], shard, metadata=dict(
+                step=str(self.step), rank=str(self.world.rank), world_size=str(self.world.world_size),
+                class_start=str(self.head.class_start), num_classes=str(self.head.num_local)))
+            self.world.barrier()  # every shard is on disk before last.json names them
+        if not self.world.main:
+            return
+        tensors = ckpt.prefixed('model', self.backbone.state_dict())
+        if not self.sharded:
+            tensors.update(ckpt.prefixed('head', self.head.state_dict()))
+        if self.ema is not None:
+            tensors.update(ckpt.prefixed('ema', self.ema.module.state_dict()))
+        tensors.update(opt_tensors)
+        for r, state in enumerate(rng):
+            tensors[f'rng.cpu.{r}'] = state['cpu']
+            if state['cuda'] is not None:
+                tensors[f'rng.cuda.{r}'] = state['cuda']
+        ckpt.save_safetensors(self.out / name, tensors, metadata=dict(step=str(self.step)))
+        state = dict(
+            step=self.step, epoch=self.step // self.steps_per_epoch, total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch, checkpoint=name, head_shards=shards, run=self._run_config(),
+            lr_scheduler=self.lr_scheduler.state_dict(), optimizer=opt_rest,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            best=self.best, command=self.args.command, data=self.args.data, time=time.time())
+        ckpt.commit(self.out, state, keep=[name, *shards])  # last.json names a complete checkpoint
+        _logger.info(f'step {self.step}: checkpoint {self.out / name}')
+
+    def _resume(self) -> None:
+        state, tensors = ckpt.read(self.out)
+        ckpt.check_run_flags(self.out, state['run'], self._run_config())
+        if self.sharded:
+            tensors.update(ckpt.read_shard(self.out, state, self.world.rank))
+        self.backbone.load_state_dict(ckpt.strip('model', tensors))
+        self.head.load_state_dict(ckpt.strip('head', tensors))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt.strip('ema', tensors))
+        load_optimizer(self.optimizer, tensors, state['optimizer'])
+        self.lr_scheduler.load_state_dict(state['lr_scheduler'])
+        if self.scaler is not None and state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
+        torch.set_rng_state(tensors[f'rng.cpu.{self.world.rank}'])
+        if self.device.type == 'cuda' and f'rng.cuda.{self.world.rank}' in tensors:
+            torch.cuda.set_rng_state(tensors[f'rng.cuda.{self.world.rank}'])
+        self.step = state['step']
+        self.best = state.get('best')
+        if self.world.main:
+            ckpt.truncate_log(self.out, self.step)
+        _logger.info(f'resumed {self.out} at step {self.step}/{self.total_steps}')
+
+    def _log(self, row: Dict[str, Any]) -> None:
+        if self.world.main:
+            ckpt.append_log(self.out, row)
+
+    # -- validation
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.backbone
+
+    def fused_copy(self) -> nn.Module:
+        """The validated weights in a fresh model of the architecture, reparameterized, on the device.
+
+        A fresh model rather than a deep copy: the copy must be exactly what `best.safetensors` loads into (the
+        eval command in best.json), and SyncBatchNorm modules are not the BatchNorm2d timm's fusion expects.
+        """
+        import timm
+        from timm.utils import reparameterize_model
+        model = timm.create_model(self.arch, num_classes=0, **self.args.model_kwargs)
+        model.load_state_dict(self.eval_model().state_dict())
+        model = reparameterize_model(model.eval(), inplace=True)
+        return model.to(self.device, memory_format=torch.channels_last)
+
+    def validate(self) -> Optional[Dict[str, Any]]:
+        """eval.verify's protocol (a library call) on a fused copy of the (EMA) weights; keeps the best. Main
+        process only. best.json's `command` reproduces the figure from best.safetensors."""
+        from eval.verify import verify, verify_command
+        if not self.val_sets:
+            return None
+        model = self.eval_model()
+        result = verify(self.fused_copy(), self.val_sets, batch_size=self.args.val_batch_size, device=self.device)
+        result.update(verify_command(self.arch, str(self.out / BEST_WEIGHTS), self.args.val,
+                                     self.args.val_batch_size), model=self.arch,
+                      checkpoint=str(self.out / BEST_WEIGHTS))
+        accs = {r['dataset']: r['accuracy'] for r in result['results']}
+        is_best = self.best is None or result['mean_accuracy'] > self.best['mean_accuracy']
+        self._log(dict(step=self.step, val=accs, mean_accuracy=result['mean_accuracy'], best=is_best))
+        _logger.info(f'step {self.step}: validation {json.dumps(accs)} mean {result["mean_accuracy"]:.5f}'
+                     f'{" (best)" if is_best else ""}')
+        if is_best:
+            ckpt.save_safetensors(self.out / BEST_WEIGHTS, model.state_dict(), metadata=dict(step=str(self.step)))
+            ckpt.json_write(self.out / BEST_RESULT, dict(result, step=self.step))
+            self.best = dict(step=self.step, mean_accuracy=result['mean_accuracy'])
+        return result
+
+    # -- training
+
+    def _loader(self, epoch: int, start: int):
+        """The run's one DataLoader, at this epoch's batches. Its workers persist across epochs: the sampler
+        hands them (epoch, index) keys, so no epoch state lives in a worker's copy of the dataset."""
+        self.sampler.set_epoch(epoch, start * self.args.batch_size)
+        self.dataset.set_epoch(epoch)
+        if self._data_loader is None:
+            gen = torch.Generator().manual_seed(self.args.seed)  # worker seeds: not from the global RNG
+            self._data_loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=self.args.batch_size, sampler=self.sampler, num_workers=self.args.workers,
+                collate_fn=collate, pin_memory=self.device.type == 'cuda', drop_last=True, generator=gen,
+                persistent_workers=self.args.workers > 0, prefetch_factor=4 if self.args.workers > 0 else None)
+        return self._data_loader
+
+    def check_finite(self) -> None:
+        """Raise (and record in the run's log) if a loss since the last read was not finite: at every log
+        interval, and before a checkpoint or a validation could keep the diverged weights."""
+        bad = self.stats.first_bad()
+        if bad is None:
+            return
+        step, loss = bad  # step: 1-based, as log rows count
+        # recorded in the run's log (train.compare_blocks counts diverged runs from it), then reported
+        self._log(dict(step=step, diverged=True, loss=str(loss)))
+        raise UserError(f'loss is {loss} at step {step - 1} (seen at step {self.step}); lower --lr or add '
+                        f'--clip-grad (the last checkpoint, step {ckpt.last_step(self.out)}, is kept for --resume)')
+
+    def fit(self) -> Dict[str, Any]:
+        args, t_start = self.args, time.perf_counter()
+        val_every = args.val_every or self.steps_per_epoch
+        ckpt_every = args.checkpoint_every or self.steps_per_epoch
+        first_loss = last_loss = None
+        t_log, seen = time.perf_counter(), 0
+        self.net.train()
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            for images, labels, errors in self._loader(epoch, start):
+                if errors:
+                    raise UserError(errors[0])
+                stats = self.train_step(images, labels)
+                self.step += 1
+                seen += len(images) * self.world.world_size
+                if first_loss is None:
+                    first_loss = stats['loss'].item()
+                if self.step % args.log_interval == 0 or self.step == self.total_steps:
+                    self.check_finite()
+                    read = self.stats.read()
+                    loss = self.world.mean(read['last_loss'])
+                    last_loss = loss
+                    elapsed = time.perf_counter() - t_log
+                    row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, loss=loss, lr=stats['lr'],
+                               weight_decay=stats['weight_decay'], grad_norm=read['grad_norm'],
+                               mean_loss=self.world.mean(read['loss']), images_per_second=seen / max(elapsed, 1e-9))
+                    self._log(row)
+                    _logger.info(f"step {self.step}/{self.total_steps} epoch {row['epoch']:.2f} loss {loss:.4f} "
+                                 f"lr {stats['lr']:.3g} wd {stats['weight_decay']:.3g} "
+                                 f"{row['images_per_second']:.1f} img/s")
+                    t_log, seen = time.perf_counter(), 0
+                if self.step % val_every == 0 or self.step == self.total_steps:
+                    self.check_finite()
+                    if self.world.main:
+                        self.validate()
+                    self.world.barrier()
+                    t_log = time.perf_counter()
+                if self.step % ckpt_every == 0 or self.step == self.total_steps:
+                    self.check_finite()
+                    self.save_checkpoint()
+                    self.world.barrier()
+                if self.step >= self.total_steps:
+                    break
+        summary = dict(
+            model=args.model, data=args.data, num_images=len(self.dataset), num_classes=self.num_classes,
+            world_size=self.world.world_size, head={k: v for k, v in self.head_memory.items() if k != 'line'},
+            steps=self.step, total_steps=self.total_steps, epochs=args.epochs,
+            first_loss=first_loss, last_loss=last_loss, best=self.best, output=str(self.out),
+            peak_memory_mb=self._peak_memory_mb(), teacher=self.teacher_info, train_form=args.train_form,
+            compile=args.compile,
+            seconds=round(time.perf_counter() - t_start, 3), command=args.command)
+        if self.world.main:
+            summary['export'] = self.export() if args.export else None
+        return summary
+
+    def _peak_memory_mb(self) -> float:
+        """Peak memory of this process: allocated on the GPU (torch's allocator), or the peak RSS on CPU."""
+        if self.device.type == 'cuda':
+            return round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+        import resource
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    def export(self) -> Dict[str, Any]:
+        """The best weights (or the final ones without --val) through timm_mobileone.hub export into OUTPUT/hub."""
+        from timm_mobileone.hub import export
+        best = self.out / BEST_WEIGHTS
+        results: Sequence[str] = [str(self.out / BEST_RESULT)] if (self.out / BEST_RESULT).is_file() else []
+        if not results:
+            ckpt.save_safetensors(best, self.eval_model().state_dict(), metadata=dict(step=str(self.step)))
+        args = self.args
+        loss = 'distill' if args.teacher and args.loss == 'none' else args.loss
+        tag = args.tag or _default_tag(args.data, loss)
+        how = (f'{args.loss} + ' if args.teacher and args.loss != 'none' else '') + (
+            f'embedding distillation from the teacher `{args.teacher}` (weights: '
+            f'`{args.teacher_checkpoint or args.teacher_onnx or "pretrained"}`; the teacher\'s licence terms carry '
+            f'over to these weights)' if args.teacher else args.loss)
+        train_data = (f'`{args.data}`: {len(self.dataset)} images of {self.num_classes} identities; {how}, '
+                      f'{args.epochs} epoch{"s" if args.epochs != 1 else ""}, trained with `{args.command}`')
+        try:
+            return export(self.arch, str(best), tag, str(self.out / 'hub'), results=results,
+                          train_data=train_data, license=args.license)
+        except UserError as e:
+            raise UserError(f'export: {e}') from None
