@@ -98,3 +98,10 @@ def test_errors_is_a_leaf_and_models_stand_apart_from_tooling():
         classes = [n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)
                    and any('Module' in ast.unparse(b) for b in n.bases)]
         assert not classes, f'{path.name} defines modules {classes} outside timm_mobileone.models'
+
+
+def test_every_subpackage_is_a_regular_package():
+    # setuptools' find (pyproject.toml) ships folders with an __init__.py only: a namespace folder would be left
+    # out of the wheel
+    for folder in {p.parent for p in PACKAGE.rglob('*.py')}:
+        assert (folder / '__init__.py').is_file(), f'{folder} has no __init__.py'
