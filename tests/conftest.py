@@ -9,8 +9,9 @@ import timm_mobileone  # noqa: F401  (registers the models)
 
 from train.synthetic import make_pack
 
-if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N processes share the cores; one intra-op thread each
-    torch.set_num_threads(1)
+if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N processes share the cores; one intra-op thread each,
+    torch.set_num_threads(1)                 # and in the CLIs they start: N x 2 OpenMP threads spinning on 2 cores
+    os.environ.setdefault('OMP_NUM_THREADS', '1')  # made single steps up to 100x slower (tests/timm_conformance.py)
 
 
 @pytest.fixture(autouse=True)

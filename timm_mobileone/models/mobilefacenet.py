@@ -31,11 +31,12 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from timm.layers import get_device_dtype
+from timm.layers import ClassifierHead, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from .mobileone_112 import (
-    GDCHead, feat_size_for, feature_take_indices, require_weights, upstream_checkpoint_hook)
+    GDC_POOL, GDCHead, check_global_pool, check_num_classes, feat_size_for, feature_take_indices, require_weights,
+    reset_face_classifier, upstream_checkpoint_hook)
 
 __all__ = ['ConvBnPReLU', 'Bottleneck', 'MobileFaceNet']
 
@@ -149,6 +150,7 @@ class MobileFaceNet(nn.Module):
             num_features: int = 512,
             embed_dim: int = 128,
             num_classes: int = 0,
+            global_pool: str = GDC_POOL,
             in_chans: int = 3,
             img_size: Union[int, Tuple[int, int]] = 112,
             drop_rate: float = 0.,
@@ -163,6 +165,8 @@ class MobileFaceNet(nn.Module):
             num_features: Channels of the final 1x1 conv (what the GDC head reduces).
             embed_dim: Embedding size.
             num_classes: Classifier outputs after the embedding (0: the embedding is the output).
+            global_pool: 'gdc' (the GDC embedding head), a timm pool type ('avg', ...: timm's ClassifierHead on the
+                final map) or '' (no pooling: the 4-D final map), as MobileOne-112 takes it.
             in_chans: Input channels.
             img_size: Input size; the GDC kernel covers the final map (7x7 at 112).
             drop_rate: Dropout before the classifier.
@@ -170,7 +174,10 @@ class MobileFaceNet(nn.Module):
         """
         super().__init__()
         kw = dict(inference_mode=inference_mode, device=device, dtype=dtype)
+        check_num_classes(num_classes)
+        check_global_pool(global_pool)
         self.num_classes = num_classes
+        self.global_pool = global_pool
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -195,13 +202,21 @@ class MobileFaceNet(nn.Module):
         self.final_conv = ConvBnPReLU(in_chs, num_features, 1, **kw)
         self.feature_info.append(dict(num_chs=num_features, reduction=reduction, module='final_conv'))
         self.num_features = num_features
-        self.head = GDCHead(num_features, embed_dim, num_classes, feat_size=self.feat_size, img_size=self.img_size,
-                            drop_rate=drop_rate, **kw)
-        if not inference_mode:
-            self.head.conv_dw.bn.eps = MXNET_BN_EPS
-            self.head.norm.eps = MXNET_FC1_EPS
+        self.head = self._create_head(num_classes, global_pool, device=device, dtype=dtype)
         self.head_hidden_size = self.head.num_features
         self._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
+
+    def _create_head(self, num_classes: int, global_pool: str, device=None, dtype=None) -> nn.Module:
+        if global_pool != GDC_POOL:
+            return ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=self.drop_rate,
+                                  device=device, dtype=dtype)
+        head = GDCHead(self.num_features, self.embed_dim, num_classes, feat_size=self.feat_size,
+                       img_size=self.img_size, drop_rate=self.drop_rate, inference_mode=self.inference_mode,
+                       device=device, dtype=dtype)
+        if not self.inference_mode:  # MXNet's eps (not in the checkpoint)
+            head.conv_dw.bn.eps = MXNET_BN_EPS
+            head.norm.eps = MXNET_FC1_EPS
+        return head
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -220,12 +235,9 @@ class MobileFaceNet(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier after the embedding (0: none); the GDC head itself stays."""
-        if global_pool not in (None, 'gdc'):
-            raise ValueError(f"MobileFaceNet's head is its GDC conv: global_pool must be 'gdc' or None, "
-                             f'got {global_pool!r}')
-        self.head.reset(num_classes)
-        self.num_classes = num_classes
+        """Replace the classifier (0: none); None or 'gdc' keeps the GDC head (and its embedding), another
+        `global_pool` replaces the head as MobileOne-112's does ('' : no pooling, 4-D output)."""
+        reset_face_classifier(self, num_classes, global_pool)
 
     def forward_intermediates(
             self,
@@ -240,7 +252,8 @@ class MobileFaceNet(nn.Module):
 
         Args:
             x: Input images.
-            indices: Take the last n of (stem, stage 1, 2, 3) if int, all if None, the listed ones if a sequence.
+            indices: Take the last n of (stem, stage 1, 2, 3, final conv) if int, all if None, the listed ones if
+                a sequence: `feature_info`'s five levels.
             norm: Unused (no final norm).
             stop_early: Stop after the last one taken.
             output_fmt: Only 'NCHW'.
@@ -248,7 +261,7 @@ class MobileFaceNet(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         intermediates = []
         x = self.stem(x)
         if 0 in take_indices:
@@ -258,10 +271,12 @@ class MobileFaceNet(nn.Module):
             x = stage(x)
             if i + 1 in take_indices:
                 intermediates.append(x)
-        if intermediates_only:
-            return intermediates
         if len(stages) == len(self.stages):
             x = self.final_conv(x)
+            if len(self.stages) + 1 in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
         return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -392,7 +407,7 @@ def _create_mobilefacenet(variant: str, pretrained: bool = False, **kwargs) -> M
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     return {
-        'num_classes': 0, 'input_size': (3, 112, 112), 'pool_size': (7, 7), 'crop_pct': 1.0,
+        'num_classes': 0, 'input_size': (3, 112, 112), 'pool_size': (7, 7), 'fixed_input_size': True, 'crop_pct': 1.0,
         'interpolation': 'bilinear', 'mean': INSIGHTFACE_MEAN, 'std': INSIGHTFACE_STD,
         'first_conv': 'stem.0.conv', 'classifier': None, 'paper_ids': 'arXiv:1804.07573',
         **kwargs,

@@ -405,8 +405,8 @@ class MobileOne112(nn.Module):
         check_train_form(train_form)
         _check_positive_int('in_chans', in_chans)
         _check_positive_int('embed_dim', embed_dim)
-        _check_num_classes(num_classes)
-        _check_global_pool(global_pool, num_classes)
+        check_num_classes(num_classes)
+        check_global_pool(global_pool)
         img_size = to_2tuple(img_size)
         if any(not isinstance(s, int) or s < 16 for s in img_size):
             raise ValueError(f'img_size must be an int or (h, w) of ints >= 16, got {img_size!r}')
@@ -500,21 +500,7 @@ class MobileOne112(nn.Module):
             num_classes: Classifier outputs (0: none).
             global_pool: 'gdc', a timm pool type, or '' (no pooling: 4-D output); None keeps the current one.
         """
-        _check_num_classes(num_classes)
-        dd = get_device_dtype(self.stages)
-        if global_pool is None or global_pool == self.global_pool:
-            _check_global_pool(self.global_pool, num_classes)
-            if isinstance(self.head, _EmbeddingHead):
-                self.head.reset(num_classes)
-            else:
-                self.head.reset(num_classes, in_features=self.num_features, **dd)
-        else:
-            _check_global_pool(global_pool, num_classes)
-            self.global_pool = global_pool
-            self.head = self._create_head(num_classes, global_pool, **dd)
-            self.head.train(self.training)
-        self.num_classes = num_classes
-        self.head_hidden_size = self.head.num_features
+        reset_face_classifier(self, num_classes, global_pool)
 
     def forward_intermediates(
             self,
@@ -614,17 +600,37 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f'{name} must be a positive int, got {value!r}')
 
 
-def _check_num_classes(num_classes: Any) -> None:
+def check_num_classes(num_classes: Any) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f'num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}')
 
 
-def _check_global_pool(global_pool: Any, num_classes: int) -> None:
+def check_global_pool(global_pool: Any) -> None:
+    """'gdc' (the face embedding head) or one of timm's pool types; '' is no pooling. As timm's ClassifierHead,
+    '' with a classifier is accepted: its linear layer then takes the unpooled map's last dimension."""
     valid = (GDC_POOL, 'avg', 'max', 'avgmax', 'catavgmax', '')
     if global_pool not in valid:
         raise ValueError(f'global_pool must be one of {valid}, got {global_pool!r}')
-    if global_pool == '' and num_classes:
-        raise ValueError("global_pool='' (no pooling) needs num_classes=0")
+
+
+def reset_face_classifier(model: nn.Module, num_classes: int, global_pool: Optional[str] = None) -> None:
+    """`reset_classifier` of the face models (MobileOne112, MobileFaceNet), with timm's meaning: `global_pool=None`
+    (or the current one) keeps the head and replaces its classifier, so the GDC head's embedding is unchanged; another
+    `global_pool` builds that head (`model._create_head`). `model.head_hidden_size` follows the head."""
+    check_num_classes(num_classes)
+    dd = get_device_dtype(model.stages)
+    if global_pool is None or global_pool == model.global_pool:
+        if isinstance(model.head, _EmbeddingHead):
+            model.head.reset(num_classes)
+        else:
+            model.head.reset(num_classes, in_features=model.num_features, **dd)
+    else:
+        check_global_pool(global_pool)
+        model.global_pool = global_pool
+        model.head = model._create_head(num_classes, global_pool, **dd)
+        model.head.train(model.training)
+    model.num_classes = num_classes
+    model.head_hidden_size = model.head.num_features
 
 
 _APPLE_KEY_RULES = (
