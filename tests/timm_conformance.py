@@ -138,10 +138,15 @@ def timm_tests(version: str, given: str, cache: Path) -> Path:
             if member is None:
                 raise UserError(f'{sdists[0].name} holds no tests/test_models.py; use --timm-tests PATH')
             data = tar.extractfile(member).read()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp_file = cached.with_suffix('.tmp')
-    tmp_file.write_bytes(data)
-    tmp_file.replace(cached)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = cached.with_suffix('.tmp')
+        tmp_file.write_bytes(data)
+        tmp_file.replace(cached)
+    except OSError as e:  # a read-only home: run from a temporary copy, cache nothing
+        print(f'warning: cannot cache {cached} ({e.strerror or e}); using a temporary copy', file=sys.stderr)
+        cached = Path(tempfile.mkdtemp(prefix='timm-tests-')) / 'test_models.py'
+        cached.write_bytes(data)
     return cached
 
 
