@@ -14,7 +14,7 @@ and 7.5 GB peak on the project's 2-core box: the train-time DBB forms at batch 6
 stderr: a bar on a terminal, a line per step in a log.
 `--json` prints one JSON object instead of the table; `--plot` saves latency vs GMACs.
 
-`--runtimes` prints the deploy table instead (runtimes.py): batch-1 latency of the fused models (default: the five
+`--runtimes` prints the deploy table instead (deploy/runtimes.py): batch-1 latency of the fused models (default: the five
 variants and the reference MobileFaceNet) in PyTorch eager, ONNX Runtime, ExecuTorch XNNPACK FP32 and INT8 and
 ncnn, timed round-robin over every (model, runtime) pair.
 """
@@ -294,7 +294,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 
 def _runtimes(args, names: List[str], peers: List[str]) -> Dict:
-    """The deploy table (runtimes.py): every fused model in every runtime installed here, interleaved."""
+    """The deploy table (deploy/runtimes.py): every fused model in every runtime installed here, interleaved."""
     from .deploy import runtimes
     from .deploy.peers import create_peer
     if args.threads:

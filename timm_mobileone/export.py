@@ -6,7 +6,7 @@
     python -m timm_mobileone.export --model mobileone_112_s0 --checkpoint CKPT --onnx s0.onnx [--opset 18]
         [--dynamic-batch] [--int8 --calib lfw.bin|DIR [--int8-onnx s0_int8.onnx]]     # --onnx P: --format onnx --out P
 
-One pipeline for every format (timm_mobileone/formats.py holds one entry per format): fuse, export into a hidden
+One pipeline for every format (timm_mobileone/deploy/formats.py holds one entry per format): fuse, export into a hidden
 temporary folder beside `--out`, check the artifact (its ops: no BatchNorm, no Add of branches), run it in its
 runtime here on held-out `--calib` crops (else 8 random inputs) one image at a time, compare with the PyTorch fused
 model, and only then move it into place. An FP32 artifact must reach a cosine >= 0.99999 against PyTorch (what
