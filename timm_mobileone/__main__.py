@@ -14,9 +14,9 @@ and 7.5 GB peak on the project's 2-core box: the train-time DBB forms at batch 6
 stderr: a bar on a terminal, a line per step in a log.
 `--json` prints one JSON object instead of the table; `--plot` saves latency vs GMACs.
 
-`--runtimes` prints the deploy table instead (deploy/runtimes.py): batch-1 latency of the fused models (default: the five
-variants and the reference MobileFaceNet) in PyTorch eager, ONNX Runtime, ExecuTorch XNNPACK FP32 and INT8 and
-ncnn, timed round-robin over every (model, runtime) pair.
+`--runtimes` prints the deploy table instead (deploy/runtimes.py): batch-1 latency of the fused models (default:
+the five variants and the reference MobileFaceNet) in PyTorch eager, ONNX Runtime, ExecuTorch XNNPACK FP32 and INT8
+and ncnn, timed round-robin over every (model, runtime) pair.
 """
 import argparse
 import json
