@@ -232,7 +232,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--equalize', default='auto', choices=('auto', 'on', 'off'),
                         help='cross-layer equalization of the fused model before export: the same FP32 function '
                              'with per-channel ranges evened out, which per-tensor INT8 activations need '
-                             '(timm_mobileone.quant); auto: on with --int8 for models that list their layer pairs')
+                             '(timm_mobileone.deploy.quant); auto: on with --int8 for models that list their layer '
+                             'pairs')
     parser.add_argument('--int8-onnx', default='', help='INT8 output file (default: <onnx stem>_int8.onnx)')
     parser.add_argument('--calib', default='', help='aligned face images for calibration: a folder or a .bin pack')
     parser.add_argument('--calib-images', type=int, default=200, help='images used to calibrate')

@@ -112,7 +112,7 @@ def _avg_kernel(channels: int, kernel_size: int, groups: int, like: torch.Tensor
 
 
 def check_dbb_train_form(train_form: str) -> str:
-    """'branches', or a ValueError: a DBB block has no exact merged training form (`timm_mobileone.merged`).
+    """'branches', or a ValueError: a DBB block has no exact merged training form (`timm_mobileone.models.merged`).
 
     Its 1x1-kxk branch (and, on dense convs, the average branch) pads its inner BN's output with the value the BN
     gives a zero input under the running statistics (`BNAndPad`, as the reference does), while the inside of the

@@ -14,7 +14,7 @@ The layout, in insightface's layer names (which the checkpoint keys carry):
 Each conv is followed by BatchNorm and (except the projections and the GDC) PReLU. MXNet's BatchNorm eps is 1e-3
 (2e-5 for fc1), not PyTorch's 1e-5: the port sets them, since eps is not in the checkpoint. The MXNet graph
 normalizes its 0..255 RGB input as (x - 127.5) * 0.0078125 = (x/255 - 0.5) / (128/255): that is this cfg's mean and
-std. `timm_mobileone.peers` uses this model as the MobileFaceNet reference of the zoo and deploy tables.
+std. `timm_mobileone.deploy.peers` uses this model as the MobileFaceNet reference of the zoo and deploy tables.
 
 The embedding head is the project's `GDCHead` (the same head MobileOne-112 uses): `pre_fc1`'s bias is folded into
 fc1's running mean on loading (BN(Wx + b) with mean m equals BN(Wx) with mean m - b), so the head is the same
@@ -304,13 +304,14 @@ class MobileFaceNet(nn.Module):
     @torch.jit.ignore
     def equalization_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
         """(layer, next layer) pairs with only a PReLU (or nothing) between them and no other consumer of the first's
-        output, for cross-layer equalization (`timm_mobileone.quant.equalize`) of the fused model."""
+        output, for cross-layer equalization (`timm_mobileone.deploy.quant.equalize`) of the fused model."""
         convs = [self.stem[0].conv, self.stem[1].conv]
         pairs = [(convs[0], convs[1]), (convs[1], self.stages[0][0].conv_sep.conv)]
         for stage in self.stages:
             for block in stage:
                 pairs += [(block.conv_sep.conv, block.conv_dw.conv), (block.conv_dw.conv, block.conv_proj.conv)]
-        pairs += [(self.final_conv.conv, self.head.conv_dw), (self.head.conv_dw, self.head.proj)]
+        if isinstance(self.head, GDCHead):  # another global_pool's head has no conv to pair
+            pairs += [(self.final_conv.conv, self.head.conv_dw), (self.head.conv_dw, self.head.proj)]
         return pairs
 
 

@@ -103,7 +103,7 @@ class MobileOneBlock(_TimmMobileOneBlock):
             stride: Stride of the block.
             inference_mode: Build the fused single-conv layout.
             train_form: How the train-time layout computes its branches: 'branches' (each conv + BN as a module,
-                timm's forward) or 'merged' (the same function as one conv, `timm_mobileone.merged`). Same
+                timm's forward) or 'merged' (the same function as one conv, `timm_mobileone.models.merged`). Same
                 parameters, keys and running statistics either way.
             **kwargs: Remaining `timm.models.byobnet.MobileOneBlock` arguments.
         """
@@ -393,7 +393,7 @@ class MobileOne112(nn.Module):
             head_chs: Channels of the conv1x1 head's reduction (default: the GDC head's parameter budget).
             train_form: How train-time blocks compute their branches: 'branches' (default) or 'merged' (the same
                 function, parameters, keys and running statistics, run as one conv per block; see
-                `timm_mobileone.merged`). Switch later with `set_train_form()`.
+                `timm_mobileone.models.merged`). Switch later with `set_train_form()`.
         """
         super().__init__()
         if head_type not in HEAD_TYPES:
@@ -582,7 +582,7 @@ class MobileOne112(nn.Module):
     @torch.jit.ignore
     def equalization_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
         """(layer, next layer) pairs of the fused model with only a ReLU between them, for cross-layer equalization
-        (`timm_mobileone.quant.equalize`): consecutive fused blocks (a fused MobileOne or DBB network is a plain
+        (`timm_mobileone.deploy.quant.equalize`): consecutive fused blocks (a fused MobileOne or DBB network is a plain
         conv/ReLU chain), then the last block, the GDC conv and the projection. A block whose output passes an SE
         unit (S4) starts no pair: SE is not positive-homogeneous."""
         blocks = [m for m in self.modules() if hasattr(m, 'reparam_conv')]
