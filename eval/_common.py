@@ -83,8 +83,8 @@ def build_parser(prog: str, description: str, default_targets: Sequence[str], mu
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_flags(parser)
     parser.add_argument('--data', action='append', default=None, metavar='PATH',
-                        help='verification data: an insightface .bin pack, or a folder of aligned images with '
-                             'pairs.txt' + (' (repeatable)' if multi else ''))
+                        help='verification data: an insightface .bin pack, a folder of aligned images with '
+                             'pairs.txt (of photos, with --align), or a CFP root' + (' (repeatable)' if multi else ''))
     parser.add_argument('--data-dir', default='',
                         help=f'folder holding the packs named by --targets (default: {",".join(default_targets)})')
     parser.add_argument('--targets', default=','.join(default_targets),
@@ -97,6 +97,14 @@ def build_parser(prog: str, description: str, default_targets: Sequence[str], mu
                              "'10 300'; else 10, insightface's packs)")
     parser.add_argument('--save-embeddings', default='', metavar='PATH.npy',
                         help='save the normalized 2N x D embeddings the metric saw (PATH_<dataset>.npy for several)')
+    parser.add_argument('--align', action='store_true',
+                        help='--data folders hold photos, not aligned crops: detect and align them first (once; the '
+                             'crops are cached). A CFP root (Protocol/Split/...) is always aligned')
+    parser.add_argument('--align-cache', default='', metavar='DIR',
+                        help='where aligned crops are cached (default: ~/.cache/timm-mobileone/aligned), one folder '
+                             'per source and settings')
+    from .align import add_align_flags  # eval.align imports nothing of this module
+    add_align_flags(parser)
     return parser
 
 
@@ -112,7 +120,20 @@ def resolve_data(args, default_targets: Sequence[str], load_images: bool = True)
         paths = [data_dir / f'{t}.bin' for t in targets if (data_dir / f'{t}.bin').is_file()]
         if not paths:
             raise UserError(f'--data-dir {data_dir}: none of {", ".join(t + ".bin" for t in targets)} found')
-    return [load_verification_set(p) for p in paths]
+    from . import _photos
+    from .align import align_settings
+    out: List[VerificationSet] = []
+    for p in paths:
+        if _photos.is_cfp_root(p):
+            for protocol in getattr(args, 'protocol', None) or _photos.CFP_PROTOCOLS:
+                out.append(_photos.load_cfp(p, protocol, align_settings(args), args))
+        elif args.align and (p.is_dir() or p.suffix == '.txt'):
+            out.append(_photos.load_photo_folder(p, align_settings(args), args))
+        elif args.align:
+            raise UserError(f'--align: {p} is not a folder of photos with pairs.txt (packs hold aligned crops)')
+        else:
+            out.append(load_verification_set(p))
+    return out
 
 
 class ArtifactModel:
@@ -275,7 +296,7 @@ def resolve_folds(dataset: VerificationSet, num_folds: Optional[int]) -> Tuple[i
     if num_folds is not None:
         return num_folds, '--num-folds'
     if dataset.folds is not None:
-        return dataset.folds, 'pairs.txt header'
+        return dataset.folds, dataset.folds_from
     return 10, 'default (insightface)'
 
 
@@ -318,6 +339,7 @@ def dataset_result(dataset: VerificationSet, metrics: Dict, xnorm: Optional[floa
         far=_rounded(metrics['far']),
         far_target=metrics['far_target'],
         auc=_rounded(metrics['auc']),
+        eer=_rounded(metrics.get('eer')),
         xnorm=None if xnorm is None else round(xnorm, 5),
         seconds=round(seconds, 3),
         images_per_second=None if images_per_s is None else round(images_per_s, 1),

@@ -26,16 +26,12 @@ import numpy as np
 
 from timm_mobileone.verification_data import PackError
 
+from ._align import ARCFACE_TEMPLATE, CROP_SIZE, align_landmarks, similarity_matrix  # noqa: F401 (this module's API)
+
 _logger = logging.getLogger('eval')
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 TARGETS = ('IJBC', 'IJBB')
-# The ArcFace 5-point template for 112x112 crops: the 96x112 points with x shifted by 8.
-ARCFACE_TEMPLATE = np.array([
-    [30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366], [33.5493, 92.3655], [62.7299, 92.2041]],
-    dtype=np.float32)
-ARCFACE_TEMPLATE[:, 0] += 8.0
-CROP_SIZE = 112
 PAIR_CHUNK = 10_000  # pairs scored at once: 3 float64 arrays of PAIR_CHUNK x D (120 MB at 512-d; 50,000 took 0.6 GB)
 
 
@@ -229,34 +225,9 @@ def read_meta(data_dir: Path, target: str, landmarks: bool = True) -> IJBMeta:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# alignment
+# alignment: insightface's norm_crop (eval._align)
 
-
-def similarity_matrix(landmarks: np.ndarray) -> Optional[np.ndarray]:
-    """The 2x3 matrix of scikit-image's least-squares similarity transform from `landmarks` (5, 2) to the ArcFace
-    template, or None where the points are degenerate."""
-    from skimage.transform import SimilarityTransform
-    src = np.asarray(landmarks, dtype=np.float32)
-    if hasattr(SimilarityTransform, 'from_estimate'):  # scikit-image >= 0.26 (estimate() is deprecated there)
-        tform = SimilarityTransform.from_estimate(src, ARCFACE_TEMPLATE)
-        if not tform:
-            return None
-    else:
-        tform = SimilarityTransform()
-        if not tform.estimate(src, ARCFACE_TEMPLATE):
-            return None
-    matrix = tform.params[0:2, :]
-    return matrix if np.isfinite(matrix).all() else None
-
-
-def align(image_bgr: np.ndarray, landmarks: np.ndarray) -> Optional[np.ndarray]:
-    """The (112, 112, 3) uint8 RGB crop of a BGR image, as insightface aligns it; None for degenerate landmarks."""
-    import cv2
-    matrix = similarity_matrix(landmarks)
-    if matrix is None:
-        return None
-    crop = cv2.warpAffine(image_bgr, matrix, (CROP_SIZE, CROP_SIZE), borderValue=0.0)
-    return cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)
+align = align_landmarks
 
 
 class AlignedCrops:

@@ -149,6 +149,26 @@ def roc_auc(dist: np.ndarray, issame: np.ndarray) -> Optional[float]:
     return float(binary_auroc(torch.from_numpy(-dist), torch.from_numpy(issame.astype(np.int64))))
 
 
+def equal_error_rate(dist: np.ndarray, issame: np.ndarray) -> Optional[float]:
+    """The rate where false accepts equal false rejects over all pairs (CFP's readme asks for it beside accuracy and
+    AUC): on torchmetrics' ROC of the score -dist, linearly interpolated between the two operating points where
+    FNR - FPR changes sign. None with only one class."""
+    issame = np.asarray(issame, dtype=bool)
+    if issame.all() or not issame.any():
+        return None
+    import torch
+    from torchmetrics.functional.classification import binary_roc
+    fpr, tpr, _ = binary_roc(torch.from_numpy(-np.asarray(dist, dtype=np.float64)),
+                             torch.from_numpy(issame.astype(np.int64)))
+    fpr, fnr = fpr.double().numpy(), 1 - tpr.double().numpy()
+    gap = fnr - fpr  # falls from 1 (threshold above every score) to -1 (below every score)
+    i = int(np.argmax(gap <= 0))
+    if i == 0:
+        return float(fpr[0])
+    t = gap[i - 1] / (gap[i - 1] - gap[i])
+    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows divided by their L2 norm (sklearn.preprocessing.normalize: zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float64)
@@ -177,7 +197,7 @@ def evaluate(embeddings: np.ndarray, issame: Sequence[bool], num_folds: int = 10
 
     Returns:
         dict with `accuracy` and `accuracy_std` (fold mean and std, ddof=0), per-fold `accuracies` and
-        `thresholds`, `tar_at_far` (None where undefined), `far`, `auc`, and the mean `tpr`/`fpr` curves.
+        `thresholds`, `tar_at_far` (None where undefined), `far`, `auc`, `eer` (equal error rate), and the mean `tpr`/`fpr` curves.
     """
     embeddings = np.asarray(embeddings)
     issame = np.asarray(issame, dtype=bool)
@@ -197,6 +217,7 @@ def evaluate(embeddings: np.ndarray, issame: Sequence[bool], num_folds: int = 10
         far=None if val is None else val['far'],
         far_target=far_target,
         auc=roc_auc(dist, issame),
+        eer=equal_error_rate(dist, issame),
         tpr=roc['tpr'],
         fpr=roc['fpr'],
     )

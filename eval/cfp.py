@@ -1,7 +1,10 @@
 """CFP-FP and CFP-FF verification: `python -m eval.cfp --model NAME --data-dir DIR` (or --data cfp_fp.bin ...).
 
 Evaluates every pack given with --data, or `cfp_fp.bin` and `cfp_ff.bin` found in --data-dir (both when both are
-there). Prints one JSON object whose `results` list holds one entry per pack.
+there); or CFP's own photos: `--data <CFP root> --protocol FP|FF` reads `Protocol/Pair_list_*.txt` and every
+`Protocol/Split/<protocol>/NN/` fold present, aligns the photos once (cached; see eval.align) and scores the
+dataset's own folds. Prints one JSON object whose `results` list holds one entry per pack or protocol (accuracy
++- std over the folds, AUC and EER, as CFP's readme asks).
 """
 from typing import Dict, List, Optional
 
@@ -13,7 +16,10 @@ TARGETS = ('cfp_fp', 'cfp_ff')
 
 
 def parse_args(argv: Optional[List[str]] = None):
-    return parse(build_parser('python -m eval.cfp', __doc__.splitlines()[0], TARGETS, multi=True), argv)
+    parser = build_parser('python -m eval.cfp', __doc__.splitlines()[0], TARGETS, multi=True)
+    parser.add_argument('--protocol', action='append', choices=('FP', 'FF'), default=None,
+                        help='with a CFP root: the protocol to score (repeatable; default: FP and FF)')
+    return parse(parser, argv)
 
 
 @cli

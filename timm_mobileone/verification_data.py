@@ -149,6 +149,7 @@ class VerificationSet:
     issame: np.ndarray
     images: Optional[Sequence[Union[bytes, np.ndarray, str]]] = None
     folds: Optional[int] = None  # the fold count a pairs.txt header declares (LFW: `10 300`), if any
+    folds_from: str = 'pairs.txt header'  # where `folds` comes from (CFP: its own split folders)
 
     @property
     def num_pairs(self) -> int:
@@ -329,7 +330,7 @@ def decode_aligned(data: bytes, size: Tuple[int, int]) -> np.ndarray:
             # 100,000 x 100,000 image (Pillow only warns below 2x its MAX_IMAGE_PIXELS, and would decode 500 MB)
             if img.size != (w, h):
                 raise ImageError(f'is {img.size[0]}x{img.size[1]}, expected aligned {w}x{h} crops (images are not '
-                                 f'resized)')
+                                 f'resized; photos: align them first, python -m eval.align, or eval\'s --align)')
             img.load()
             rgb = np.array(img.convert('RGB'))
     except ImageError:
