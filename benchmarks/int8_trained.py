@@ -14,7 +14,9 @@ INT8 vs FP32 cosine of the flip-summed, normalized embeddings verification uses 
 images). Calibration crops are people who appear in no pair of `pairs.txt` (the folder's 1,468 unpaired people), or
 of the `--calib` folder (a student's training people), one image each, the first `--calib-images` by name. The
 activation spread (largest / median per-channel max |activation|, per activation layer) names the layers a
-per-tensor INT8 scale serves worst. Prints one JSON object.
+per-tensor INT8 scale serves worst. With `--cfp ROOT` (a raw CFP root, e.g. `../shared/data/cfp_dev`), every
+runtime and precision is also scored on CFP-FP with `python -m eval.cfp --protocol FP` (photos aligned once into
+eval's cache). Prints one JSON object.
 """
 import argparse
 import contextlib
@@ -27,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval.cfp import main as cfp_main  # noqa: E402
 from eval.lfw import main as lfw_main  # noqa: E402
 from timm_mobileone.export import main as export_main  # noqa: E402
 from timm_mobileone.verification_data import read_pairs_txt  # noqa: E402
@@ -95,6 +98,13 @@ def lfw(args, extra, save):
                          save] + extra)
 
 
+def cfp_fp(args, extra):
+    """eval.cfp's CFP-FP result on the raw CFP root --cfp (aligned once into eval's cache) with the artifact flags."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return cfp_main(['--model', args.model, '--data', str(args.cfp), '--protocol', 'FP', '--no-progress']
+                        + extra)['results'][0]
+
+
 def export(argv):
     """timm_mobileone.export's result (its JSON line goes to stderr: this script's stdout is one JSON object)."""
     with contextlib.redirect_stdout(sys.stderr):
@@ -113,6 +123,8 @@ def main(argv=None):
     p.add_argument('--runtimes', default='onnx,executorch')
     p.add_argument('--calib-images', type=int, default=200)
     p.add_argument('--calib-method', default='minmax', choices=('minmax', 'percentile', 'entropy'))
+    p.add_argument('--cfp', type=Path, default=None,
+                   help='a raw CFP root (Data/, Protocol/): also score CFP-FP with eval.cfp in every runtime')
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     calib = calib_folder(args.data, args.out, args.calib_images + 100, args.calib)
@@ -140,13 +152,16 @@ def main(argv=None):
                                     '--calib-images', str(args.calib_images)])
                 runs = {'fp32': ['--runtime', 'executorch', '--artifact', fp32],
                         'int8': ['--runtime', 'executorch', '--artifact', int8]}
-            res, emb = {}, {}
+            res, emb, cfp = {}, {}, {}
             for precision, extra in runs.items():
                 save = str(args.out / f'emb_{variant}_{runtime}_{precision}.npy')
                 res[precision] = lfw(args, extra, save)
                 emb[precision] = np.load(save)
+                if args.cfp:
+                    cfp[precision] = cfp_fp(args, extra)
             row = dict(variant=variant, runtime=runtime, fp32_accuracy=res['fp32']['accuracy'],
                        fp32_auc=res['fp32']['auc'], fp32_xnorm=res['fp32']['xnorm'])
+            row.update({f'{k}_cfp_fp': v['accuracy'] for k, v in cfp.items()})
             if 'int8' in res:
                 cos = np.sum(emb['fp32'] * emb['int8'], axis=1)
                 row.update(calib_method=args.calib_method if runtime == 'onnx' else
