@@ -197,7 +197,8 @@ def evaluate(embeddings: np.ndarray, issame: Sequence[bool], num_folds: int = 10
 
     Returns:
         dict with `accuracy` and `accuracy_std` (fold mean and std, ddof=0), per-fold `accuracies` and
-        `thresholds`, `tar_at_far` (None where undefined), `far`, `auc`, `eer` (equal error rate), and the mean `tpr`/`fpr` curves.
+        `thresholds`, `tar_at_far` (None where undefined), `far`, `auc`, `eer` (equal error rate), and the mean
+        `tpr`/`fpr` curves.
     """
     embeddings = np.asarray(embeddings)
     issame = np.asarray(issame, dtype=bool)
