@@ -476,8 +476,8 @@ def finish(result: Dict, args, rows: List[Dict]) -> Dict:
 # what the result's `rerun` leaves out (the model and its local weights, local outputs, saved inputs that stand for the
 # model) and which flags it quotes by file name: see timm_mobileone.results
 RERUN_DROP = ('-m', '--model', '--pretrained', '--checkpoint', '--results-file', '--save-embeddings',
-              '--save-features', '--plot', '--embeddings', '--features', '--faceness')
-RERUN_PATHS = ('--data', '--data-dir', '--onnx', '--artifact')
+              '--save-features', '--plot', '--embeddings', '--features', '--faceness', '--align-cache')
+RERUN_PATHS = ('--data', '--data-dir', '--onnx', '--artifact', '--detector')
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]):
