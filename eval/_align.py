@@ -25,9 +25,10 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from timm_mobileone.errors import UserError, first_line
+from timm_mobileone.verification_data import IMAGE_EXTS
 
 __all__ = ['ARCFACE_TEMPLATE', 'CROP_SIZE', 'SELECT', 'AlignSettings', 'Detector', 'similarity_matrix',
-           'align_landmarks', 'center_crop', 'choose_face', 'read_photo', 'align_photo', 'file_sha256']
+           'align_landmarks', 'center_crop', 'choose_face', 'read_photo', 'align_photo']
 
 # The ArcFace 5-point template for 112x112 crops: the 96x112 points with x shifted by 8.
 ARCFACE_TEMPLATE = np.array([
@@ -58,14 +59,6 @@ class AlignSettings:
     def key(self) -> str:
         text = repr(sorted(asdict(self).items()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Detector:
@@ -213,7 +206,6 @@ def align_photo(bgr: np.ndarray, detector: Detector, settings: AlignSettings,
 # ----------------------------------------------------------------------------------------------------------------
 # a folder of photos -> a folder of crops, resumable and parallel
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 SETTINGS_FILE = 'align_settings.json'
 RECORDS_FILE = 'align_records.jsonl'  # one line per photo, appended as its crop lands: what a resumed run skips
 REPORT_FILE = 'align_report.json'

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from timm_mobileone.cli import cli
 from timm_mobileone.errors import UserError
-from timm_mobileone.files import atomic_write
+from timm_mobileone.files import atomic_write, sha256_file
 
 from . import _align as A
 
@@ -62,7 +62,7 @@ def align_settings(args) -> A.AlignSettings:
     if not detector.is_file():
         raise UserError(f'--detector {detector}: no such file')
     return A.AlignSettings(
-        detector_sha256=A.file_sha256(detector), score_threshold=args.score_threshold, select=args.select,
+        detector_sha256=sha256_file(detector), score_threshold=args.score_threshold, select=args.select,
         min_side=args.min_side, max_side=args.max_side,
         fallback='landmarks,center' if args.fallback == 'center' else 'landmarks', jpeg_quality=args.jpeg_quality)
 

@@ -1,4 +1,6 @@
-"""Atomic file writes: a file is replaced whole or left as it was (a crash or Ctrl-C never leaves half a file)."""
+"""Atomic file writes: a file is replaced whole or left as it was (a crash or Ctrl-C never leaves half a file); file
+hashes."""
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -7,7 +9,7 @@ from typing import TYPE_CHECKING, Callable, Dict, IO, Optional, Union
 if TYPE_CHECKING:
     import torch
 
-__all__ = ['atomic_write', 'save_safetensors']
+__all__ = ['atomic_write', 'save_safetensors', 'sha256_file']
 
 
 def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], None]) -> None:
@@ -34,6 +36,15 @@ def atomic_write(path: Union[str, Path], write: Callable[[IO[bytes]], None]) -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    """Hex sha256 of a file's bytes, read 1 MB at a time (weights, detector files, index files)."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_safetensors(path: Union[str, Path], tensors: Dict[str, 'torch.Tensor'],

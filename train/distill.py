@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_mobileone.errors import UserError
+from timm_mobileone.files import sha256_file
 
 _logger = logging.getLogger('train.distill')
 
@@ -111,25 +112,17 @@ def teacher_eval_args(args) -> argparse.Namespace:
     return add_model_flags(argparse.ArgumentParser(add_help=False)).parse_args(argv)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def teacher_fingerprint(targs: argparse.Namespace, data_cfg: Dict[str, Any]) -> Dict[str, Any]:
     """What makes the teacher's outputs what they are: model, weight files' contents, preprocessing."""
     files = {}
     for flag, path in (('checkpoint', targs.checkpoint), ('onnx', targs.onnx)):
         if path:
-            files[flag] = _sha256(path)
+            files[flag] = sha256_file(path)
             if flag == 'checkpoint' and Path(path).suffix == '.params':
                 from timm_mobileone.mxnet import symbol_path_for
                 symbol = symbol_path_for(path)
                 if symbol.is_file():
-                    files['symbol'] = _sha256(str(symbol))
+                    files['symbol'] = sha256_file(str(symbol))
     return dict(model=targs.model, files=files, mean=list(data_cfg['mean']), std=list(data_cfg['std']),
                 raw_pixels=bool(data_cfg.get('raw_pixels')), input_size=list(data_cfg['input_size']))
 
@@ -145,7 +138,7 @@ def data_fingerprint(dataset) -> str:
             p = Path(path)
             h.update(f'{p.relative_to(root) if p.is_relative_to(root) else p}\t{label}\t{p.stat().st_size}\n'.encode())
     else:
-        h.update(_sha256(str(dataset.reader.idx_path)).encode())
+        h.update(sha256_file(str(dataset.reader.idx_path)).encode())
         h.update(str(Path(dataset.reader.rec_path).stat().st_size).encode())
         h.update(np.asarray(dataset.keys).tobytes())
     h.update(f'n={len(dataset)} size={dataset.input_size}'.encode())
