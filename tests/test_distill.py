@@ -158,6 +158,82 @@ def test_distill_head_picks_the_target_of_the_orientation_seen():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# consistent teaching: the teacher online on the augmented batch (train/augment.py)
+
+AUGMENTED = ('--crop-scale', '0.8', '1', '--rotate', '8', '--color-jitter', '0.3', '--grayscale-prob', '0.3',
+             '--gaussian-blur-prob', '0.3', '--mixup', '0.5', '--cutmix', '1', '--relational-weight', '0.5',
+             '--model-ema', '--model-ema-decay', '0.9')
+
+
+def test_online_teacher_without_augmentation_trains_as_the_cached_targets(setup, run, tmp_path):
+    """--teacher-mode online on plain flipped crops: the same losses as the cached targets (float16 rounding)."""
+    summary = face.main(_flags(setup, tmp_path / 'on', '--teacher-mode', 'online', '--no-export'))
+    assert summary['teacher']['mode'] == 'online' and not (tmp_path / 'on' / 'teacher.safetensors').exists()
+    a, b = _losses(run[0]), _losses(tmp_path / 'on')
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=2e-3, abs=1e-4), s
+
+
+@pytest.fixture(scope='module')
+def augmented(setup):
+    """An augmented run with the teacher online, mixing, the relational term, EMA and unlabeled extra faces."""
+    extra = write_image_folder(setup['root'] / 'extra', identity_images(2, 4, seed=11))
+    flags = _flags(setup, setup['root'] / 'aug', '--no-export', '--checkpoint-every', '2', '--val',
+                   str(setup['val']), '--extra-data', str(extra), *AUGMENTED)
+    return flags, face.main(flags)
+
+
+def test_augmented_run_resumes_exactly_and_keeps_curve_best_and_final(setup, augmented, monkeypatch):
+    from safetensors.torch import load_file
+    flags, summary = augmented
+    out = Path(flags[flags.index('--output') + 1])
+    assert summary['teacher']['mode'] == 'online' and summary['num_images'] == 24 + 8 and summary['steps'] == 8
+    assert summary['augment']['mixup'] == 0.5 and [r['step'] for r in summary['val_curve']] == [4, 8]
+    assert (out / 'best.safetensors').is_file() and (out / 'final.safetensors').is_file()
+    final = load_file(str(out / 'final.safetensors'))
+    ema = load_file(str(out / 'checkpoint-00000008.safetensors'))
+    assert all(torch.equal(final[k], ema[f'ema.{k}']) for k in final)  # the EMA weights are the final ones
+    resumed = setup['root'] / 'aug-resumed'
+    again = flags[:]
+    again[again.index('--output') + 1] = str(resumed)
+    summary_b = interrupt_then_resume(monkeypatch, again, at_step=3)
+    a, b = _losses(out), _losses(resumed)
+    assert sorted(b) == list(range(1, 9))
+    for s in a:  # the augmentation, the mixing partners and lambdas included
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
+    assert [r['step'] for r in summary_b['val_curve']] == [4, 8]
+
+
+def test_what_consistent_teaching_refuses(setup, augmented, tmp_path, capsys):
+    from eval._common import ArtifactModel
+    from timm_mobileone.errors import UserError
+    from train.distill import OnlineTeacher
+    base = _flags(setup, tmp_path / 'x', '--no-export')
+    for extra, msg in ((['--crop-scale', '0', '1'], 'need 0 < LO <= HI <= 1'),
+                       (['--crop-scale', '0.5', '1.2'], 'need 0 < LO <= HI <= 1'),
+                       (['--mixup', '-0.2'], '--mixup must be >= 0'),
+                       (['--grayscale-prob', '2'], '--grayscale-prob must be in [0, 1]'),
+                       (['--mixup', '0.2', '--loss', 'arcface'], 'need --teacher and --loss none'),
+                       (['--rotate', '5', '--teacher-mode', 'cached'], 'needs --teacher-mode online'),
+                       (['--extra-data', str(setup['data']), '--loss', 'arcface'], 'they need --loss none'),
+                       (['--extra-data', str(tmp_path / 'nowhere')], 'no such folder')):
+        assert msg in face_error(capsys, base + extra), extra
+    assert not (tmp_path / 'x').exists()
+    flags, _ = augmented
+    out = Path(flags[flags.index('--output') + 1])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    changed = flags + ['--resume']
+    changed[changed.index('--rotate') + 1] = '12'
+    line = face_error(capsys, changed)
+    assert 'was started with rotate=8.0, now rotate=12.0' in line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    args = face.parse_args(base + ['--teacher-mode', 'online'])
+    with pytest.raises(UserError, match='ONNX teachers run on ONNX Runtime\'s CPU provider'):
+        OnlineTeacher(ArtifactModel.__new__(ArtifactModel), {}, args, torch.device('cuda'))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # train.split
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm_mobileone.checkpoints import create_model_checked
 from timm_mobileone.errors import UserError
 
-from . import distill
+from . import augment, distill
 from .checkpoint import STATE_NAME
 from .data import ResumableSampler, open_dataset
 from .distributed import World
@@ -56,7 +56,11 @@ class TrainSetup:
             raise UserError('--model-kwargs: the hub export writes the registered architectures with their '
                             'embedding size only (embed_dim; it reads that from the weights); pass --no-export')
         input_size = tuple(self.data_cfg['input_size'][-2:])
-        self.dataset = open_dataset(args.data, input_size, flip=True, seed=args.seed, num_classes=args.num_classes)
+        self.dataset = open_dataset(args.data, input_size, flip=True, seed=args.seed, num_classes=args.num_classes,
+                                    extra=getattr(args, 'extra_data', ()))
+        cfg = augment.config_from_args(args)
+        self.augment = augment.DeviceAugment(cfg, args.seed, world.rank) if cfg.active else None
+        self.teacher: Optional[distill.OnlineTeacher] = None
         self.num_classes = self.dataset.num_classes
         if self.num_classes < 2 and args.loss != 'none':
             raise UserError(f'--data {args.data}: {self.num_classes} identity; a margin loss needs at least 2')
@@ -159,19 +163,27 @@ class TrainSetup:
                             f'--model-kwargs embed_dim={teacher_dim} (the distilled embedding is then the one '
                             f'deployed), or add --distill-proj to learn a projection')
         self.dataset.with_index = True
-        cache = Path(args.teacher_cache) if args.teacher_cache else self.out / 'teacher.safetensors'
-        if world.main:  # one process computes the targets; the others read its cache
-            targets, flipped, self.teacher_info = distill.teacher_targets(self.dataset, args, cache, input_size,
-                                                                          teacher=teacher)
-        world.barrier()
-        if not world.main:
-            targets, flipped, self.teacher_info = distill.teacher_targets(self.dataset, args, cache, input_size,
-                                                                          compute=False, teacher=teacher)
+        if args.teacher_online:  # the teacher embeds each step's batch as the student sees it: nothing cached
+            targets = flipped = None
+            self.teacher = distill.OnlineTeacher(teacher[0], teacher[1], args, self.device)
+            self.teacher_info = dict(mode='online', teacher=distill.teacher_fingerprint(teacher[2], teacher[1]),
+                                     compiled=bool(args.compile), bfloat16=self.teacher.amp)
+        else:
+            cache = Path(args.teacher_cache) if args.teacher_cache else self.out / 'teacher.safetensors'
+            if world.main:  # one process computes the targets; the others read its cache
+                targets, flipped, self.teacher_info = distill.teacher_targets(self.dataset, args, cache, input_size,
+                                                                              teacher=teacher)
+            world.barrier()
+            if not world.main:
+                targets, flipped, self.teacher_info = distill.teacher_targets(self.dataset, args, cache, input_size,
+                                                                              compute=False, teacher=teacher)
+            self.teacher_info = dict(self.teacher_info, mode='cached')
         hint = self._hint(teacher, input_size) if args.hint_weight else None
-        del teacher  # without a hint, the targets are all a run needs of it
+        del teacher  # without a hint or an online teacher, the targets are all a run needs of it
         margin = self._build_head(embed_dim) if args.loss != 'none' else None
         return distill.DistillHead(embed_dim, targets, flipped, margin, args.distill_weight,
-                                   proj=targets.shape[1] != embed_dim, hint=hint)
+                                   proj=teacher_dim != embed_dim, hint=hint, teacher_dim=teacher_dim,
+                                   relational_weight=args.relational_weight)
 
     def _hint(self, teacher, input_size) -> Dict[str, Any]:
         """The feature hint's pieces: the teacher module, both feature maps' channels, the input conversion."""

@@ -6,6 +6,7 @@
                                                   written last, atomically: the commit point of a checkpoint
     OUTPUT/log.jsonl                              one row per logged step, validation, or divergence
     OUTPUT/best.safetensors, best.json            the best validated weights and their eval.verify result
+    OUTPUT/final.safetensors                      the weights at the last step (EMA's with --model-ema)
 
 A crash at any moment leaves `last.json` naming a complete checkpoint. Each function here is testable without a run.
 """
@@ -21,15 +22,21 @@ from timm_mobileone.errors import UserError
 STATE_NAME = 'last.json'
 BEST_WEIGHTS = 'best.safetensors'
 BEST_RESULT = 'best.json'
+FINAL_WEIGHTS = 'final.safetensors'
 LOG_NAME = 'log.jsonl'
 # flags that shape the run: a resumed run must use the values it was started with
 RUN_DEFINING = ('model', 'model_kwargs', 'loss', 'margin', 'scale', 'adaface_h', 'adaface_t_alpha', 'head',
                 'sample_rate', 'epochs', 'batch_size', 'lr', 'opt', 'sched', 'warmup_epochs', 'warmup_lr', 'min_lr',
                 'poly_power', 'weight_decay', 'weight_decay_end', 'model_ema', 'model_ema_decay', 'num_classes', 'seed',
                 'world_size', 'drop_path', 'teacher', 'teacher_checkpoint', 'teacher_onnx', 'teacher_raw_pixels',
-                'distill_weight', 'distill_proj', 'hint_weight', 'train_form')
+                'distill_weight', 'distill_proj', 'hint_weight', 'train_form', 'teacher_mode', 'relational_weight',
+                'extra_data', 'crop_scale', 'crop_ratio', 'shift', 'rotate', 'color_jitter', 'gaussian_blur_prob',
+                'grayscale_prob', 'mixup', 'cutmix', 'mixup_prob')
 # what a run folder written before a flag existed was started with
-RUN_DEFAULTS = dict(head='replicated', train_form='branches')
+RUN_DEFAULTS = dict(head='replicated', train_form='branches', teacher_mode='auto', relational_weight=0.0,
+                    extra_data=[], crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], shift=0.0, rotate=0.0,
+                    color_jitter=0.0, gaussian_blur_prob=0.0, grayscale_prob=0.0, mixup=0.0, cutmix=0.0,
+                    mixup_prob=1.0)
 
 
 def checkpoint_name(step: int) -> str:
@@ -121,3 +128,9 @@ def read_log(out: Path) -> List[Dict[str, Any]]:
     if not log.is_file():
         return []
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+
+def val_curve(out: Path) -> List[Dict[str, Any]]:
+    """The run's validation rows from its log (a resumed run's included): step and accuracy per set."""
+    return [dict(step=r['step'], val=r['val'], mean_accuracy=r['mean_accuracy']) for r in read_log(out) if 'val' in r]

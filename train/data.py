@@ -139,12 +139,18 @@ class ImageFolderDataset(_FaceImages):
     """One folder per identity (`root/<identity>/<image>`), as timm's folder reader finds them."""
 
     def __init__(self, root: Union[str, Path], input_size: Tuple[int, int] = (112, 112), flip: bool = True,
-                 seed: int = 0, num_classes: Optional[int] = None) -> None:
+                 seed: int = 0, num_classes: Optional[int] = None, extra: Sequence[Union[str, Path]] = ()) -> None:
         from timm.data.readers.reader_image_folder import find_images_and_targets
         self.samples, self.class_to_idx = find_images_and_targets(str(root))
         if not self.samples:
             raise FaceDataError(f'{root}: no images found (expected one folder per identity with .jpg/.png files)')
         super().__init__(num_classes or len(self.class_to_idx), input_size, flip, seed)
+        for folder in extra:  # unlabeled faces (distillation only): label 0, which no loss reads
+            found = _images_under(Path(folder))
+            if not found:
+                raise FaceDataError(f'--extra-data {folder}: no images found (a folder of aligned crops, searched '
+                                    f'recursively)')
+            self.samples.extend((str(path), 0) for path in found)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -157,15 +163,25 @@ class ImageFolderDataset(_FaceImages):
             raise FaceDataError(f'{path}: cannot be read ({e.strerror})') from None
 
 
+def _images_under(folder: Path) -> List[Path]:
+    from timm_mobileone.verification_data import IMAGE_EXTS
+    if not folder.is_dir():
+        raise FaceDataError(f'--extra-data {folder}: no such folder')
+    return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
 def open_dataset(path: Union[str, Path], input_size: Tuple[int, int], flip: bool = True, seed: int = 0,
-                 num_classes: Optional[int] = None) -> _FaceImages:
-    """A RecordIO pack (a `.rec` file, or a folder holding `train.rec`) or an ImageFolder tree."""
+                 num_classes: Optional[int] = None, extra: Sequence[Union[str, Path]] = ()) -> _FaceImages:
+    """A RecordIO pack (a `.rec` file, or a folder holding `train.rec`) or an ImageFolder tree; `extra`: folders of
+    unlabeled crops appended to an ImageFolder tree (label 0)."""
     p = Path(path)
     try:
         if p.suffix == '.rec' or (p.is_dir() and (p / 'train.rec').is_file()):
+            if extra:
+                raise FaceDataError(f'--extra-data goes with an image-folder --data; {path} is a RecordIO pack')
             return RecordIODataset(p if p.suffix == '.rec' else p / 'train.rec', input_size, flip, seed, num_classes)
         if p.is_dir():
-            return ImageFolderDataset(p, input_size, flip, seed, num_classes)
+            return ImageFolderDataset(p, input_size, flip, seed, num_classes, extra)
     except RecordIOError as e:
         raise FaceDataError(str(e)) from None
     raise FaceDataError(f'--data {path}: no such folder or .rec file (give a folder with train.rec + train.idx, '

@@ -74,13 +74,27 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument('--distill-proj', action='store_true',
                    help="learn a linear projection from the student's embedding to the teacher's when their "
                         'sizes differ (default: refuse; set embed_dim to the teacher\'s)')
+    g.add_argument('--teacher-mode', default='auto', choices=('auto', 'cached', 'online'),
+                   help='cached: the teacher embeds every image and its flip once; online: it embeds each step\'s '
+                        'batch as the student sees it (fused, without gradients, bfloat16 under --amp, compiled '
+                        'with --compile); auto: online when augmentation beyond the flip is on, else cached')
+    g.add_argument('--relational-weight', type=float, default=0.0,
+                   help="weight of relational distillation: the batch's pairwise cosine matrix of the student "
+                        "matches the teacher's (mean squared difference over the pairs)")
+    g.add_argument('--extra-data', nargs='+', default=[], metavar='DIR',
+                   help='more aligned crops to distill on, without identities (folders searched recursively, e.g. '
+                        'eval.align output); needs --loss none and an image-folder --data')
 
 
 def check_flags(p: argparse.ArgumentParser, args) -> None:
+    from .augment import config_from_args
     if not args.teacher:
         used = [f for f, v in (('--teacher-checkpoint', args.teacher_checkpoint), ('--teacher-onnx', args.teacher_onnx),
                                ('--teacher-cache', args.teacher_cache), ('--distill-proj', args.distill_proj),
-                               ('--teacher-raw-pixels', args.teacher_raw_pixels)) if v]
+                               ('--teacher-raw-pixels', args.teacher_raw_pixels),
+                               ('--teacher-mode', args.teacher_mode != 'auto'),
+                               ('--relational-weight', args.relational_weight),
+                               ('--extra-data', args.extra_data)) if v]
         if used:
             p.error(f'{used[0]} needs --teacher')
         if args.loss == 'none':
@@ -89,6 +103,21 @@ def check_flags(p: argparse.ArgumentParser, args) -> None:
         p.error('--distill-weight must be > 0')
     if args.hint_weight < 0 or (args.hint_weight and not args.teacher):
         p.error('--hint-weight must be >= 0, and needs --teacher')
+    if not args.relational_weight >= 0:
+        raise UserError('--relational-weight must be >= 0')
+    if args.extra_data and args.loss != 'none':
+        raise UserError('--extra-data: those faces have no identity labels; they need --loss none (distillation only)')
+    missing = [d for d in args.extra_data if not Path(d).is_dir()]
+    if missing:
+        raise UserError(f'--extra-data {missing[0]}: no such folder')
+    augmented = config_from_args(args).active
+    if args.teacher and args.teacher_mode == 'cached' and augmented:
+        raise UserError('--teacher-mode cached: the cache holds each image and its flip as they are; augmentation (crops, '
+                'colour, mixing) needs --teacher-mode online (or auto)')
+    if args.teacher and args.teacher_mode == 'online' and args.teacher_cache:
+        raise UserError('--teacher-cache: an online teacher keeps no cache')
+    args.teacher_online = bool(args.teacher) and (args.teacher_mode == 'online' or
+                                                  (args.teacher_mode == 'auto' and augmented))
     if args.hint_weight and args.teacher_onnx:
         p.error("--hint-weight needs the teacher's feature maps: give it as a model (--teacher-checkpoint), not "
                 "--teacher-onnx")
@@ -191,6 +220,46 @@ def build_teacher(args, input_size: Tuple[int, int]):
     return teacher, cfg, targs, out.shape[1]
 
 
+class OnlineTeacher:
+    """The teacher run on each step's batch (`--teacher-mode online`): `teacher(pixels)` takes the batch the
+    student sees, as 0..255 float pixels after augmentation, and returns L2-normalized float32 embeddings.
+
+    A PyTorch teacher runs reparameterized (timm's `reparameterize_model`: MobileOne or FastViT teachers in their
+    fused form), in eval mode, without gradients, under bfloat16 autocast when the run uses `--amp` (no grad scaler
+    is needed: nothing flows back) and compiled when it uses `--compile`. An ONNX teacher runs on ONNX Runtime's
+    CPU provider: on a CPU run that is its normal place; a CUDA run refuses it (each step would copy the batch to
+    the host and wait for the CPU's forward; measured here: MobileFaceNet on ONNX Runtime's CPU takes about 0.8 ms
+    per 112x112 image on two cores, ~100 ms per 128-image batch, as long as a whole S0 step on an H100).
+    """
+
+    def __init__(self, teacher, cfg: Dict[str, Any], args, device: torch.device) -> None:
+        from timm.utils import reparameterize_model
+        from eval._common import ArtifactModel
+        self.artifact = isinstance(teacher, ArtifactModel)
+        if self.artifact and device.type != 'cpu':
+            raise UserError(f'--teacher-onnx {args.teacher_onnx}: an online teacher must run each step on the '
+                            f'training device ({device.type}), and ONNX teachers run on ONNX Runtime\'s CPU provider '
+                            f'here; give the teacher as a model (--teacher-checkpoint), or train without '
+                            f'augmentation (cached targets)')
+        if not self.artifact:
+            teacher = reparameterize_model(teacher.eval()).requires_grad_(False).to(device)
+            if args.compile:
+                teacher = torch.compile(teacher, backend=args.compile_backend)
+        self.model = teacher
+        self.device = device
+        self.amp = bool(args.amp) and not self.artifact
+        self.raw = bool(cfg.get('raw_pixels'))
+        self.mean = torch.tensor(cfg['mean'], device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(cfg['std'], device=device).view(1, 3, 1, 1) * 255
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels if self.raw else (pixels - self.mean) / self.std
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(x)
+        return F.normalize(out.to(self.device).float(), dim=1)
+
+
 def _read_cache(path: Path, expected: Dict[str, str]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     from safetensors import safe_open
     try:
@@ -275,15 +344,17 @@ class DistillHead(nn.Module):
     and DistributedDataParallel must not broadcast them.
     """
 
-    def __init__(self, embed_dim: int, targets: torch.Tensor, targets_flip: torch.Tensor,
+    def __init__(self, embed_dim: int, targets: Optional[torch.Tensor], targets_flip: Optional[torch.Tensor],
                  margin: Optional[nn.Module] = None, weight: float = 1.0, proj: bool = False,
-                 hint: Optional[Dict[str, Any]] = None) -> None:
+                 hint: Optional[Dict[str, Any]] = None, teacher_dim: Optional[int] = None,
+                 relational_weight: float = 0.0) -> None:
         super().__init__()
-        teacher_dim = targets.shape[1]
+        teacher_dim = targets.shape[1] if targets is not None else teacher_dim
         self.proj = nn.Linear(embed_dim, teacher_dim, bias=False) if proj else None
         self.margin = margin
         self.weight = weight
-        self.targets, self.targets_flip = targets, targets_flip
+        self.relational_weight = relational_weight
+        self.targets, self.targets_flip = targets, targets_flip  # None: the teacher runs online
         self.hint_weight = hint['weight'] if hint else 0.0
         if hint:
             self.hint = nn.Conv2d(hint['student_chs'], hint['teacher_chs'], 1, bias=False)
@@ -300,18 +371,43 @@ class DistillHead(nn.Module):
         return self.hint_weight * (1 - F.cosine_similarity(student, target, dim=1, eps=1e-12)).mean()
 
     def targets_to(self, device: torch.device) -> None:
-        self.targets, self.targets_flip = self.targets.to(device), self.targets_flip.to(device)
+        if self.targets is not None:
+            self.targets, self.targets_flip = self.targets.to(device), self.targets_flip.to(device)
         if self.hint_weight:
             self._teacher[0].to(device)
 
-    def distill_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def distill_loss(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                     targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`1 - cos` to the teacher's embedding (the online teacher's `targets`, else the cache's entry for the
+        image and orientation), plus the relational term when weighted."""
         student = embeddings if self.proj is None else self.proj(embeddings)
-        index, flipped = labels[:, 1], labels[:, 2].bool().unsqueeze(1)
-        target = torch.where(flipped, self.targets_flip[index], self.targets[index]).float()
-        return (1 - F.cosine_similarity(student, target, dim=1, eps=1e-12)).mean()
+        if targets is None:
+            index, flipped = labels[:, 1], labels[:, 2].bool().unsqueeze(1)
+            targets = torch.where(flipped, self.targets_flip[index], self.targets[index])
+        targets = targets.float()
+        loss = (1 - F.cosine_similarity(student, targets, dim=1, eps=1e-12)).mean()
+        if self.relational_weight:
+            loss = loss + self.relational_weight * relational_loss(student, targets)
+        return loss
 
-    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = self.weight * self.distill_loss(embeddings, labels)
+    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor,
+             targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        loss = self.weight * self.distill_loss(embeddings, labels, targets)
         if self.margin is not None:
             loss = loss + self.margin.loss(embeddings, labels[:, 0])
         return loss
+
+
+def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Relational distillation on cosines (the similarity-preserving idea of Tung & Mori, ICCV 2019, and RKD's
+    distance term, Park et al., CVPR 2019, on the quantity verification scores): the mean squared difference of
+    the batch's pairwise cosine matrices, over the off-diagonal pairs. Verification thresholds a cosine between two
+    faces, so the pairs' cosines are what a student must reproduce; the per-image term only pulls each embedding
+    toward its own target."""
+    s = F.normalize(student, dim=1, eps=1e-12)
+    t = F.normalize(teacher, dim=1, eps=1e-12)
+    b = s.shape[0]
+    if b < 2:
+        return s.sum() * 0
+    off = ~torch.eye(b, dtype=torch.bool, device=s.device)
+    return ((s @ s.T - t @ t.T)[off] ** 2).mean()

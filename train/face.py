@@ -42,7 +42,7 @@ import torch
 from timm_mobileone.cli import cli
 from timm_mobileone.models.merged import TRAIN_FORMS
 
-from . import distill
+from . import augment, distill
 from .distributed import World
 from .loop import Trainer
 
@@ -122,6 +122,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--license', default='apache-2.0', help='licence of the exported weights (the model card\'s); '
                    'weights distilled from a teacher carry its terms')
     distill.add_flags(p)
+    augment.add_flags(p)
     args = p.parse_args(argv)
     try:
         args.model_kwargs = parse_kwargs(args.model_kwargs)
@@ -140,6 +141,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error('--adaface-t-alpha must be in [0, 1]')
     if args.num_classes is not None and args.num_classes < 2:
         p.error('--num-classes must be >= 2')
+    augment.check_flags(args)
     distill.check_flags(p, args)
     if args.tag and not re.fullmatch(r'[a-z0-9][a-z0-9_]*', args.tag):
         p.error('--tag: use lowercase letters, digits and _ (e.g. ms1mv3_arcface)')

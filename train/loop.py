@@ -14,7 +14,7 @@ from timm_mobileone.errors import UserError
 
 from . import checkpoint as ckpt
 from .build import TrainSetup
-from .checkpoint import BEST_RESULT, BEST_WEIGHTS, RUN_DEFINING
+from .checkpoint import BEST_RESULT, BEST_WEIGHTS, FINAL_WEIGHTS, RUN_DEFINING
 from .data import collate
 from .optim import load_optimizer, optimizer_tensors
 from .step import train_step
@@ -40,6 +40,7 @@ class Trainer(TrainSetup):
 
     def _run_config(self) -> Dict[str, Any]:
         cfg = {k: getattr(self.args, k) for k in RUN_DEFINING if k not in ('world_size', 'num_classes')}
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # as last.json reads back
         return dict(cfg, world_size=self.world.world_size, num_classes=self.num_classes)
 
     def save_checkpoint(self) -> None:
@@ -214,13 +215,17 @@ class Trainer(TrainSetup):
                     self.world.barrier()
                 if self.step >= self.total_steps:
                     break
+        if self.world.main:  # the final weights beside the best ones (a long run's end need not be its best)
+            ckpt.save_safetensors(self.out / FINAL_WEIGHTS, self.eval_model().state_dict(),
+                                  metadata=dict(step=str(self.step)))
         summary = dict(
             model=args.model, data=args.data, num_images=len(self.dataset), num_classes=self.num_classes,
             world_size=self.world.world_size, head={k: v for k, v in self.head_memory.items() if k != 'line'},
             steps=self.step, total_steps=self.total_steps, epochs=args.epochs,
             first_loss=first_loss, last_loss=last_loss, best=self.best, output=str(self.out),
             peak_memory_mb=self._peak_memory_mb(), teacher=self.teacher_info, train_form=args.train_form,
-            compile=args.compile,
+            compile=args.compile, augment=self.augment.cfg.to_dict() if self.augment is not None else None,
+            extra_data=list(args.extra_data), val_curve=ckpt.val_curve(self.out) if self.world.main else [], final_weights=str(self.out / FINAL_WEIGHTS),
             seconds=round(time.perf_counter() - t_start, 3), command=args.command)
         if self.world.main:
             summary['export'] = self.export() if args.export else None

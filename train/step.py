@@ -34,7 +34,9 @@ class FaceTrainModel(nn.Module):
         self.head = head
         self.amp = amp
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`targets`: the online teacher's embeddings of this batch (distillation with --teacher-mode online)."""
         hint = None
         with self.amp if self.amp is not None else nullcontext():
             if getattr(self.head, 'hint_weight', 0):  # distillation with a feature hint (one process only)
@@ -43,7 +45,10 @@ class FaceTrainModel(nn.Module):
                 hint = self.head.hint_loss(features, images)
             else:
                 embeddings = self.backbone(images)
-        loss = self.head.loss(embeddings.float(), labels)
+        if targets is None:
+            loss = self.head.loss(embeddings.float(), labels)
+        else:
+            loss = self.head.loss(embeddings.float(), labels, targets)
         return loss if hint is None else loss + hint
 
 
@@ -124,9 +129,12 @@ def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, An
     wd = weight_decay_at(self.step, self.total_steps, self.args.weight_decay, self.args.weight_decay_end)
     set_weight_decay(self.optimizer, wd)
     images = images.to(self.device, non_blocking=True).float()
+    if self.augment is not None:  # 0..255 pixels in, 0..255 pixels out: the teacher normalizes its own way
+        images = self.augment(images, self.step)
+    targets = self.teacher(images) if self.teacher is not None else None
     images = images.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
     labels = labels.to(self.device, non_blocking=True)
-    loss = self.ddp(images, labels)
+    loss = self.ddp(images, labels) if targets is None else self.ddp(images, labels, targets)
     self.optimizer.zero_grad(set_to_none=True)
     # the total gradient norm is logged every step (a trainability signal); max_norm=inf measures, clips nothing
     max_norm = self.args.clip_grad or float('inf')
