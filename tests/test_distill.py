@@ -50,7 +50,7 @@ def _losses(out: Path):
 def run(setup):
     out = setup['root'] / 'run'
     summary = face.main(_flags(setup, out, '--val', str(setup['val']), '--checkpoint-every', '2', '--tag',
-                               'synthetic_distill', '--license', 'other'))
+                               'synthetic_distill'))  # --license: other by default with a teacher
     return out, summary
 
 
@@ -166,8 +166,9 @@ AUGMENTED = ('--crop-scale', '0.8', '1', '--rotate', '8', '--color-jitter', '0.3
 
 
 def test_online_teacher_without_augmentation_trains_as_the_cached_targets(setup, run, tmp_path):
-    """--teacher-mode online on plain flipped crops: the same losses as the cached targets (float16 rounding)."""
-    summary = face.main(_flags(setup, tmp_path / 'on', '--teacher-mode', 'online', '--no-export'))
+    """--teacher-mode online on plain flipped crops: the same losses as the cached targets (float16 rounding);
+    --preload feeds the same batches (order and flips) as the DataLoader."""
+    summary = face.main(_flags(setup, tmp_path / 'on', '--teacher-mode', 'online', '--no-export', '--preload'))
     assert summary['teacher']['mode'] == 'online' and not (tmp_path / 'on' / 'teacher.safetensors').exists()
     a, b = _losses(run[0]), _losses(tmp_path / 'on')
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -180,7 +181,7 @@ def augmented(setup):
     """An augmented run with the teacher online, mixing, the relational term, EMA and unlabeled extra faces."""
     extra = write_image_folder(setup['root'] / 'extra', identity_images(2, 4, seed=11))
     flags = _flags(setup, setup['root'] / 'aug', '--no-export', '--checkpoint-every', '2', '--val',
-                   str(setup['val']), '--extra-data', str(extra), *AUGMENTED)
+                   str(setup['val']), '--best-on', 'val', '--extra-data', str(extra), *AUGMENTED)
     return flags, face.main(flags)
 
 
@@ -190,12 +191,13 @@ def test_augmented_run_resumes_exactly_and_keeps_curve_best_and_final(setup, aug
     out = Path(flags[flags.index('--output') + 1])
     assert summary['teacher']['mode'] == 'online' and summary['num_images'] == 24 + 8 and summary['steps'] == 8
     assert summary['augment']['mixup'] == 0.5 and [r['step'] for r in summary['val_curve']] == [4, 8]
+    assert summary['best']['best_on'] == 'val'
     assert (out / 'best.safetensors').is_file() and (out / 'final.safetensors').is_file()
     final = load_file(str(out / 'final.safetensors'))
     ema = load_file(str(out / 'checkpoint-00000008.safetensors'))
     assert all(torch.equal(final[k], ema[f'ema.{k}']) for k in final)  # the EMA weights are the final ones
     resumed = setup['root'] / 'aug-resumed'
-    again = flags[:]
+    again = flags + ['--preload']  # the preloaded batches are the DataLoader's, mid-epoch resume included
     again[again.index('--output') + 1] = str(resumed)
     summary_b = interrupt_then_resume(monkeypatch, again, at_step=3)
     a, b = _losses(out), _losses(resumed)
@@ -220,6 +222,8 @@ def test_what_consistent_teaching_refuses(setup, augmented, tmp_path, capsys):
                        (['--extra-data', str(tmp_path / 'nowhere')], 'no such folder')):
         assert msg in face_error(capsys, base + extra), extra
     assert not (tmp_path / 'x').exists()
+    assert "--best-on lfw: not one of the --val sets (val)" in face_error(
+        capsys, _flags(setup, tmp_path / 'y', '--no-export', '--val', str(setup['val']), '--best-on', 'lfw'))
     flags, _ = augmented
     out = Path(flags[flags.index('--output') + 1])
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}

@@ -109,8 +109,8 @@ def check_flags(args) -> None:
             raise UserError(f'--{name} must be >= 0 (the alpha of its Beta distribution; 0: off)')
     cfg = config_from_args(args)
     if cfg.mixing and not (args.teacher and args.loss == 'none'):
-        raise UserError('--mixup/--cutmix need --teacher and --loss none: a mixed face has no identity label, its target is '
-                "the teacher's embedding of the mixed image")
+        raise UserError('--mixup/--cutmix need --teacher and --loss none: a mixed face has no identity label, its '
+                        "target is the teacher's embedding of the mixed image")
 
 
 def config_from_args(args) -> AugmentConfig:

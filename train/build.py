@@ -14,7 +14,7 @@ from timm_mobileone.errors import UserError
 
 from . import augment, distill
 from .checkpoint import STATE_NAME
-from .data import ResumableSampler, open_dataset
+from .data import Preloaded, ResumableSampler, open_dataset
 from .distributed import World
 from .margin import MarginHead
 from .optim import build_lr_scheduler, build_optimizer
@@ -110,6 +110,10 @@ class TrainSetup:
         if self.steps_per_epoch < 1:
             raise UserError(f'--data {args.data}: {len(self.dataset)} images make no full batch of '
                             f'{args.batch_size} x {world.world_size} processes (lower --batch-size)')
+        self.preloaded = None
+        if args.preload:
+            _logger.info(f'--preload: decoding {len(self.dataset)} images onto {self.device}')
+            self.preloaded = Preloaded(self.dataset, self.device, args.workers)
         self.total_steps = args.epochs * self.steps_per_epoch
         self.warmup_steps = max(0, min(self.total_steps - 1, round(args.warmup_epochs * self.steps_per_epoch)))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, args, self.total_steps, self.warmup_steps)
@@ -118,6 +122,9 @@ class TrainSetup:
         self.stats = StepStats(self.device)
         self.best: Optional[Dict[str, Any]] = None
         self.val_sets = self._load_val_sets() if world.main else []
+        names = [v.name for v in self.val_sets]
+        if args.best_on and world.main and args.best_on not in names:
+            raise UserError(f'--best-on {args.best_on}: not one of the --val sets ({", ".join(names) or "none"})')
         self.mean = torch.tensor(self.data_cfg['mean'], device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.data_cfg['std'], device=self.device).view(1, 3, 1, 1) * 255
         if args.resume:

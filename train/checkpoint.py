@@ -31,12 +31,12 @@ RUN_DEFINING = ('model', 'model_kwargs', 'loss', 'margin', 'scale', 'adaface_h',
                 'world_size', 'drop_path', 'teacher', 'teacher_checkpoint', 'teacher_onnx', 'teacher_raw_pixels',
                 'distill_weight', 'distill_proj', 'hint_weight', 'train_form', 'teacher_mode', 'relational_weight',
                 'extra_data', 'crop_scale', 'crop_ratio', 'shift', 'rotate', 'color_jitter', 'gaussian_blur_prob',
-                'grayscale_prob', 'mixup', 'cutmix', 'mixup_prob')
+                'grayscale_prob', 'mixup', 'cutmix', 'mixup_prob', 'best_on')
 # what a run folder written before a flag existed was started with
 RUN_DEFAULTS = dict(head='replicated', train_form='branches', teacher_mode='auto', relational_weight=0.0,
                     extra_data=[], crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], shift=0.0, rotate=0.0,
                     color_jitter=0.0, gaussian_blur_prob=0.0, grayscale_prob=0.0, mixup=0.0, cutmix=0.0,
-                    mixup_prob=1.0)
+                    mixup_prob=1.0, best_on='')
 
 
 def checkpoint_name(step: int) -> str:

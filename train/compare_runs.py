@@ -16,7 +16,7 @@ from .face import parse_kwargs
 _logger = logging.getLogger('train.compare_blocks')
 
 # run-config keys that may differ between compared runs; every other one (data and recipe) must be equal
-VARIED = ('model', 'model_kwargs', 'seed', 'lr')
+VARIED = ('model', 'model_kwargs', 'seed', 'lr', 'train_form')  # train_form: the same function (exact)
 
 
 def parse_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
@@ -124,7 +124,7 @@ def read_run(folder: Path, require_finished: bool = True) -> Dict[str, Any]:
 
 
 def check_same_recipe(runs: List[Dict[str, Any]]) -> None:
-    """Every run must share the data and recipe; only model, model kwargs, seed and lr may vary."""
+    """Every run must share the data and recipe; only model, model kwargs, seed, lr and train form may vary."""
     ref = runs[0]
     for run in runs[1:]:
         if run['data'] != ref['data']:

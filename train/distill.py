@@ -112,8 +112,8 @@ def check_flags(p: argparse.ArgumentParser, args) -> None:
         raise UserError(f'--extra-data {missing[0]}: no such folder')
     augmented = config_from_args(args).active
     if args.teacher and args.teacher_mode == 'cached' and augmented:
-        raise UserError('--teacher-mode cached: the cache holds each image and its flip as they are; augmentation (crops, '
-                'colour, mixing) needs --teacher-mode online (or auto)')
+        raise UserError('--teacher-mode cached: the cache holds each image and its flip as they are; augmentation '
+                        '(crops, colour, mixing) needs --teacher-mode online (or auto)')
     if args.teacher and args.teacher_mode == 'online' and args.teacher_cache:
         raise UserError('--teacher-cache: an online teacher keeps no cache')
     args.teacher_online = bool(args.teacher) and (args.teacher_mode == 'online' or
@@ -227,9 +227,9 @@ class OnlineTeacher:
     A PyTorch teacher runs reparameterized (timm's `reparameterize_model`: MobileOne or FastViT teachers in their
     fused form), in eval mode, without gradients, under bfloat16 autocast when the run uses `--amp` (no grad scaler
     is needed: nothing flows back) and compiled when it uses `--compile`. An ONNX teacher runs on ONNX Runtime's
-    CPU provider: on a CPU run that is its normal place; a CUDA run refuses it (each step would copy the batch to
-    the host and wait for the CPU's forward; measured here: MobileFaceNet on ONNX Runtime's CPU takes about 0.8 ms
-    per 112x112 image on two cores, ~100 ms per 128-image batch, as long as a whole S0 step on an H100).
+    CPU provider: on a CPU run that is its normal place; a CUDA run refuses it: each step would copy the batch to
+    the host and wait for a CPU forward (docs/zoo.md: MobileFaceNet in ONNX Runtime takes 5.4 ms per image at batch
+    64 on the project's 2-core box, 1.4 s for a 256-image batch, where a GPU step of S0 is milliseconds).
     """
 
     def __init__(self, teacher, cfg: Dict[str, Any], args, device: torch.device) -> None:

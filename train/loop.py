@@ -135,14 +135,19 @@ class Trainer(TrainSetup):
                                      self.args.val_batch_size), model=self.arch,
                       checkpoint=str(self.out / BEST_WEIGHTS))
         accs = {r['dataset']: r['accuracy'] for r in result['results']}
-        is_best = self.best is None or result['mean_accuracy'] > self.best['mean_accuracy']
-        self._log(dict(step=self.step, val=accs, mean_accuracy=result['mean_accuracy'], best=is_best))
+        # --best-on: one set chooses (the others are curves to read, not to select on); else the mean
+        score = accs[self.args.best_on] if self.args.best_on else result['mean_accuracy']
+        is_best = self.best is None or score > self.best.get('score', self.best['mean_accuracy'])
+        self._log(dict(step=self.step, val=accs, mean_accuracy=result['mean_accuracy'], score=score, best=is_best,
+                       seconds=round(time.perf_counter() - self._t_start, 2)))
+        chosen = f' (best on {self.args.best_on})' if self.args.best_on else ' (best)'
         _logger.info(f'step {self.step}: validation {json.dumps(accs)} mean {result["mean_accuracy"]:.5f}'
-                     f'{" (best)" if is_best else ""}')
+                     f'{chosen if is_best else ""}')
         if is_best:
             ckpt.save_safetensors(self.out / BEST_WEIGHTS, model.state_dict(), metadata=dict(step=str(self.step)))
             ckpt.json_write(self.out / BEST_RESULT, dict(result, step=self.step))
-            self.best = dict(step=self.step, mean_accuracy=result['mean_accuracy'])
+            self.best = dict(step=self.step, mean_accuracy=result['mean_accuracy'], score=score,
+                             best_on=self.args.best_on or 'mean')
         return result
 
     # -- training
@@ -152,6 +157,8 @@ class Trainer(TrainSetup):
         hands them (epoch, index) keys, so no epoch state lives in a worker's copy of the dataset."""
         self.sampler.set_epoch(epoch, start * self.args.batch_size)
         self.dataset.set_epoch(epoch)
+        if self.preloaded is not None:
+            return self.preloaded.batches(self.sampler, self.args.batch_size)
         if self._data_loader is None:
             gen = torch.Generator().manual_seed(self.args.seed)  # worker seeds: not from the global RNG
             self._data_loader = torch.utils.data.DataLoader(
@@ -174,6 +181,7 @@ class Trainer(TrainSetup):
 
     def fit(self) -> Dict[str, Any]:
         args, t_start = self.args, time.perf_counter()
+        self._t_start = t_start  # the log's `seconds`: since this process started fitting (a resume restarts it)
         val_every = args.val_every or self.steps_per_epoch
         ckpt_every = args.checkpoint_every or self.steps_per_epoch
         first_loss = last_loss = None
@@ -197,7 +205,8 @@ class Trainer(TrainSetup):
                     elapsed = time.perf_counter() - t_log
                     row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, loss=loss, lr=stats['lr'],
                                weight_decay=stats['weight_decay'], grad_norm=read['grad_norm'],
-                               mean_loss=self.world.mean(read['loss']), images_per_second=seen / max(elapsed, 1e-9))
+                               mean_loss=self.world.mean(read['loss']), images_per_second=seen / max(elapsed, 1e-9),
+                               seconds=round(time.perf_counter() - t_start, 2))
                     self._log(row)
                     _logger.info(f"step {self.step}/{self.total_steps} epoch {row['epoch']:.2f} loss {loss:.4f} "
                                  f"lr {stats['lr']:.3g} wd {stats['weight_decay']:.3g} "
@@ -205,10 +214,13 @@ class Trainer(TrainSetup):
                     t_log, seen = time.perf_counter(), 0
                 if self.step % val_every == 0 or self.step == self.total_steps:
                     self.check_finite()
+                    t_val = time.perf_counter()
                     if self.world.main:
                         self.validate()
                     self.world.barrier()
-                    t_log = time.perf_counter()
+                    # images/s counts training only: the interval's clock skips the validation (its images since
+                    # the last log row stay counted, over the training time they took)
+                    t_log += time.perf_counter() - t_val
                 if self.step % ckpt_every == 0 or self.step == self.total_steps:
                     self.check_finite()
                     self.save_checkpoint()
@@ -225,7 +237,8 @@ class Trainer(TrainSetup):
             first_loss=first_loss, last_loss=last_loss, best=self.best, output=str(self.out),
             peak_memory_mb=self._peak_memory_mb(), teacher=self.teacher_info, train_form=args.train_form,
             compile=args.compile, augment=self.augment.cfg.to_dict() if self.augment is not None else None,
-            extra_data=list(args.extra_data), val_curve=ckpt.val_curve(self.out) if self.world.main else [], final_weights=str(self.out / FINAL_WEIGHTS),
+            extra_data=list(args.extra_data), val_curve=ckpt.val_curve(self.out) if self.world.main else [],
+            final_weights=str(self.out / FINAL_WEIGHTS),
             seconds=round(time.perf_counter() - t_start, 3), command=args.command)
         if self.world.main:
             summary['export'] = self.export() if args.export else None
@@ -237,6 +250,14 @@ class Trainer(TrainSetup):
             return round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
         import resource
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    def _augment_words(self) -> str:
+        cfg = self.augment.cfg
+        words = [f'crops of {cfg.crop_scale[0]:g}-{cfg.crop_scale[1]:g} of the area'] if cfg.geometric else []
+        words += [f'{name} {value:g}' for name, value in (('rotation up to', cfg.rotate), ('colour jitter',
+                  cfg.color_jitter), ('blur p', cfg.gaussian_blur_prob), ('grayscale p', cfg.grayscale_prob),
+                  ('mixup alpha', cfg.mixup), ('cutmix alpha', cfg.cutmix)) if value]
+        return ', '.join(words)
 
     def export(self) -> Dict[str, Any]:
         """The best weights (or the final ones without --val) through timm_mobileone.hub export into OUTPUT/hub."""
@@ -252,8 +273,13 @@ class Trainer(TrainSetup):
             f'embedding distillation from the teacher `{args.teacher}` (weights: '
             f'`{args.teacher_checkpoint or args.teacher_onnx or "pretrained"}`; the teacher\'s licence terms carry '
             f'over to these weights)' if args.teacher else args.loss)
-        train_data = (f'`{args.data}`: {len(self.dataset)} images of {self.num_classes} identities; {how}, '
-                      f'{args.epochs} epoch{"s" if args.epochs != 1 else ""}, trained with `{args.command}`')
+        extra = (f' plus {", ".join(f"`{d}`" for d in args.extra_data)} (unlabeled faces)' if args.extra_data
+                 else '')
+        seen = (f'the teacher online on the same augmented batch as the student ({self._augment_words()})'
+                if self.augment is not None else '')
+        train_data = (f'`{args.data}`{extra}: {len(self.dataset)} images, {self.num_classes} identities in '
+                      f'`{args.data}`; {how}{"; " + seen if seen else ""}, {args.epochs} '
+                      f'epoch{"s" if args.epochs != 1 else ""}, trained with `{args.command}`')
         try:
             return export(self.arch, str(best), tag, str(self.out / 'hub'), results=results,
                           train_data=train_data, license=args.license)
