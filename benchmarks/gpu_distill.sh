@@ -13,9 +13,10 @@
 # (split/val) as a curve beside it; fold 5's figure of the chosen step is read once, in the report.
 # Stages (CUDA: batch 256, bfloat16 autocast, channels_last, crops preloaded on the GPU):
 #   1. probe: one epoch of each student, to measure images/s (its epochs then fill the budget) ....... ~2 x 30 s
-#   2. DBB-S0 (branches: DBB has no merged form): the epochs that fill $BUDGET seconds (default 120) .... ~B + 20 s
+#   2. DBB-S0 (branches: DBB has no merged form): the epochs that fill $BUDGET seconds (default 80) ..... ~B + 40 s
 #   3. S0 (merged training form, exact, its fastest): DBB's epochs (equal images), then $BUDGET seconds
-#      (equal wall time) ............................................................................ ~B/3 + B + 40 s
+#      (equal wall time); and the earlier recipe (cached targets, no augmentation) at DBB's epochs
+#      ..................................................................................... ~B/3 + B + B/3 + 120 s
 #   4. both at 4x the learning rate for one epoch: divergence (log rows `diverged`) ....................... ~2 x 25 s
 #   5. the report (benchmarks/distill_report.py): table and curves, JSON to $OUT/report.json
 # The INT8 drift of the students runs on a CPU afterwards (benchmarks/int8_trained.py on $OUT/*/best.safetensors).
@@ -38,19 +39,20 @@ EXTRA=()
 [ -d "$DATA/extra" ] && EXTRA=(--extra-data "$DATA/extra")
 
 if [ "$DEVICE" = cuda ]; then
-  BUDGET=${BUDGET:-120} B=256 LR=${LR:-0.4} SPEED=(--amp --amp-dtype bfloat16 --channels-last --preload -j 12)
-  PROBE_T=60 PAD=60 VALS=12
+  BUDGET=${BUDGET:-80} B=256 LR=${LR:-0.4} SPEED=(--amp --amp-dtype bfloat16 --channels-last --preload -j 12)
+  PROBE_T=60 PAD=60 VALS=8
 else  # the script's own check: the real faces and flags, a few steps
   BUDGET=${BUDGET:-60} B=16 LR=${LR:-0.1} SPEED=(--preload -j 2)
   PROBE_T=600 PAD=600 VALS=3
 fi
 # the recipe: consistent teaching (crops near the aligned framing, small rotations, colour, blur, grayscale, mixup
 # or cutmix on every batch), cosine to the teacher plus the batch's cosine matrix, EMA of the student
-RECIPE=(--loss none --teacher mobilefacenet --teacher-checkpoint "$TEACHER" --model-kwargs embed_dim=128
-        --crop-scale 0.8 1 --crop-ratio 0.9 1.1 --rotate 8 --color-jitter 0.3 --gaussian-blur-prob 0.1
-        --grayscale-prob 0.1 --mixup 0.4 --cutmix 1.0 --relational-weight 1.0 --model-ema --model-ema-decay 0.999
-        -b "$B" --lr "$LR" --weight-decay 5e-5 --weight-decay-end 5e-6 --device "$DEVICE" --no-export
-        --data "$DATA/split/train" "${EXTRA[@]}" --log-interval 10 "${SPEED[@]}")
+COMMON=(--loss none --teacher mobilefacenet --teacher-checkpoint "$TEACHER" --model-kwargs embed_dim=128
+        --model-ema --model-ema-decay 0.999 -b "$B" --lr "$LR" --weight-decay 5e-5 --weight-decay-end 5e-6
+        --device "$DEVICE" --no-export --data "$DATA/split/train" "${EXTRA[@]}" --log-interval 10 "${SPEED[@]}")
+CONSISTENT=(--crop-scale 0.8 1 --crop-ratio 0.9 1.1 --rotate 8 --color-jitter 0.3 --gaussian-blur-prob 0.1
+            --grayscale-prob 0.1 --mixup 0.4 --cutmix 1.0 --relational-weight 1.0)
+RECIPE=("${COMMON[@]}" "${CONSISTENT[@]}")
 stage() { echo "== $(date +%T) $*" >&2; }
 form() { [ "$1" = mobileone_112_s0 ] && echo merged || echo branches; }
 MODELS=(mobileone_112_s0 mobileone_112_dbb_s0)
@@ -79,14 +81,15 @@ print(epochs, max(1, epochs * (n // batch) // vals), round(ips, 1), n)
 EOF
 }
 
-run() {  # model, output name, epochs (empty: fill $BUDGET at the probed speed)
-  local m=$1 name=$2 epochs=$3
+run() {  # model, output name, epochs (empty: fill $BUDGET at the probed speed), [cached: the earlier recipe]
+  local m=$1 name=$2 epochs=$3 flags=("${RECIPE[@]}")
+  [ "${4:-}" = cached ] && flags=("${COMMON[@]}")
   read -r EPOCHS VAL_EVERY IPS N < <(plan "$m")
   if [ -n "$epochs" ]; then VAL_EVERY=$(( VAL_EVERY * epochs / EPOCHS )); EPOCHS=$epochs; fi
   [ "$VAL_EVERY" -ge 1 ] || VAL_EVERY=1
   echo "$name: $EPOCHS epochs of $N images (probed $IPS images/s), validation every $VAL_EVERY steps" >&2
   echo "$EPOCHS" > "$OUT/$name.epochs"
-  timeout $((BUDGET * 2 + PAD)) $PY -m train.face --model "$m" --train-form "$(form "$m")" "${RECIPE[@]}" \
+  timeout $((BUDGET * 2 + PAD)) $PY -m train.face --model "$m" --train-form "$(form "$m")" "${flags[@]}" \
     --epochs "$EPOCHS" --warmup-epochs "$(( EPOCHS >= 10 ? 2 : 1 ))" --val "$DATA/select" "$DATA/split/val" \
     --best-on select --val-every "$VAL_EVERY" --output "$OUT/$name" > "$OUT/$name.json" 2> "$OUT/$name.log"
   echo "$name exit $?" >&2
@@ -98,6 +101,8 @@ stage "3: S0, as many images as DBB-S0 saw (equal images)"
 run mobileone_112_s0 s0_equal_images "$(cat "$OUT/dbb_s0.epochs")"
 stage "3b: S0, the budget (equal wall time)"
 run mobileone_112_s0 s0 ""
+stage "3c: S0, the earlier recipe (cached targets, no augmentation), DBB-S0's images"
+run mobileone_112_s0 s0_cached "$(cat "$OUT/dbb_s0.epochs")" cached
 
 stage "4: 4x the learning rate, one epoch each"
 for m in "${MODELS[@]}"; do
@@ -108,9 +113,11 @@ for m in "${MODELS[@]}"; do
 done
 
 stage "5: report"
-$PY benchmarks/distill_report.py --runs "$OUT/s0" "$OUT/s0_equal_images" "$OUT/dbb_s0" --high-lr "$OUT/highlr-mobileone_112_s0" \
-  "$OUT/highlr-mobileone_112_dbb_s0" --plot "$OUT/curves.png" --markdown "$OUT/report.md" > "$OUT/report.json"
+$PY benchmarks/distill_report.py --runs "$OUT/s0" "$OUT/s0_equal_images" "$OUT/s0_cached" "$OUT/dbb_s0" \
+  --high-lr "$OUT/highlr-mobileone_112_s0" "$OUT/highlr-mobileone_112_dbb_s0" --plot "$OUT/curves.png" \
+  --markdown "$OUT/report.md" > "$OUT/report.json"
 cat "$OUT/report.md" >&2
-# the runs' resumable state and the probes' weights: too large to bring back; best/final of the students stay
+# the runs' resumable state, final weights and target caches: too large to bring back; the best weights of s0,
+# s0_equal_images and dbb_s0 stay (for the INT8 and agreement measurements on a CPU)
 find "$OUT" -name 'checkpoint-*.safetensors' -delete
-rm -f "$OUT"/probe-*/final.safetensors "$OUT"/highlr-*/final.safetensors
+rm -f "$OUT"/*/final.safetensors "$OUT"/*/teacher.safetensors "$OUT"/s0_cached/best.safetensors
