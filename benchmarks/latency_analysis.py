@@ -4,6 +4,8 @@ backbones on the runtimes this project exports to, written to docs/latency_analy
     python benchmarks/latency_analysis.py                 # the whole analysis (2-core CPU: under 15 minutes)
     python benchmarks/latency_analysis.py --quick         # a short version (under 3 minutes)
     python benchmarks/latency_analysis.py --out /tmp/la.md --figures /tmp   # elsewhere (the doc stays as it is)
+    python benchmarks/latency_analysis.py --runtimes eager,cuda_b1,cuda_b256 --no-memory \
+        --out docs/latency_analysis_gpu.md       # on a GPU machine: no exports, sized for under 5 minutes
 
 1. Correlation. A zoo of mobile backbones at 112x112, random weights with BatchNorm statistics calibrated on random
    inputs, every reparameterizable one fused (MobileOne-112 S0-S4, MobileFaceNet, and timm's MobileNetV2/V3/V4,
@@ -175,6 +177,31 @@ class AnyOps:
 # timing
 
 
+BLANKS: List[str] = []  # 'model / runtime: why' of every cell that could not be built
+
+
+class Tee:
+    """stderr, also kept line by line."""
+
+    def __enter__(self):
+        self.stream, self.lines, self.buf = sys.stderr, [], ''
+        sys.stderr = self
+        return self
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.buf += text
+        *done, self.buf = self.buf.split('\n')
+        self.lines.extend(done)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __exit__(self, *exc) -> None:
+        sys.stderr = self.stream
+
+
 def cuda_calls(models: Sequence[Tuple[str, nn.Module]], batch: int, key: str) -> Dict[Tuple[str, str], Callable]:
     """Eager CUDA calls (float32, channels_last, synchronized) at `batch`; {(name, key): call}."""
     calls = {}
@@ -201,7 +228,9 @@ def time_cells(models: Sequence[Tuple[str, nn.Module]], runtimes: Sequence[str],
     t0 = time.perf_counter()
     accept_any_ops(models)
     log(f'{what}: exporting {len(models)} models to {", ".join(cpu)}')
-    calls = rt.build(list(models), runtimes=cpu, tmp=tmp)
+    with Tee() as tee:  # runtimes.build warns of each cell it cannot build: the doc lists them
+        calls = rt.build(list(models), runtimes=cpu, tmp=tmp)
+    BLANKS.extend(line[len('warning: '):] for line in tee.lines if line.startswith('warning: '))
     if 'cuda_b1' in runtimes:
         calls.update(cuda_calls(models, 1, 'cuda_b1'))
     if 'cuda_b256' in runtimes:
@@ -242,19 +271,6 @@ def _memory_child(runtime: str, path: str, batch: int, threads: int, queue) -> N
         if runtime == 'executorch_fp32':
             from executorch.runtime import Runtime  # noqa: F401
         x = torch.randn((batch, *INPUT))
-        weights = 0
-        if runtime == 'eager':  # `path`: the variant's name (its module holds hooks that do not pickle)
-            # built here (its BN calibration's batch-8 forwards come before the baseline); its tensors' bytes are
-            # added to what its forwards add, as ONNX Runtime's and ExecuTorch's loads count their weights
-            model = block_variant(path).eval().to(memory_format=torch.channels_last)
-            weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2 ** 10
-            xc = x.contiguous(memory_format=torch.channels_last)
-            import gc
-            gc.collect()
-
-            def call():
-                with torch.no_grad():
-                    return model(xc)
         Path('/proc/self/clear_refs').write_text('5')  # VmHWM := VmRSS
         before = _status()['VmRSS']
         if runtime == 'onnx_fp32':
@@ -269,9 +285,30 @@ def _memory_child(runtime: str, path: str, batch: int, threads: int, queue) -> N
                 return run(xn)
         for _ in range(5):
             call()
-        queue.put(dict(peak_mb=(_status()['VmHWM'] - before + weights) / 1024))
+        queue.put(dict(peak_mb=(_status()['VmHWM'] - before) / 1024))
     except Exception as e:  # reported as a blank cell
         queue.put(dict(error=f'{type(e).__name__}: {str(e)[:200]}'))
+
+
+@torch.no_grad()
+def eager_memory(model: nn.Module, batch: int) -> float:
+    """MB of weights plus the peak of live tensor bytes during one eager forward (channels_last), from the torch
+    profiler's allocation records in time order: the allocator's caching and the heap's layout do not enter. (A
+    process's peak RSS, tried first, put S0 above S0 with squeeze-excite at batch 32, 124 vs 101 MB: the heap's
+    doing, not the model's.)"""
+    from torch.profiler import ProfilerActivity, profile
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn((batch, *INPUT)).contiguous(memory_format=torch.channels_last)
+    model(x)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(x)
+    live = peak = 0
+    for _, size in sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                          if e.self_cpu_memory_usage):
+        live += size
+        peak = max(peak, live)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return (weights + peak) / 2 ** 20
 
 
 def peak_memory(cells: Dict[Tuple[str, str], Any], batches: Sequence[int], threads: int,
@@ -280,8 +317,6 @@ def peak_memory(cells: Dict[Tuple[str, str], Any], batches: Sequence[int], threa
     out = {}
     for i, ((name, runtime), path) in enumerate(cells.items()):
         for b in batches:
-            if runtime != 'eager' and b != 1:
-                continue  # the ONNX and ExecuTorch files are exported for batch 1 (ONNX Runtime would run chunks)
             queue = ctx.Queue()
             p = ctx.Process(target=_memory_child, args=(runtime, str(path), b, threads, queue))
             p.start()
@@ -316,6 +351,11 @@ def spearman(x: Sequence[float], y: Sequence[float], boots: int = 2000, seed: in
 
 # ------------------------------------------------------------------------------------------------------------------
 # the doc
+
+
+def to_ms(med: Dict, name: str, runtimes: Sequence[str]) -> Dict[str, Optional[float]]:
+    """{runtime: milliseconds or None} of one model from the seconds of its cells."""
+    return {r: med[(name, r)] * 1e3 if (name, r) in med else None for r in runtimes}
 
 
 def ms(v: Optional[float]) -> str:
@@ -404,7 +444,7 @@ def write_doc(result, rows, stats, med, act_med, block_med, memory, runtimes, si
               argv_text) -> str:
     cmd = f'python benchmarks/latency_analysis.py {argv_text}'.strip()
     vers = ', '.join(f'{k} {v}' for k, v in result['versions'].items())
-    fig = Path(figures / 'latency_analysis_zoo.png')
+    fig = Path(figures / f'{args.out.stem}_zoo.png')
     try:
         fig_ref = fig.relative_to(args.out.parent)
     except ValueError:
@@ -427,8 +467,9 @@ def write_doc(result, rows, stats, med, act_med, block_med, memory, runtimes, si
         '- **MACs and parameters**: of the fused model, convs and matmuls counted by `torch.utils.flop_counter`.',
         '']
     if not any(r.startswith('cuda') for r in runtimes):
-        out += ['No GPU here: the CUDA columns (batch 1 and 256) come from the same command on a CUDA machine, and '
-                'are not in this run.', '']
+        out += ['No GPU here. The CUDA columns (batch 1, and batch 256 per image) come from the same script on a '
+                'CUDA machine, `python benchmarks/latency_analysis.py --runtimes eager,cuda_b1,cuda_b256 --no-memory '
+                '--out docs/latency_analysis_gpu.md`, written to its own page; it has not run yet.', '']
     if result['quick']:
         out += ['**This is the `--quick` version** (10 models, eager and ONNX Runtime, fewer rounds, batch-1 memory '
                 'only): a check that the analysis runs, not the analysis.', '']
@@ -458,15 +499,24 @@ def write_doc(result, rows, stats, med, act_med, block_med, memory, runtimes, si
         fewer = [n for n in size if size[n]['gmacs'] < size[BASE]['gmacs'] and med.get((n, r)) and base[r]
                  and med[(n, r)] > base[r]]
         g, pr = stats[r]['gmacs'], stats[r]['params']
-        closer = min(PAPER_RHO, key=lambda k: abs(PAPER_RHO[k][0] - g['rho']))
-        findings.append(f'- {RUNTIME_LABELS[r]}: rank correlation with MACs {g["rho"]:.2f} and with parameters '
-                        f'{pr["rho"]:.2f}, closer to the paper\'s {closer} ({PAPER_RHO[closer][0]:.2f} / '
-                        f'{PAPER_RHO[closer][1]:.2f}) than to its '
-                        f'{[k for k in PAPER_RHO if k != closer][0]}; the interval on {g["n"]} models is '
-                        f'[{g["lo"]:.2f}, {g["hi"]:.2f}].')
+        phone, desktop = PAPER_RHO['iPhone 12 (Core ML)'], PAPER_RHO['desktop CPU']
+
+        def cmp(a, b):
+            return 'above' if a > b else 'below'
+        findings.append(f'- {RUNTIME_LABELS[r]}: rank correlation with MACs {g["rho"]:.2f} [{g["lo"]:.2f}, '
+                        f'{g["hi"]:.2f}] on {g["n"]} models, {cmp(g["rho"], phone[0])} the paper\'s iPhone 12 '
+                        f'({phone[0]:.2f}) and {cmp(g["rho"], desktop[0])} its desktop CPU ({desktop[0]:.2f}); with '
+                        f'parameters {pr["rho"]:.2f} [{pr["lo"]:.2f}, {pr["hi"]:.2f}], {cmp(pr["rho"], phone[1])} '
+                        f'the phone\'s {phone[1]:.2f}.')
         findings.append(f'- {RUNTIME_LABELS[r]}: S0 is number {rank} of {len(timed)} by latency '
                         f'({ms(base[r])} ms); {len(fewer)} model(s) with fewer MACs than S0 are slower '
                         f'({", ".join(fewer) or "none"}); the fastest is {timed[0][1]} ({ms(timed[0][0])} ms).')
+    mfn = [f'{RUNTIME_LABELS[r]} {ratio(med.get(("mobilefacenet", r)), base[r])}' for r in runtimes
+           if med.get(('mobilefacenet', r)) and base[r]]
+    if mfn:
+        macs = size['mobilefacenet']['gmacs'] / size[BASE]['gmacs']
+        findings.append(f'- MobileFaceNet ({macs:.2f}x S0\'s MACs, PReLU activations) against S0, per runtime: '
+                        f'{"; ".join(mfn)}.')
     out += ['What the run shows (computed from the tables above):', ''] + findings + ['']
 
     out += ['## 2. Activation functions', '',
@@ -499,10 +549,11 @@ def write_doc(result, rows, stats, med, act_med, block_med, memory, runtimes, si
     if memory:
         batches = sorted({b for (_, _, b) in memory})
         cols = [(r, b) for r in cpu_rt for b in batches if any(k[1:] == (r, b) for k in memory)]
-        out += ['Peak memory of a process that loads the model and runs 5 forwards (MB over its resident size '
-                'before loading: weights, runtime buffers and activations; a fresh process per cell; eager builds '
-                'the model in the process, so its weights are counted from the tensors\' sizes; the ONNX and '
-                'ExecuTorch files are exported for batch 1, so batch 32 is measured in eager only):', '',
+        out += ['Peak memory, MB. PyTorch eager: the weights plus the peak of live tensor bytes during one forward '
+                '(the torch profiler\'s allocation records in time order; batch 1 and 32). ONNX Runtime and '
+                'ExecuTorch: the peak resident memory a fresh process gains by loading the model file and running 5 '
+                'forwards (VmHWM over VmRSS before loading: weights, the runtime\'s buffers and activations; the files '
+                'are exported for batch 1).', '',
                 '| variant | ' + ' | '.join(f'{RUNTIME_LABELS[r]} b{b} MB (vs S0)' for r, b in cols) + ' |',
                 '|---|' + '---:|' * len(cols)]
         for n in blabels:
@@ -519,7 +570,16 @@ def write_doc(result, rows, stats, med, act_med, block_med, memory, runtimes, si
             out.append(f'- {RUNTIME_LABELS[r]}: branches alive {ratio(t, f) or "-"} of fused; squeeze-excite '
                        f'{ratio(se, f) or "-"}; skip adds {ratio(sk, f) or "-"}.')
     out += ['']
+    if BLANKS:
+        out += ['**Blank cells**: the export or the runtime refused the model (the project\'s ExecuTorch export '
+                'requires every op lowered to XNNPACK, so a partly delegated program is refused rather than timed):',
+                ''] + [f'- {blank_reason(line)}' for line in BLANKS] + ['']
     return '\n'.join(_wrap(line) for line in out)
+
+
+def blank_reason(line: str) -> str:
+    """'model / runtime: why', up to the first op the runtime refused (its schema dropped)."""
+    return line.split(': schema')[0][:200]
 
 
 def _wrap(line: str, width: int = 118) -> str:
@@ -571,14 +631,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         from timm_mobileone.deploy.profile import count_macs, count_params
         size = {n: dict(params_m=count_params(m) / 1e6, gmacs=count_macs(m, INPUT) / 1e9) for n, m in zoo}
         med, _ = time_cells(zoo, runtimes, repeats, tmp / 'zoo', '1/3 zoo')
-        rows = [dict(model=n, family=family[n], **size[n], ms={r: med.get((n, r)) for r in runtimes}) for n in names]
+        rows = [dict(model=n, family=family[n], **size[n], ms=to_ms(med, n, runtimes)) for n in names]
         stats = {}
         for r in runtimes:
             timed = [row for row in rows if row['ms'][r] is not None]
             lat = [row['ms'][r] for row in timed]
             stats[r] = dict(gmacs=spearman([row['gmacs'] for row in timed], lat),
                             params=spearman([row['params_m'] for row in timed], lat))
-        scatter(rows, runtimes, stats, figures / 'latency_analysis_zoo.png')
+        scatter(rows, runtimes, stats, figures / f'{args.out.stem}_zoo.png')  # docs/latency_analysis_zoo.png
         result.update(zoo=rows, spearman=stats)
         del zoo
 
@@ -587,7 +647,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         acts = [(label, fused(s0(act))) for label, act in (ACTS if not args.quick else ACTS[:1] + ACTS[3:5])]
         acts.append(('ReLU + SE', fused(s0(se=True))))
         act_med, _ = time_cells(acts, runtimes, repeats, tmp / 'acts', '2/3 activations')
-        result['activations'] = [dict(activation=label, ms={r: act_med.get((label, r)) for r in runtimes})
+        result['activations'] = [dict(activation=label, ms=to_ms(act_med, label, runtimes))
                                  for label, _ in acts]
         del acts
 
@@ -597,12 +657,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         block_med, files = time_cells(blocks, runtimes, repeats, tmp / 'blocks', '3/3 blocks')
         memory: Dict = {}
         if args.memory:
-            for name, _ in blocks:
-                if 'eager' in runtimes:
-                    files[(name, 'eager')] = name
             cpu_cells = {k: v for k, v in sorted(files.items(), key=lambda kv: (kv[0][1], kv[0][0]))}
-            memory = peak_memory(cpu_cells, (1,) if args.quick else (1, 32), threads, '3/3 blocks')
-        result['blocks'] = [dict(variant=n, **bsize[n], ms={r: block_med.get((n, r)) for r in runtimes},
+            memory = peak_memory(cpu_cells, (1,), threads, '3/3 blocks')
+            if 'eager' in runtimes:
+                for name, model in blocks:
+                    for b in (1, 32):
+                        memory[(name, 'eager', b)] = eager_memory(copy.deepcopy(model), b)
+        result['blocks'] = [dict(variant=n, **bsize[n], ms=to_ms(block_med, n, runtimes),
                                  peak_mb={f'{r}_b{b}': memory.get((n, r, b)) for r in runtimes for b in (1, 32)
                                           if (n, r, b) in memory}) for n, _ in blocks]
     result['seconds'] = round(time.perf_counter() - t_start, 1)
