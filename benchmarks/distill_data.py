@@ -36,7 +36,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--shared', default=str(REPO.parent / 'shared' / 'data'), help='the shared data folder')
     p.add_argument('--out', default=str(REPO / '.distill_data'), help='new folder to write')
-    p.add_argument('--extra', type=int, default=10000, help='UTKFace crops to include (0: none)')
+    p.add_argument('--extra', type=int, default=6000, help='UTKFace crops to include (0: none)')
     p.add_argument('--quality', type=int, default=75, help='JPEG quality of the re-encoded UTKFace crops')
     p.add_argument('--select-folds', type=int, nargs='+', default=[1, 2], help='celeba200 pairs.txt folds')
     p.add_argument('--seed', type=int, default=0, help='seed of the UTKFace sample')

@@ -3,7 +3,7 @@
 # MobileFaceNet, trained by train.face with the teacher online on the augmented batch, at an equal wall-clock budget
 # each; every stage under `timeout`, writing to $OUT as it goes (a cut stage keeps its log.jsonl curve and best.json).
 #
-#   python benchmarks/distill_data.py --out .distill_data                      # here: the faces, 46 MiB
+#   python benchmarks/distill_data.py --out .distill_data                      # here: the faces, 41 MiB
 #   OUT=/some/dir WHEEL=.wheels/timm-1.0.31-py3-none-any.whl bash benchmarks/gpu_distill.sh   # on the GPU machine
 #   DEVICE=cpu DATA=/tmp/dd OUT=/tmp/d bash benchmarks/gpu_distill.sh   # the same stages, tiny, on the CPU (a check;
 #                                                   # /tmp/dd: distill_data.py --extra 40 --train-people 40 ...)
