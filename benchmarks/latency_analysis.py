@@ -78,13 +78,11 @@ def log(msg: str) -> None:
 # models
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, steps: int = 3, batch: int = 8) -> nn.Module:
-    """BatchNorm statistics from random inputs (fresh-init statistics make outputs explode and denormals slow)."""
-    model.train()
-    for _ in range(steps):
-        model(torch.randn((batch, *INPUT)))
-    return model.eval()
+def calibrate(model: nn.Module) -> nn.Module:
+    """BatchNorm statistics from random inputs (fresh-init statistics make outputs explode and denormals slow), as
+    the zoo report and the deploy table calibrate theirs (3 batches of 8)."""
+    from timm_mobileone.__main__ import _calibrate
+    return _calibrate(model, INPUT)
 
 
 def fused(model: nn.Module) -> nn.Module:
@@ -368,6 +366,7 @@ def ratio(v: Optional[float], base: Optional[float]) -> str:
 
 def latency_table(labels: Sequence[str], runtimes: Sequence[str], med: Dict, base: str,
                   lead: Dict[str, Sequence[str]], lead_head: Sequence[str]) -> str:
+    """Markdown rows of `labels`: each runtime's ms and its ratio to the row `base` (S0 in its section's form)."""
     head = ['model', *lead_head] + [f'{RUNTIME_LABELS[r]} ms (vs S0)' for r in runtimes]
     lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
     for name in labels:
@@ -523,10 +522,7 @@ def write_doc(result, rows, stats, med, act_med, block_med, memory, runtimes, si
             'Fused MobileOne-112-S0 with its activation swapped in every block (the paper\'s Table 2 times the same '
             'swap in a 30-layer network on an iPhone 12); "vs S0" is the ratio to the ReLU network.', '']
     labels = [a['activation'] for a in result['activations']]
-    act_med_s0 = dict(act_med)
-    for r in runtimes:
-        act_med_s0[(BASE, r)] = act_med.get(('ReLU', r))
-    out += [latency_table(labels, runtimes, act_med_s0, BASE, {n: [] for n in labels}, []), '']
+    out += [latency_table(labels, runtimes, act_med, 'ReLU', {n: [] for n in labels}, []), '']
     for r in runtimes:
         timed = {n: act_med.get((n, r)) for n in labels if act_med.get((n, r))}
         if 'ReLU' in timed:
@@ -541,11 +537,8 @@ def write_doc(result, rows, stats, med, act_med, block_med, memory, runtimes, si
             'eval-mode BatchNorms, which ONNX Runtime folds into its convs at load time); train-time without the BN '
             'skip branch.', '']
     blabels = [b['variant'] for b in result['blocks']]
-    block_med_s0 = dict(block_med)
-    for r in runtimes:
-        block_med_s0[(BASE, r)] = block_med.get(('S0 fused', r))
     lead = {n: [f'{bsize[n]["params_m"]:.2f}', f'{bsize[n]["gmacs"]:.3f}'] for n in blabels}
-    out += [latency_table(blabels, runtimes, block_med_s0, BASE, lead, ['params (M)', 'GMACs']), '']
+    out += [latency_table(blabels, runtimes, block_med, 'S0 fused', lead, ['params (M)', 'GMACs']), '']
     if memory:
         batches = sorted({b for (_, _, b) in memory})
         cols = [(r, b) for r in cpu_rt for b in batches if any(k[1:] == (r, b) for k in memory)]
@@ -592,14 +585,8 @@ def _wrap(line: str, width: int = 118) -> str:
 
 
 def versions() -> Dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for pkg in ('torch', 'timm', 'onnxruntime', 'executorch'):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    from timm_mobileone.__main__ import _runtime_versions
+    return _runtime_versions(('torch', 'timm', 'onnxruntime', 'executorch'))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 from timm_mobileone.cli import cli
 from timm_mobileone.errors import UserError
 from timm_mobileone.files import atomic_write, sha256_file
+from timm_mobileone.verification_data import list_images as list_photos
 
 from . import _align as A
 
@@ -65,19 +66,6 @@ def align_settings(args) -> A.AlignSettings:
         detector_sha256=sha256_file(detector), score_threshold=args.score_threshold, select=args.select,
         min_side=args.min_side, max_side=args.max_side,
         fallback='landmarks,center' if args.fallback == 'center' else 'landmarks', jpeg_quality=args.jpeg_quality)
-
-
-def list_photos(src: Path, skip: Optional[Path] = None) -> List[str]:
-    """Image files under `src`, recursively, as sorted POSIX paths relative to it (`skip`: a folder left out)."""
-    names = []
-    for dirpath, dirnames, filenames in os.walk(src):
-        here = Path(dirpath)
-        if skip is not None:
-            dirnames[:] = [d for d in dirnames if (here / d).resolve() != skip]
-        dirnames.sort()
-        names += [(here / f).relative_to(src).as_posix() for f in sorted(filenames)
-                  if Path(f).suffix.lower() in A.IMAGE_EXTS and not f.startswith('.')]
-    return names
 
 
 def parse_args(argv: Optional[List[str]] = None):

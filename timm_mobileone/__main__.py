@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import timm
@@ -318,10 +318,11 @@ def _runtimes(args, names: List[str], peers: List[str]) -> Dict:
     return result
 
 
-def _runtime_versions() -> Dict[str, str]:
+def _runtime_versions(packages: Sequence[str] = ('onnxruntime', 'executorch', 'ncnn', 'pnnx')) -> Dict[str, str]:
+    """{package: installed version} of those of `packages` that are installed."""
     from importlib.metadata import PackageNotFoundError, version
     out = {}
-    for pkg in ('onnxruntime', 'executorch', 'ncnn', 'pnnx'):
+    for pkg in packages:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

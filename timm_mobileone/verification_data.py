@@ -213,6 +213,21 @@ def load_pack(path: Union[str, Path], name: Optional[str] = None) -> Verificatio
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
+def list_images(src: Path, skip: Optional[Path] = None) -> List[str]:
+    """Image files under `src`, recursively (hidden files left out), as POSIX paths relative to it, folders and
+    files in sorted order; `skip`: a resolved folder left out."""
+    import os
+    names = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        if skip is not None:
+            dirnames[:] = [d for d in dirnames if (here / d).resolve() != skip]
+        dirnames.sort()
+        names += [(here / f).relative_to(src).as_posix() for f in sorted(filenames)
+                  if Path(f).suffix.lower() in IMAGE_EXTS and not f.startswith('.')]
+    return names
+
+
 def _find_image(root: Path, person: str, number: str, pairs_file: Path, line_no: int) -> str:
     try:
         n = int(number)

@@ -130,7 +130,6 @@ def read_log(out: Path) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-
 def val_curve(out: Path) -> List[Dict[str, Any]]:
     """The run's validation rows from its log (a resumed run's included): step and accuracy per set."""
     return [dict(step=r['step'], val=r['val'], mean_accuracy=r['mean_accuracy']) for r in read_log(out) if 'val' in r]

@@ -164,10 +164,10 @@ class ImageFolderDataset(_FaceImages):
 
 
 def _images_under(folder: Path) -> List[Path]:
-    from timm_mobileone.verification_data import IMAGE_EXTS
+    from timm_mobileone.verification_data import list_images
     if not folder.is_dir():
         raise FaceDataError(f'--extra-data {folder}: no such folder')
-    return sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    return [folder / name for name in list_images(folder)]
 
 
 def open_dataset(path: Union[str, Path], input_size: Tuple[int, int], flip: bool = True, seed: int = 0,

@@ -40,7 +40,6 @@ class Trainer(TrainSetup):
 
     def _run_config(self) -> Dict[str, Any]:
         cfg = {k: getattr(self.args, k) for k in RUN_DEFINING if k not in ('world_size', 'num_classes')}
-        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # as last.json reads back
         return dict(cfg, world_size=self.world.world_size, num_classes=self.num_classes)
 
     def save_checkpoint(self) -> None:
