@@ -449,3 +449,15 @@ def test_compile_refused_where_it_cannot_compile(resume_pack, tmp_path, monkeypa
     line = face_error(capsys, ['--data', str(resume_pack), '--output', str(tmp_path / 'c'), '-j', '0', '--compile'])
     assert line.startswith('error: --compile: torch.compile (backend inductor) does not work') and 'cc is not' in line
     assert not (tmp_path / 'c').exists()
+
+
+def test_margin_run_with_augmentation_on_the_device(rec_pack, tmp_path):
+    """Augmentation without a teacher (a margin run): it trains, and the card says how, naming no teacher."""
+    out = tmp_path / 'aug'
+    summary = face.main(['--data', str(rec_pack), '--output', str(out), '-j', '0', *TINY, '--epochs', '1', '-b', '16',
+                         '--lr', '0.01', '--crop-scale', '0.8', '1', '--rotate', '8', '--color-jitter', '0.3',
+                         '--tag', 'synthetic_arcface'])
+    assert summary['augment']['rotate'] == 8.0 and summary['teacher'] is None and math.isfinite(summary['last_loss'])
+    card = (out / 'hub' / 'README.md').read_text()
+    assert 'augmented on the device (crops of 0.8-1 of the area, rotation up to 8, colour jitter 0.3)' in card
+    assert 'teacher' not in card.lower() and 'license: apache-2.0' in card

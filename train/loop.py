@@ -274,8 +274,10 @@ class Trainer(TrainSetup):
             f'over to these weights)' if args.teacher else args.loss)
         extra = (f' plus {", ".join(f"`{d}`" for d in args.extra_data)} (unlabeled faces)' if args.extra_data
                  else '')
-        seen = (f'the teacher online on the same augmented batch as the student ({self._augment_words()})'
-                if self.augment is not None else '')
+        seen = ''
+        if self.augment is not None:
+            seen = (f'the teacher online on the same augmented batch as the student ({self._augment_words()})'
+                    if args.teacher else f'augmented on the device ({self._augment_words()})')
         train_data = (f'`{args.data}`{extra}: {len(self.dataset)} images, {self.num_classes} identities in '
                       f'`{args.data}`; {how}{"; " + seen if seen else ""}, {args.epochs} '
                       f'epoch{"s" if args.epochs != 1 else ""}, trained with `{args.command}`')
