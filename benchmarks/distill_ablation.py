@@ -39,8 +39,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument('--model', default='mobileone_112_s0')
     args, extra = p.parse_known_args(argv)
     from train import face
-    from train.checkpoint import read_log
     from train.compare_measure import teacher_agreement
+    from distill_report import read_run
     teacher = args.data / 'teacher' / 'model-0000.params'
     select = args.data / 'select'
     rows = []
@@ -53,23 +53,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                  '--seed', '1', '--teacher-cache', str(args.out / 'teacher.safetensors'), *CONFIGS[name], *extra]
         if not (out / 'final.safetensors').is_file():
             face.main(flags + (['--resume'] if (out / 'last.json').is_file() else []))
-        log = read_log(out)
-        val = [r for r in log if 'val' in r][-1]
-        speed = [r['images_per_second'] for r in log if 'images_per_second' in r]
-        best = json.loads((out / 'best.json').read_text())
-        rows.append(dict(config=name, folder=str(out), flags=CONFIGS[name], steps=val['step'],
-                         seconds=max(r.get('seconds', 0) for r in log),
-                         images_per_second=sorted(speed)[len(speed) // 2] if speed else None,
-                         select_accuracy=val['val'][select.name],
-                         select_auc=next((r.get('auc') for r in best['results'] if r['dataset'] == select.name), None)
-                         if best['step'] == val['step'] else None))
+        run = read_run(out)  # distill_report's summary of the run: steps, seconds, images/s, best and final
+        best = run.get('best') or {}
+        final_is_best = best.get('step') == run['curve'][-1]['step']
+        rows.append(dict(config=name, folder=str(out), flags=CONFIGS[name], steps=run['steps'],
+                         seconds=run['seconds'], images_per_second=run['images_per_second'],
+                         select_accuracy=run['final'][select.name],
+                         select_auc=best[select.name]['auc'] if final_is_best else None))
     runs = [dict(model=args.model, config=dict(teacher='mobilefacenet', teacher_checkpoint=str(teacher)),
                  diverged=False, weights=str(Path(r['folder']) / 'final.safetensors')) for r in rows]
     device = next((extra[i + 1] for i, a in enumerate(extra) if a == '--device'), 'cpu')
     teacher_agreement(runs, [(args.model, {'embed_dim': 128})], [args.model], [str(select)], device)
     for row, run in zip(rows, runs):
         row['teacher_agreement'] = run.get('teacher_agreement')
-    lines = ['| config | steps | seconds | images/s | select accuracy (final) | agreement with the teacher, mean / p5 |',
+    lines = ['| config | steps | seconds | images/s | select accuracy (final) | '
+             'agreement with the teacher, mean / p5 |',
              '|---|---:|---:|---:|---:|---:|']
     for r in rows:
         a = r['teacher_agreement'] or {}

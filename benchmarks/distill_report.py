@@ -24,6 +24,8 @@ from timm_mobileone.errors import UserError  # noqa: E402
 
 
 def read_run(path: Path) -> Dict[str, Any]:
+    """Not train.compare_runs.read_run: that one needs last.json, and a run that diverges (or is cut) before its
+    first checkpoint has none, only its log; the high-learning-rate runs are read for exactly that case."""
     from train.checkpoint import read_log
     if not (path / 'log.jsonl').is_file():
         raise UserError(f'{path}: no log.jsonl (not a train.face run folder)')
