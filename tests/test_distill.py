@@ -176,6 +176,25 @@ def test_online_teacher_without_augmentation_trains_as_the_cached_targets(setup,
         assert b[s] == pytest.approx(a[s], rel=2e-3, abs=1e-4), s
 
 
+def test_online_teacher_serves_the_feature_hint_from_the_same_forward(setup, run, tmp_path, monkeypatch):
+    """--hint-weight with the teacher online: one teacher forward per step gives both the embedding target and the
+    feature map, and the run trains as the cached targets with the hint do (float16 rounding of the cache)."""
+    from timm_mobileone.models.mobilefacenet import MobileFaceNet
+    calls = []
+    features = MobileFaceNet.forward_features
+    monkeypatch.setattr(MobileFaceNet, 'forward_features', lambda self, x: calls.append(len(x)) or features(self, x))
+    flags = ('--no-export', '--epochs', '1', '--hint-weight', '1')
+    face.main(_flags(setup, tmp_path / 'cached', '--teacher-mode', 'cached', *flags))
+    calls.clear()
+    summary = face.main(_flags(setup, tmp_path / 'online', '--teacher-mode', 'online', *flags))
+    assert summary['teacher']['mode'] == 'online' and summary['steps'] == 3
+    assert calls.count(8) == 3 and len(calls) == 5  # one forward per step of 8 images, besides 2 shape probes
+    a, b = _losses(tmp_path / 'cached'), _losses(tmp_path / 'online')
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=2e-3, abs=1e-4), s
+
+
 @pytest.fixture(scope='module')
 def augmented(setup):
     """An augmented run with the teacher online, mixing, the relational term, EMA and unlabeled extra faces."""

@@ -170,9 +170,11 @@ class TrainSetup:
                             f'--model-kwargs embed_dim={teacher_dim} (the distilled embedding is then the one '
                             f'deployed), or add --distill-proj to learn a projection')
         self.dataset.with_index = True
+        hint = self._hint(teacher, input_size, online=args.teacher_online) if args.hint_weight else None
         if args.teacher_online:  # the teacher embeds each step's batch as the student sees it: nothing cached
             targets = flipped = None
-            self.teacher = distill.OnlineTeacher(teacher[0], teacher[1], args, self.device)
+            self.teacher = distill.OnlineTeacher(teacher[0], teacher[1], args, self.device,
+                                                 features=bool(args.hint_weight))
             self.teacher_info = dict(mode='online', teacher=distill.teacher_fingerprint(teacher[2], teacher[1]),
                                      compiled=bool(args.compile), bfloat16=self.teacher.amp)
         else:
@@ -185,21 +187,22 @@ class TrainSetup:
                 targets, flipped, self.teacher_info = distill.teacher_targets(self.dataset, args, cache, input_size,
                                                                               compute=False, teacher=teacher)
             self.teacher_info = dict(self.teacher_info, mode='cached')
-        hint = self._hint(teacher, input_size) if args.hint_weight else None
         del teacher  # without a hint or an online teacher, the targets are all a run needs of it
         margin = self._build_head(embed_dim) if args.loss != 'none' else None
         return distill.DistillHead(embed_dim, targets, flipped, margin, args.distill_weight,
                                    proj=teacher_dim != embed_dim, hint=hint, teacher_dim=teacher_dim,
                                    relational_weight=args.relational_weight)
 
-    def _hint(self, teacher, input_size) -> Dict[str, Any]:
-        """The feature hint's pieces: the teacher module, both feature maps' channels, the input conversion."""
+    def _hint(self, teacher, input_size, online: bool) -> Dict[str, Any]:
+        """The feature hint's pieces: the teacher module (None when the online teacher's forward serves the hint
+        too), both feature maps' channels, the input conversion."""
         model, cfg = teacher[0], teacher[1]
         if self.world.world_size > 1:
             raise UserError('--hint-weight runs with one process (the student\'s feature map is taken outside '
                             'DistributedDataParallel\'s forward)')
-        if not all(hasattr(m, 'forward_features') for m in (model, self.backbone)):
-            raise UserError(f'--hint-weight: {self.args.teacher} or {self.args.model} has no forward_features')
+        if not all(hasattr(m, f) for m in (model, self.backbone) for f in ('forward_features', 'forward_head')):
+            raise UserError(f'--hint-weight: {self.args.teacher} or {self.args.model} has no forward_features and '
+                            f'forward_head')
         with torch.no_grad():
             t = model.forward_features(torch.zeros(1, 3, *input_size, device=self.args.device))
             s = self.backbone.eval().forward_features(torch.zeros(1, 3, *input_size))
@@ -213,8 +216,8 @@ class TrainSetup:
         smean, sstd = (torch.tensor(self.data_cfg[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ('mean', 'std'))
         tmean, tstd = (torch.tensor(cfg[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ('mean', 'std'))
         # x_s = (p - m_s) / s_s and x_t = (p - m_t) / s_t  =>  x_t = x_s * s_s / s_t + (m_s - m_t) / s_t
-        return dict(weight=self.args.hint_weight, teacher=model, student_chs=s.shape[1], teacher_chs=t.shape[1],
-                    scale=sstd / tstd, shift=(smean - tmean) / tstd)
+        return dict(weight=self.args.hint_weight, teacher=None if online else model, student_chs=s.shape[1],
+                    teacher_chs=t.shape[1], scale=sstd / tstd, shift=(smean - tmean) / tstd)
 
     @property
     def sharded(self) -> bool:

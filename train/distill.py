@@ -22,7 +22,8 @@ feature map (7x7 for 112x112 crops), through a learned 1x1 conv to the teacher's
 teacher's by the same `1 - cosine`, taken over the whole flattened map. A 7x7x512 map is 25k targets per image where
 the embedding is 128: far more signal per image when images are few. The maps are not cached (50 KB per image and
 orientation: 600 GB at MS1M scale); the teacher runs, without gradients, on every batch, which costs one teacher
-forward per step (about a tenth of a MobileOne-S0 training step here).
+forward per step (about a tenth of a MobileOne-S0 training step here). With the teacher online, that same forward
+(`forward_features`, then `forward_head`) gives the embedding target too: one forward and one copy of the teacher.
 
 Teacher targets: the teacher (a registry name with `--teacher-checkpoint`, the MXNet `.params` of a ported model,
 or an ONNX file with `--teacher-onnx`) embeds every training image and its horizontal flip once; the L2-normalized
@@ -232,7 +233,7 @@ class OnlineTeacher:
     64 on the project's 2-core box, 1.4 s for a 256-image batch, where a GPU step of S0 is milliseconds).
     """
 
-    def __init__(self, teacher, cfg: Dict[str, Any], args, device: torch.device) -> None:
+    def __init__(self, teacher, cfg: Dict[str, Any], args, device: torch.device, features: bool = False) -> None:
         from timm.utils import reparameterize_model
         from eval._common import ArtifactModel
         self.artifact = isinstance(teacher, ArtifactModel)
@@ -241,8 +242,11 @@ class OnlineTeacher:
                             f'training device ({device.type}), and ONNX teachers run on ONNX Runtime\'s CPU provider '
                             f'here; give the teacher as a model (--teacher-checkpoint), or train without '
                             f'augmentation (cached targets)')
+        self.features = features
         if not self.artifact:
             teacher = reparameterize_model(teacher.eval()).requires_grad_(False).to(device)
+            if features:  # the feature hint's target comes from the same forward as the embedding
+                teacher = _FeaturesAndEmbedding(teacher)
             if args.compile:
                 teacher = torch.compile(teacher, backend=args.compile_backend)
         self.model = teacher
@@ -253,11 +257,28 @@ class OnlineTeacher:
         self.std = torch.tensor(cfg['std'], device=device).view(1, 3, 1, 1) * 255
 
     @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(L2-normalized embeddings, the last feature map when built with `features`, else None)."""
         x = pixels if self.raw else (pixels - self.mean) / self.std
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.model(x)
-        return F.normalize(out.to(self.device).float(), dim=1)
+        features = None
+        if self.features:
+            features, out = out
+        return F.normalize(out.to(self.device).float(), dim=1), features
+
+
+class _FeaturesAndEmbedding(nn.Module):
+    """`forward(x)` -> (forward_features(x), the embedding from them): one teacher forward serves both the
+    embedding target and the feature hint (a module so that torch.compile takes the pair as one graph)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        return features, self.model.forward_head(features)
 
 
 def _read_cache(path: Path, expected: Dict[str, str]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -356,24 +377,31 @@ class DistillHead(nn.Module):
         self.relational_weight = relational_weight
         self.targets, self.targets_flip = targets, targets_flip  # None: the teacher runs online
         self.hint_weight = hint['weight'] if hint else 0.0
+        self._teacher = None
         if hint:
             self.hint = nn.Conv2d(hint['student_chs'], hint['teacher_chs'], 1, bias=False)
-            # the teacher is not a submodule: its weights are neither trained nor checkpointed with the run
-            self._teacher = [hint['teacher'].eval().requires_grad_(False)]
-            # student-normalized pixels -> the teacher's normalization: x_t = x_s * scale + shift
-            self.teacher_scale, self.teacher_shift = hint['scale'], hint['shift']
+            if hint['teacher'] is not None:  # cached targets: the hint runs the teacher (the online one serves it)
+                # the teacher is not a submodule: its weights are neither trained nor checkpointed with the run
+                self._teacher = [hint['teacher'].eval().requires_grad_(False)]
+                # student-normalized pixels -> the teacher's normalization: x_t = x_s * scale + shift
+                self.teacher_scale, self.teacher_shift = hint['scale'], hint['shift']
 
-    def hint_loss(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            x = images * self.teacher_scale.to(images) + self.teacher_shift.to(images)
-            target = self._teacher[0].forward_features(x).float().flatten(1)
+    def hint_loss(self, features: torch.Tensor, images: torch.Tensor,
+                  target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The hint on the student's last feature map; `target`: the online teacher's map of this batch, else the
+        hint's own teacher runs on `images` (student-normalized)."""
+        if target is None:
+            with torch.no_grad():
+                x = images * self.teacher_scale.to(images) + self.teacher_shift.to(images)
+                target = self._teacher[0].forward_features(x)
         student = self.hint(features).float().flatten(1)
+        target = target.float().flatten(1)
         return self.hint_weight * (1 - F.cosine_similarity(student, target, dim=1, eps=1e-12)).mean()
 
     def targets_to(self, device: torch.device) -> None:
         if self.targets is not None:
             self.targets, self.targets_flip = self.targets.to(device), self.targets_flip.to(device)
-        if self.hint_weight:
+        if self._teacher is not None:
             self._teacher[0].to(device)
 
     def distill_loss(self, embeddings: torch.Tensor, labels: torch.Tensor,

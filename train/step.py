@@ -34,15 +34,16 @@ class FaceTrainModel(nn.Module):
         self.head = head
         self.amp = amp
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor,
-                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`targets`: the online teacher's embeddings of this batch (distillation with --teacher-mode online)."""
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                teacher_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`targets`, `teacher_features`: the online teacher's embeddings of this batch and, with a feature hint,
+        its last feature map (distillation with --teacher-mode online)."""
         hint = None
         with self.amp if self.amp is not None else nullcontext():
             if getattr(self.head, 'hint_weight', 0):  # distillation with a feature hint (one process only)
                 features = self.backbone.forward_features(images)
                 embeddings = self.backbone.forward_head(features)
-                hint = self.head.hint_loss(features, images)
+                hint = self.head.hint_loss(features, images, teacher_features)
             else:
                 embeddings = self.backbone(images)
         if targets is None:
@@ -131,10 +132,15 @@ def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, An
     images = images.to(self.device, non_blocking=True).float()
     if self.augment is not None:  # 0..255 pixels in, 0..255 pixels out: the teacher normalizes its own way
         images = self.augment(images, self.step)
-    targets = self.teacher(images) if self.teacher is not None else None
+    targets, teacher_features = self.teacher(images) if self.teacher is not None else (None, None)
     images = images.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
     labels = labels.to(self.device, non_blocking=True)
-    loss = self.ddp(images, labels) if targets is None else self.ddp(images, labels, targets)
+    if targets is None:
+        loss = self.ddp(images, labels)
+    elif teacher_features is None:
+        loss = self.ddp(images, labels, targets)
+    else:
+        loss = self.ddp(images, labels, targets, teacher_features)
     self.optimizer.zero_grad(set_to_none=True)
     # the total gradient norm is logged every step (a trainability signal); max_norm=inf measures, clips nothing
     max_norm = self.args.clip_grad or float('inf')
