@@ -22,7 +22,7 @@ from timm_mobileone.errors import UserError
 from .recordio import RecordIOError, RecordIOReader, image_keys, unpack
 
 __all__ = ['FaceDataError', 'RecordIODataset', 'ImageFolderDataset', 'open_dataset', 'ResumableSampler',
-           'collate', 'Preloaded']
+           'collate', 'Preloaded', 'Unflipped']
 
 
 class FaceDataError(UserError, ValueError):
@@ -217,18 +217,20 @@ def collate(items: Sequence[Tuple[torch.Tensor, int, str]]) -> Tuple[torch.Tenso
     return images, labels, [e for _, _, e in items if e]
 
 
-class _Plain(Dataset):
-    """Every training image once, unflipped, with its label, as `(index, uint8 CHW, label, error)`."""
+class Unflipped(Dataset):
+    """Every training image once, in order, never flipped: `(index, uint8 CHW, label, error)` items, or eval's
+    `(index, uint8 CHW, error)` with `labels=False` (the teacher's targets embed them with eval's batcher)."""
 
-    def __init__(self, dataset: _FaceImages) -> None:
+    def __init__(self, dataset: _FaceImages, labels: bool = True) -> None:
         self.dataset = dataset
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         image, label, error = self.dataset.decoded(index, flip=False)
-        return index, image, label, error
+        return (index, image, label, error) if self.labels else (index, image, error)
 
 
 class Preloaded:
@@ -245,7 +247,7 @@ class Preloaded:
         n = len(dataset)
         images = torch.empty((n, 3, *dataset.input_size), dtype=torch.uint8)
         labels = torch.empty(n, dtype=torch.long)
-        loader = torch.utils.data.DataLoader(_Plain(dataset), batch_size=batch_size, num_workers=workers,
+        loader = torch.utils.data.DataLoader(Unflipped(dataset), batch_size=batch_size, num_workers=workers,
                                              collate_fn=lambda items: items)
         for items in loader:
             for index, image, label, error in items:

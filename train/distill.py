@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from timm_mobileone.errors import UserError
 from timm_mobileone.files import sha256_file
 
+from .data import Unflipped
+
 _logger = logging.getLogger('train.distill')
 
 CACHE_FORMAT = 'timm_mobileone.teacher_targets.v1'
@@ -173,20 +175,6 @@ def data_fingerprint(dataset) -> str:
         h.update(np.asarray(dataset.keys).tobytes())
     h.update(f'n={len(dataset)} size={dataset.input_size}'.encode())
     return h.hexdigest()
-
-
-class _Unflipped(torch.utils.data.Dataset):
-    """Training images in order, never flipped, as eval's `(index, uint8 CHW, error)` items."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, _, error = self.dataset.decoded(index, flip=False)
-        return index, image, error
 
 
 def build_teacher(args, input_size: Tuple[int, int]):
@@ -327,7 +315,7 @@ def teacher_targets(dataset, args, cache: Path, input_size: Tuple[int, int], com
     t0 = time.perf_counter()
     targs.flip = True
     targets = flipped = None
-    images = _Unflipped(dataset)
+    images = Unflipped(dataset, labels=False)
     _logger.info(f'teacher targets: embedding {len(images)} images and their flips with {targs.model}')
     from timm_mobileone.verification_data import PackError
     try:
