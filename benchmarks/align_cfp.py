@@ -42,15 +42,17 @@ def settings_for(min_side: int) -> A.AlignSettings:
 
 @torch.no_grad()
 def embed(model, paths, batch: int = 128) -> np.ndarray:
-    """Flip-summed raw embeddings of aligned crops (the model's cfg normalization)."""
-    import cv2
+    """Flip-summed raw embeddings of aligned crops (the model's cfg normalization), decoded as eval decodes them
+    (Pillow; OpenCV's decoder, used here before, gave the same pixels on all 3,500 cfp_dev crops)."""
     import timm
+    from timm_mobileone.verification_data import decode_aligned
     cfg = timm.data.resolve_model_data_config(model)
     mean = torch.tensor(cfg['mean']).view(1, 3, 1, 1)
     std = torch.tensor(cfg['std']).view(1, 3, 1, 1)
+    size = tuple(cfg['input_size'][-2:])
     out = []
     for i in range(0, len(paths), batch):
-        rgb = np.stack([cv2.imread(str(p))[:, :, ::-1] for p in paths[i:i + batch]])
+        rgb = np.stack([decode_aligned(Path(p).read_bytes(), size) for p in paths[i:i + batch]])
         x = (torch.from_numpy(rgb.copy()).permute(0, 3, 1, 2).float() / 255 - mean) / std
         out.append((model(x) + model(x.flip(3))).numpy())
     return np.concatenate(out)
