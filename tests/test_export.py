@@ -203,3 +203,15 @@ def test_deploy_table_int8_onnx_column_runs_the_quantized_model(tmp_path):
     assert outs['onnx_int8'].shape == outs['onnx_fp32'].shape == (1, 512)
     assert not np.allclose(outs['onnx_int8'], outs['onnx_fp32'])
     assert formats.cosine(outs['onnx_int8'], outs['onnx_fp32']).min() > 0.5
+
+
+def test_calibration_folder_skips_hidden_files_and_keeps_its_order(tmp_path):
+    """--calib DIR reads the crops as eval and train.face list them: recursively, in sorted order, hidden files
+    left out (macOS writes an undecodable AppleDouble `._x.jpg` beside each crop copied from its disks)."""
+    from train.synthetic import identity_images, write_image_folder
+    folder = write_image_folder(tmp_path / 'calib', identity_images(2, 3, seed=3))
+    (folder / 'id_000' / '._00000.jpg').write_bytes(b'\x00\x05\x16\x07 not a jpeg')
+    x = export.load_face_images(str(folder), (3, 112, 112), (0.5,) * 3, (0.5,) * 3, limit=100)
+    first = export.load_face_images(str(folder / 'id_000'), (3, 112, 112), (0.5,) * 3, (0.5,) * 3, limit=100)
+    assert x.shape == (6, 3, 112, 112) and np.isfinite(x).all()
+    assert np.array_equal(x[:3], first)  # id_000's crops first, in their order

@@ -60,11 +60,13 @@ FP32_MAX_REL_ERR = 1e-3
 def load_face_images(source: str, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float],
                      limit: int) -> np.ndarray:
     """Up to `limit` aligned face crops from a folder (recursively) or an insightface pack, normalized, NCHW."""
-    from .verification_data import PackError, PairImages, VerificationSet, load_pack
+    from .verification_data import PackError, PairImages, VerificationSet, list_images, load_pack
     path = Path(source)
     h, w = input_size[-2:]
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob('*') if p.suffix.lower() in IMAGE_EXTS)
+        # eval's and train.face's lister: hidden files (an AppleDouble ._x.jpg) left out; on lfw_dev, train_faces
+        # and a train.split folder it lists the same files in the same order as the sorted rglob it replaced
+        files = [str(path / name) for name in list_images(path)]
         if not files:
             raise UserError(f'--calib {source}: no images ({", ".join(IMAGE_EXTS)}) in the folder')
         dataset = VerificationSet(name=path.name, source=str(path), issame=np.zeros(0, bool), images=files)
