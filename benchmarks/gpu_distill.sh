@@ -46,10 +46,11 @@ else  # the script's own check: the real faces and flags, a few steps
   PROBE_T=600 PAD=600 VALS=3
 fi
 # the recipe: consistent teaching (crops near the aligned framing, small rotations, colour, blur, grayscale, mixup
-# or cutmix on every batch), cosine to the teacher plus the batch's cosine matrix, EMA of the student
+# or cutmix on every batch), cosine to the teacher plus the batch's cosine matrix, EMA of the student (its decay
+# warmed up: a budget run of a few hundred steps at a fixed 0.999 would validate an EMA near the random init)
 COMMON=(--loss none --teacher mobilefacenet --teacher-checkpoint "$TEACHER" --model-kwargs embed_dim=128
-        --model-ema --model-ema-decay 0.999 -b "$B" --lr "$LR" --weight-decay 5e-5 --weight-decay-end 5e-6
-        --device "$DEVICE" --no-export --data "$DATA/split/train" "${EXTRA[@]}" --log-interval 10 "${SPEED[@]}")
+        --model-ema --model-ema-decay 0.999 --model-ema-warmup -b "$B" --lr "$LR" --weight-decay 5e-5
+        --weight-decay-end 5e-6 --device "$DEVICE" --no-export --data "$DATA/split/train" "${EXTRA[@]}" --log-interval 10 "${SPEED[@]}")
 CONSISTENT=(--crop-scale 0.8 1 --crop-ratio 0.9 1.1 --rotate 8 --color-jitter 0.3 --gaussian-blur-prob 0.1
             --grayscale-prob 0.1 --mixup 0.4 --cutmix 1.0 --relational-weight 1.0)
 RECIPE=("${COMMON[@]}" "${CONSISTENT[@]}")

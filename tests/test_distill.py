@@ -162,7 +162,7 @@ def test_distill_head_picks_the_target_of_the_orientation_seen():
 
 AUGMENTED = ('--crop-scale', '0.8', '1', '--rotate', '8', '--color-jitter', '0.3', '--grayscale-prob', '0.3',
              '--gaussian-blur-prob', '0.3', '--mixup', '0.5', '--cutmix', '1', '--relational-weight', '0.5',
-             '--model-ema', '--model-ema-decay', '0.9')
+             '--model-ema', '--model-ema-decay', '0.9', '--model-ema-warmup')
 
 
 def test_online_teacher_without_augmentation_trains_as_the_cached_targets(setup, run, tmp_path):
@@ -250,6 +250,8 @@ def test_what_consistent_teaching_refuses(setup, augmented, tmp_path, capsys):
     changed[changed.index('--rotate') + 1] = '12'
     line = face_error(capsys, changed)
     assert 'was started with rotate=8.0, now rotate=12.0' in line
+    assert 'model_ema_warmup=True, now model_ema_warmup=False' in face_error(  # the EMA's decay follows the step
+        capsys, [f for f in flags if f != '--model-ema-warmup'] + ['--resume'])
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     args = face.parse_args(base + ['--teacher-mode', 'online'])
     with pytest.raises(UserError, match='ONNX teachers run on ONNX Runtime\'s CPU provider'):

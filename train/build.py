@@ -96,7 +96,8 @@ class TrainSetup:
                                           self.head, self.amp)
             else:
                 self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self.ema = ModelEmaV3(self.backbone, decay=args.model_ema_decay) if args.model_ema else None
+        self.ema = ModelEmaV3(self.backbone, decay=args.model_ema_decay,
+                              use_warmup=args.model_ema_warmup) if args.model_ema else None
         if args.compile:  # in place: the modules, their state_dict keys and the checkpoints stay the uncompiled ones
             self.ddp.compile(backend=args.compile_backend)
         self.optimizer = build_optimizer(self.net, args, fused=self.device.type == 'cuda')

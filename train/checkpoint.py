@@ -27,7 +27,8 @@ LOG_NAME = 'log.jsonl'
 # flags that shape the run: a resumed run must use the values it was started with
 RUN_DEFINING = ('model', 'model_kwargs', 'loss', 'margin', 'scale', 'adaface_h', 'adaface_t_alpha', 'head',
                 'sample_rate', 'epochs', 'batch_size', 'lr', 'opt', 'sched', 'warmup_epochs', 'warmup_lr', 'min_lr',
-                'poly_power', 'weight_decay', 'weight_decay_end', 'model_ema', 'model_ema_decay', 'num_classes', 'seed',
+                'poly_power', 'weight_decay', 'weight_decay_end', 'model_ema', 'model_ema_decay',
+                'model_ema_warmup', 'num_classes', 'seed',
                 'world_size', 'drop_path', 'teacher', 'teacher_checkpoint', 'teacher_onnx', 'teacher_raw_pixels',
                 'distill_weight', 'distill_proj', 'hint_weight', 'train_form', 'teacher_mode', 'relational_weight',
                 'extra_data', 'crop_scale', 'crop_ratio', 'shift', 'rotate', 'color_jitter', 'gaussian_blur_prob',
@@ -36,7 +37,7 @@ RUN_DEFINING = ('model', 'model_kwargs', 'loss', 'margin', 'scale', 'adaface_h',
 RUN_DEFAULTS = dict(head='replicated', train_form='branches', teacher_mode='auto', relational_weight=0.0,
                     extra_data=[], crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], shift=0.0, rotate=0.0,
                     color_jitter=0.0, gaussian_blur_prob=0.0, grayscale_prob=0.0, mixup=0.0, cutmix=0.0,
-                    mixup_prob=1.0, best_on='')
+                    mixup_prob=1.0, best_on='', model_ema_warmup=False)
 
 
 def checkpoint_name(step: int) -> str:
