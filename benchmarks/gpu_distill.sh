@@ -50,7 +50,8 @@ fi
 # warmed up: a budget run of a few hundred steps at a fixed 0.999 would validate an EMA near the random init)
 COMMON=(--loss none --teacher mobilefacenet --teacher-checkpoint "$TEACHER" --model-kwargs embed_dim=128
         --model-ema --model-ema-decay 0.999 --model-ema-warmup -b "$B" --lr "$LR" --weight-decay 5e-5
-        --weight-decay-end 5e-6 --device "$DEVICE" --no-export --data "$DATA/split/train" "${EXTRA[@]}" --log-interval 10 "${SPEED[@]}")
+        --weight-decay-end 5e-6 --device "$DEVICE" --no-export --data "$DATA/split/train" "${EXTRA[@]}"
+        --log-interval 10 "${SPEED[@]}")
 CONSISTENT=(--crop-scale 0.8 1 --crop-ratio 0.9 1.1 --rotate 8 --color-jitter 0.3 --gaussian-blur-prob 0.1
             --grayscale-prob 0.1 --mixup 0.4 --cutmix 1.0 --relational-weight 1.0)
 RECIPE=("${COMMON[@]}" "${CONSISTENT[@]}")
