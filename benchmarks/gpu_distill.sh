@@ -19,6 +19,9 @@
 #      ..................................................................................... ~B/3 + B + B/3 + 120 s
 #   4. both at 4x the learning rate for one epoch: divergence (log rows `diverged`) ....................... ~2 x 25 s
 #   5. the report (benchmarks/distill_report.py): table and curves, JSON to $OUT/report.json
+# $DEADLINE (seconds from the start; 540 on CUDA, so that the whole script fits one 10-minute device call) caps
+# every stage's timeout: a stage that would pass it is cut, one that would start after it is skipped (said on
+# stderr), and the report always runs, on the runs that exist.
 # The INT8 drift of the students runs on a CPU afterwards (benchmarks/int8_trained.py on $OUT/*/best.safetensors).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,11 +43,17 @@ EXTRA=()
 
 if [ "$DEVICE" = cuda ]; then
   BUDGET=${BUDGET:-80} B=256 LR=${LR:-0.4} SPEED=(--amp --amp-dtype bfloat16 --channels-last --preload -j 12)
-  PROBE_T=60 PAD=60 VALS=8
+  PROBE_T=60 PAD=60 VALS=8 DEADLINE=${DEADLINE:-540}
 else  # the script's own check: the real faces and flags, a few steps
   BUDGET=${BUDGET:-60} B=16 LR=${LR:-0.1} SPEED=(--preload -j 2)
-  PROBE_T=600 PAD=600 VALS=3
+  PROBE_T=600 PAD=600 VALS=3 DEADLINE=${DEADLINE:-3600}
 fi
+START=$SECONDS
+cap() {  # a stage's timeout in seconds, capped by what is left before $DEADLINE (the report keeps 30 s); 0: skip
+  local want=$1 left=$(( DEADLINE - (SECONDS - START) - 30 ))
+  (( left < want )) && want=$left
+  (( want > 0 )) && echo "$want" || echo 0
+}
 # the recipe: consistent teaching (crops near the aligned framing, small rotations, colour, blur, grayscale, mixup
 # or cutmix on every batch), cosine to the teacher plus the batch's cosine matrix, EMA of the student (its decay
 # warmed up: a budget run of a few hundred steps at a fixed 0.999 would validate an EMA near the random init)
@@ -61,7 +70,8 @@ MODELS=(mobileone_112_s0 mobileone_112_dbb_s0)
 
 stage "1: probe"
 for m in "${MODELS[@]}"; do
-  timeout "$PROBE_T" $PY -m train.face --model "$m" --train-form "$(form "$m")" "${RECIPE[@]}" --epochs 1 \
+  t=$(cap "$PROBE_T"); [ "$t" -gt 0 ] || { echo "probe $m skipped: past the deadline" >&2; continue; }
+  timeout "$t" $PY -m train.face --model "$m" --train-form "$(form "$m")" "${RECIPE[@]}" --epochs 1 \
     --warmup-epochs 0.2 --output "$OUT/probe-$m" > "$OUT/probe-$m.json" 2> "$OUT/probe-$m.log"
   echo "probe $m exit $?" >&2
 done
@@ -84,14 +94,15 @@ EOF
 }
 
 run() {  # model, output name, epochs (empty: fill $BUDGET at the probed speed), [cached: the earlier recipe]
-  local m=$1 name=$2 epochs=$3 flags=("${RECIPE[@]}")
+  local m=$1 name=$2 epochs=$3 flags=("${RECIPE[@]}") t
   [ "${4:-}" = cached ] && flags=("${COMMON[@]}")
+  t=$(cap $((BUDGET * 2 + PAD))); [ "$t" -gt 0 ] || { echo "$name skipped: past the deadline" >&2; return; }
   read -r EPOCHS VAL_EVERY IPS N < <(plan "$m")
   if [ -n "$epochs" ]; then VAL_EVERY=$(( VAL_EVERY * epochs / EPOCHS )); EPOCHS=$epochs; fi
   [ "$VAL_EVERY" -ge 1 ] || VAL_EVERY=1
   echo "$name: $EPOCHS epochs of $N images (probed $IPS images/s), validation every $VAL_EVERY steps" >&2
   echo "$EPOCHS" > "$OUT/$name.epochs"
-  timeout $((BUDGET * 2 + PAD)) $PY -m train.face --model "$m" --train-form "$(form "$m")" "${flags[@]}" \
+  timeout "$t" $PY -m train.face --model "$m" --train-form "$(form "$m")" "${flags[@]}" \
     --epochs "$EPOCHS" --warmup-epochs "$(( EPOCHS >= 10 ? 2 : 1 ))" --val "$DATA/select" "$DATA/split/val" \
     --best-on select --val-every "$VAL_EVERY" --output "$OUT/$name" > "$OUT/$name.json" 2> "$OUT/$name.log"
   echo "$name exit $?" >&2
@@ -100,15 +111,16 @@ run() {  # model, output name, epochs (empty: fill $BUDGET at the probed speed),
 stage "2: DBB-S0, the budget"
 run mobileone_112_dbb_s0 dbb_s0 ""
 stage "3: S0, as many images as DBB-S0 saw (equal images)"
-run mobileone_112_s0 s0_equal_images "$(cat "$OUT/dbb_s0.epochs")"
+run mobileone_112_s0 s0_equal_images "$(cat "$OUT/dbb_s0.epochs" 2>/dev/null)"
 stage "3b: S0, the budget (equal wall time)"
 run mobileone_112_s0 s0 ""
 stage "3c: S0, the earlier recipe (cached targets, no augmentation), DBB-S0's images"
-run mobileone_112_s0 s0_cached "$(cat "$OUT/dbb_s0.epochs")" cached
+run mobileone_112_s0 s0_cached "$(cat "$OUT/dbb_s0.epochs" 2>/dev/null)" cached
 
 stage "4: 4x the learning rate, one epoch each"
 for m in "${MODELS[@]}"; do
-  timeout "$PROBE_T" $PY -m train.face --model "$m" --train-form "$(form "$m")" "${RECIPE[@]}" --epochs 1 \
+  t=$(cap "$PROBE_T"); [ "$t" -gt 0 ] || { echo "high lr $m skipped: past the deadline" >&2; continue; }
+  timeout "$t" $PY -m train.face --model "$m" --train-form "$(form "$m")" "${RECIPE[@]}" --epochs 1 \
     --warmup-epochs 0.2 --lr "$($PY -c "print(4 * $LR)")" --output "$OUT/highlr-$m" \
     > "$OUT/highlr-$m.json" 2> "$OUT/highlr-$m.log"
   echo "high lr $m exit $?" >&2
