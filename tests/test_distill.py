@@ -341,9 +341,9 @@ def test_divergence_is_recorded_in_the_run_for_compare_blocks(setup, tmp_path, m
     from train.compare_runs import diverged_at
     forward, calls = step.FaceTrainModel.forward, []
 
-    def nan_at_step_2(self, images, labels):
+    def nan_at_step_2(self, images, labels, *teacher):
         calls.append(1)
-        loss = forward(self, images, labels)
+        loss = forward(self, images, labels, *teacher)
         return loss * float('nan') if len(calls) == 2 else loss
     monkeypatch.setattr(step.FaceTrainModel, 'forward', nan_at_step_2)
     out = tmp_path / 'nan'

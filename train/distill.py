@@ -211,7 +211,8 @@ def build_teacher(args, input_size: Tuple[int, int]):
 
 class OnlineTeacher:
     """The teacher run on each step's batch (`--teacher-mode online`): `teacher(pixels)` takes the batch the
-    student sees, as 0..255 float pixels after augmentation, and returns L2-normalized float32 embeddings.
+    student sees, as 0..255 float pixels after augmentation, and returns its L2-normalized float32 embeddings and,
+    built with `features` (a feature hint), the last feature map of the same forward (else None).
 
     A PyTorch teacher runs reparameterized (timm's `reparameterize_model`: MobileOne or FastViT teachers in their
     fused form), in eval mode, without gradients, under bfloat16 autocast when the run uses `--amp` (no grad scaler

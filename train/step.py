@@ -135,12 +135,7 @@ def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, An
     targets, teacher_features = self.teacher(images) if self.teacher is not None else (None, None)
     images = images.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
     labels = labels.to(self.device, non_blocking=True)
-    if targets is None:
-        loss = self.ddp(images, labels)
-    elif teacher_features is None:
-        loss = self.ddp(images, labels, targets)
-    else:
-        loss = self.ddp(images, labels, targets, teacher_features)
+    loss = self.ddp(images, labels, targets, teacher_features)  # None, None: no online teacher
     self.optimizer.zero_grad(set_to_none=True)
     # the total gradient norm is logged every step (a trainability signal); max_norm=inf measures, clips nothing
     max_norm = self.args.clip_grad or float('inf')
