@@ -44,11 +44,12 @@ Not merged: SyncBatchNorm branches (their statistics span processes) and BatchNo
 (refused with a ValueError).
 """
 from functools import lru_cache
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, DropPath
 
 __all__ = ['TRAIN_FORMS', 'check_train_form', 'depthwise_patch_stats', 'merged_forward', 'patch_moments', 'plan']
 
@@ -198,85 +199,183 @@ def patch_moments(x: torch.Tensor, shift: Optional[torch.Tensor] = None) -> Tupl
 
 
 @lru_cache(maxsize=None)
-def _border_geometry(h: int, w: int, device: torch.device, dtype: torch.dtype
-                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the zero padding does to 3x3 patches on an h x w map, per image: for each offset a, the output
-    positions whose patch entry a lies inside the map (9,), the same for each pair (a, b) (9, 9), and for each
-    pair the rectangle [top, bottom, left, right) of padded-map positions q = p + a over the output positions p
-    whose entry b lies inside (the sums of the map over it pair the map with the inside indicator). On `device`,
-    made once per map size (every step's blocks reuse them)."""
-    def span(n: int, a: int, b: int) -> Tuple[int, int]:  # p in [0, n) with p + a and p + b in [1, n + 1)
-        return max(0, 1 - a, 1 - b), min(n, n + 1 - a, n + 1 - b)
-    offs = [(i, j) for i in range(3) for j in range(3)]
-    inside = torch.zeros(9, dtype=torch.float64)
-    both = torch.zeros(9, 9, dtype=torch.float64)
-    rects = []
-    for u, a in enumerate(offs):
-        ri, rj = span(h, a[0], a[0]), span(w, a[1], a[1])
-        inside[u] = max(0, ri[1] - ri[0]) * max(0, rj[1] - rj[0])
-        for v, b in enumerate(offs):
-            ri, rj = span(h, a[0], b[0]), span(w, a[1], b[1])
-            both[u, v] = max(0, ri[1] - ri[0]) * max(0, rj[1] - rj[0])
-            pi, pj = (max(0, 1 - b[0]), min(h, h + 1 - b[0])), (max(0, 1 - b[1]), min(w, w + 1 - b[1]))
-            rects.append([pi[0] + a[0], pi[1] + a[0], pj[0] + a[1], pj[1] + a[1]])
-    return inside.to(device, dtype), both.to(device, dtype), torch.tensor(rects, device=device)
+def _border_classes(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The output positions of a zero-padded 3x3 conv on an h x w map (h, w >= 2) in 9 classes, top / middle /
+    bottom row x left / middle / right column: which patch entries each class reads from the padding (9, 9) and
+    the fraction of an image's positions in each (9,). On `device`, made once per map size."""
+    rows = [(1, {0}), (h - 2, set()), (1, {2})]  # positions, kernel rows in the padding
+    cols = [(1, {0}), (w - 2, set()), (1, {2})]
+    outside = torch.zeros(9, 9, dtype=torch.float64)
+    weight = torch.zeros(9, dtype=torch.float64)
+    for ci, ((nr, out_r), (nc, out_c)) in enumerate((r, c) for r in rows for c in cols):
+        weight[ci] = nr * nc / (h * w)
+        for u in range(9):
+            outside[ci, u] = float(u // 3 in out_r or u % 3 in out_c)
+    return outside.to(device, dtype), weight.to(device, dtype)
 
 
-def depthwise_patch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean (C, 9) and covariance (C, 9, 9) over the batch and the output positions of the zero-padded 3x3 patches
-    of a stride-1 depthwise conv, in float32 (float64 for float64 input), differentiable in x.
+def _window_sums(lines: torch.Tensor, length: int) -> torch.Tensor:
+    """Sums of `length` consecutive values starting at 1, 2 and 3 along the last dim: (..., 3)."""
+    if length == 0:
+        return lines.new_zeros(lines.shape[:-1] + (3,))
+    return lines.unfold(-1, length, 1)[..., 1:4, :].sum(-1)
 
-    Computed about each channel's mean mu rather than from raw sums: with z = x - mu and I the inside-the-map
-    indicator of each patch entry, patch = patch(z) + mu I, so Cov = Cov(z) + mu (Cov(z, I) + Cov(I, z)) + mu^2
-    Cov(I). Cov(z) has no E[x^2] - E[x]^2 cancellation (z is centred), Cov(I) is geometry and Cov(z, I) a set of
-    rectangle sums of z; mu carries no gradient, since the covariance does not depend on it.
+
+def _border_class_sums(padded: torch.Tensor) -> torch.Tensor:
+    """For the map padded by 1 (C, h + 2, w + 2): each patch entry's sum over the positions of each border class
+    (C, 9 classes, 9 entries), the middle class left 0. Direct sums over the border strips (no integral image:
+    its backward would spread the strips' gradients over the whole map, to cancel there only up to rounding)."""
+    c, hp, wp = padded.shape
+    h, w = hp - 2, wp - 2
+    top, bottom = padded[:, 0:3], padded[:, h - 1:h + 2]  # (C, 3 kernel rows, w + 2)
+    left, right = padded[:, :, 0:3].transpose(1, 2), padded[:, :, w - 1:w + 2].transpose(1, 2)  # (C, 3 cols, h+2)
+    zero = padded.new_zeros(c, 9)
+    classes = [
+        top[:, :, 0:3], _window_sums(top, w - 2), top[:, :, w - 1:w + 2],  # [c, kernel row, kernel col]
+        _window_sums(left, h - 2).transpose(1, 2), None, _window_sums(right, h - 2).transpose(1, 2),
+        bottom[:, :, 0:3], _window_sums(bottom, w - 2), bottom[:, :, w - 1:w + 2],
+    ]
+    return torch.stack([zero if v is None else v.reshape(c, 9) for v in classes], 1)
+
+
+class PatchStats(NamedTuple):
+    """Moments of the zero-padded 3x3 patches of a stride-1 depthwise conv over the batch and the output
+    positions, kept apart so that the branch variances add exact terms (`depthwise_mean_var`). With the shift
+    mu (each channel's mean of the map), z = x - mu and z's patches `patch(z)` (zero-padded):
+    patch(x) = patch(z) + mu * inside, inside the indicator of the entries that lie on the map."""
+    shift: torch.Tensor  # (C,) mu
+    mean_z: torch.Tensor  # (C, 9) E[patch(z)]
+    cov_z: torch.Tensor  # (C, 9, 9) Cov[patch(z)]
+    class_z: torch.Tensor  # (C, 9, 9) [c, class, entry]: E[patch(z)_entry 1{position in class}], 0 in the middle
+    outside: torch.Tensor  # (9, 9) [class, entry]: the entry is in the padding at the class's positions
+    weight: torch.Tensor  # (9,) fraction of the positions in each class
+
+
+def _small_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for the (C, 9, 9)-sized algebra after the reductions (negligible work; MPS has no float64)."""
+    return torch.float32 if x.device.type == 'mps' else torch.float64
+
+
+def depthwise_patch_stats(x: torch.Tensor) -> PatchStats:
+    """`PatchStats` of x for a stride-1 depthwise 3x3 conv with zero padding 1 (maps of at least 2x2),
+    differentiable in x. The reductions over the batch and the map run in float32 (float64 for float64 input) on
+    centred values z = x - mu only: their rounding scales with z, not with the mean. The small results are
+    returned in float64 (float32 on MPS). mu carries no gradient: the moments are exact for any shift.
+
+    Precision as the mean/std ratio r of a channel grows (`benchmarks/merged_precision.py`, docs/training.md):
+    every term is accurate relative to its own size, so the branch variances are off by about eps * r, as the
+    branches' BatchNorms are (their convs round x's mean); before this split they were off by eps * r^2.
     """
     dt = _stat_dtype(x)
     n, c, h, w = x.shape
     count = n * h * w
-    plane = x.to(dt).sum(0)  # (C, H, W), differentiable
-    mu = (plane.sum((1, 2)) / count).detach()
+    mu = x.detach().to(dt).mean((0, 2, 3))
     second, first = patch_moments(x, mu)
-    mean_z = first / count
-    cov = second / count - mean_z[:, :, None] * mean_z[:, None, :]
-    inside, both, r = _border_geometry(h, w, x.device, dt)
-    mean_i = inside * n / count
-    cov_i = both * n / count - mean_i[:, None] * mean_i[None, :]
-    z_plane = F.pad(plane - n * mu.view(-1, 1, 1), [2, 1, 2, 1])  # the padded map after a zero row / column
-    integral = z_plane.cumsum(1).cumsum(2)
-    z_in = (integral[:, r[:, 1], r[:, 3]] - integral[:, r[:, 0], r[:, 3]] - integral[:, r[:, 1], r[:, 2]]
-            + integral[:, r[:, 0], r[:, 2]]).view(c, 9, 9) / count
-    cross = z_in - mean_z[:, :, None] * mean_i[None, None, :]
-    cov = cov + mu.view(-1, 1, 1) * (cross + cross.transpose(1, 2)) + (mu * mu).view(-1, 1, 1) * cov_i
-    return mean_z + mu.view(-1, 1) * mean_i, cov
+    outside, weight = _border_classes(h, w, x.device, dt)
+    class_z = _border_class_sums(F.pad(_shifted(x, mu).sum(0), [1, 1, 1, 1]))
+    sd = _small_dtype(x)
+    mean_z = first.to(sd) / count
+    cov_z = second.to(sd) / count - mean_z[:, :, None] * mean_z[:, None, :]
+    return PatchStats(mu.to(sd), mean_z, cov_z, class_z.to(sd) / count, outside.to(sd), weight.to(sd))
+
+
+def depthwise_mean_var(stats: PatchStats, kernels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance (C, B) of B depthwise 3x3 branches' outputs (kernels (C, B, 9)).
+
+    A branch output is y = y_z + mu S, y_z = K . patch(z) and S = K . inside = sum(K) - O, O the sum of K over the
+    entries in the padding (a function of the position's class). So Var(y) = Var(y_z) - 2 mu Cov(y_z, O) + mu^2
+    Var(O): the first from z's covariance, the second from sums of z over the border classes (O is 0 inside),
+    the third from K's own border sums, none of them a difference of large numbers."""
+    k = kernels.to(stats.cov_z.dtype)
+    k_out = torch.einsum('cbu,ku->cbk', k, stats.outside)  # O per class: sums of K's entries in the padding
+    mean_out = k_out @ stats.weight
+    var_out = (k_out - mean_out[..., None]).square() @ stats.weight
+    # Cov(y_z, O) = sum_class O_class (E[y_z 1{class}] - weight_class E[y_z])
+    cls = stats.class_z - stats.weight[None, :, None] * stats.mean_z[:, None, :]
+    cov_out = torch.einsum('cbk,cku,cbu->cb', k_out, cls, k)
+    var_z = torch.einsum('cbu,cuv,cbv->cb', k, stats.cov_z, k)
+    mu = stats.shift[:, None]
+    mean = torch.einsum('cbu,cu->cb', k, stats.mean_z) + mu * (k.sum(-1) - mean_out)
+    return mean, var_z - 2 * mu * cov_out + mu * mu * var_out
 
 
 # -- the merged block
 
 
-def _branch_kernels(block: nn.Module) -> Tuple[torch.Tensor, List[nn.BatchNorm2d]]:
+def _refuse(block: nn.Module, what: str) -> ValueError:
+    name = getattr(block, 'merged_name', '') or type(block).__name__
+    return ValueError(f"train_form='merged' cannot compute {name}: {what}; use train_form='branches'")
+
+
+_CONV_FORWARDS = (nn.Conv2d.forward, nn.Conv2d._conv_forward)
+_BN_FORWARDS = (nn.BatchNorm2d.forward, BatchNormAct2d.forward)
+
+
+def _check_block(block: nn.Module) -> None:
+    """Raise `_refuse` where the block's modules are not what the merged algebra computes: every conv a plain
+    zero-padded nn.Conv2d without bias or dilation, the block's groups, the k x k branches alike with padding k // 2
+    (so the 1x1 scale branch and the skip sample their centre taps), BatchNorm2d(Act) without activation or drop.
+    Read from the modules at every forward (a user may change any of them after construction)."""
+    convs = [('conv_kxk.%d.conv' % i, cv.conv) for i, cv in enumerate(block.conv_kxk)]
+    if block.conv_scale is not None:
+        convs.append(('conv_scale.conv', block.conv_scale.conv))
+    first = convs[0][1]
+    for name, conv in convs:
+        if (type(conv).forward, type(conv)._conv_forward) != _CONV_FORWARDS:
+            raise _refuse(block, f'{name} is a {type(conv).__name__}, not a plain nn.Conv2d')
+        if conv.padding_mode != 'zeros':
+            raise _refuse(block, f'{name} has padding_mode={conv.padding_mode!r} (the merged form pads with zeros)')
+        if conv.bias is not None:
+            raise _refuse(block, f'{name} has a bias (the BatchNorm after it would remove it)')
+        if conv.dilation != (1, 1):
+            raise _refuse(block, f'{name} has dilation={conv.dilation}')
+        if conv.groups != block.groups:
+            raise _refuse(block, f'{name} has groups={conv.groups}, the block has {block.groups}')
+        kernel = first.kernel_size if name != 'conv_scale.conv' else (1, 1)
+        padding = (kernel[0] // 2, kernel[1] // 2)
+        if (conv.kernel_size, conv.padding, conv.stride) != (kernel, padding, first.stride):
+            raise _refuse(block, f'{name} has kernel_size={conv.kernel_size}, padding={conv.padding}, '
+                                 f'stride={conv.stride} (expected {kernel}, {padding}, {first.stride})')
+        if (conv.in_channels, conv.out_channels) != (first.in_channels, first.out_channels):
+            raise _refuse(block, f'{name} has {conv.in_channels} -> {conv.out_channels} channels, '
+                                 f'conv_kxk.0.conv {first.in_channels} -> {first.out_channels}')
+    if first.kernel_size[0] % 2 == 0 or first.kernel_size[1] % 2 == 0:
+        raise _refuse(block, f'conv_kxk.0.conv has an even kernel_size={first.kernel_size}')
+
+
+class _BNMode(NamedTuple):
+    batch: bool  # normalizes with the batch's statistics (else with its running statistics)
+    update: bool  # updates its running statistics
+
+
+def _bn_mode(block: nn.Module, name: str, bn: nn.Module) -> _BNMode:
+    """What `nn.BatchNorm2d.forward` does with this module's current settings, or `_refuse`."""
+    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward not in _BN_FORWARDS:
+        # SyncBatchNorm(Act) is not a BatchNorm2d: its statistics are not this process's batch alone
+        raise _refuse(block, f'{name} is a {type(bn).__name__}, not nn.BatchNorm2d')
+    for sub in ('act', 'drop'):  # BatchNormAct2d's: identities in a MobileOne branch
+        if not isinstance(getattr(bn, sub, nn.Identity()), nn.Identity):
+            raise _refuse(block, f'{name}.{sub} is {type(getattr(bn, sub)).__name__}, not nn.Identity')
+    has_mean, has_var = bn.running_mean is not None, bn.running_var is not None
+    if has_mean != has_var:
+        raise _refuse(block, f'{name} has running_mean but no running_var, or the reverse')
+    batch = bn.training or not has_mean
+    return _BNMode(batch, bn.training and bn.track_running_stats and has_mean)
+
+
+def _branch_kernels(block: nn.Module) -> Tuple[torch.Tensor, List[Tuple[str, nn.BatchNorm2d]]]:
     """(C_out, B, C_in/g, k, k) kernels of the conv branches (the 1x1 scale branch padded to k x k at its centre,
-    which with the branch convs' padding samples the same input positions) and their BatchNorms."""
+    which with the branch convs' padding samples the same input positions) and their BatchNorms, named."""
     convs = list(block.conv_kxk)
     kernels = [cv.conv.weight for cv in convs]
-    bns = [cv.bn for cv in convs]
+    bns = [(f'conv_kxk.{i}.bn', cv.bn) for i, cv in enumerate(convs)]
     if block.conv_scale is not None:
         w = block.conv_scale.conv.weight
         kh, kw = kernels[0].shape[-2:]
         ph, pw = (kh - w.shape[-2]) // 2, (kw - w.shape[-1]) // 2
         kernels.append(F.pad(w, [pw, kw - w.shape[-1] - pw, ph, kh - w.shape[-2] - ph]))
-        bns.append(block.conv_scale.bn)
+        bns.append(('conv_scale.bn', block.conv_scale.bn))
     return torch.stack(kernels, 1), bns
-
-
-def _check_bns(bns: List[nn.Module]) -> None:
-    for bn in bns:
-        if not isinstance(bn, nn.BatchNorm2d):  # SyncBatchNorm(Act) is not a BatchNorm2d
-            raise ValueError(f"train_form='merged' needs nn.BatchNorm2d branches, got {type(bn).__name__} (its "
-                             f"statistics are not this process's batch alone); use train_form='branches'")
-        if bn.running_mean is None or not bn.affine:
-            raise ValueError("train_form='merged' needs affine BatchNorms with running statistics; use "
-                             "train_form='branches'")
 
 
 def plan(block: nn.Module, x_shape: Tuple[int, ...]) -> str:
@@ -302,14 +401,16 @@ def plan(block: nn.Module, x_shape: Tuple[int, ...]) -> str:
 
 
 @torch.no_grad()
-def _update_running(bns: List[nn.BatchNorm2d], mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """Each branch's running statistics as nn.BatchNorm2d updates them in training; mean, var: (C, B) biased."""
-    var = var * (count / max(count - 1, 1))
-    for i, bn in enumerate(bns):
+def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """One BatchNorm's running statistics as nn.BatchNorm2d updates them in training; var biased."""
+    if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-        m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        bn.running_mean.mul_(1 - m).add_(mean[:, i].to(bn.running_mean.dtype), alpha=m)
-        bn.running_var.mul_(1 - m).add_(var[:, i].to(bn.running_var.dtype), alpha=m)
+    if bn.momentum is not None:
+        m = bn.momentum
+    else:  # cumulative average (BatchNorm2d's factor is 0 without a batch count)
+        m = 1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0
+    bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+    bn.running_var.mul_(1 - m).add_((var * (count / max(count - 1, 1))).to(bn.running_var.dtype), alpha=m)
 
 
 def _branch_stats(block: nn.Module, x: torch.Tensor, kernels: torch.Tensor, how: str, dt: torch.dtype,
@@ -317,24 +418,26 @@ def _branch_stats(block: nn.Module, x: torch.Tensor, kernels: torch.Tensor, how:
     """Batch mean and biased variance (C_out, B) of every branch's conv output, from the input's moments; the
     output positions counted; the input's own per-channel mean and variance (for the BN skip, stride 1)."""
     c_out, n_branches = kernels.shape[:2]
-    k = kernels.to(dt)
     if how == 'depthwise':
         count = x.shape[0] * x.shape[2] * x.shape[3]
-        mean_patch, cov = depthwise_patch_stats(x)
-        k = k.reshape(c_out, n_branches, 9)
-        mean = torch.einsum('cbu,cu->cb', k, mean_patch)
-        var = torch.einsum('cbu,cuv,cbv->cb', k, cov, k)
-        return mean, var, count, mean_patch[:, 4], cov[:, 4, 4]  # the centre tap visits every position once
+        stats = depthwise_patch_stats(x)
+        mean, var = depthwise_mean_var(stats, kernels.reshape(c_out, n_branches, 9))
+        # the centre entry visits every position once and is never in the padding
+        return mean, var, count, stats.shift + stats.mean_z[:, 4], stats.cov_z[:, 4, 4]
     stride = block.conv_kxk[0].conv.stride
     xs = x.to(dt)
     if stride != (1, 1):
         xs = xs[:, :, ::stride[0], ::stride[1]]
     count = xs.numel() // xs.shape[1]
     mean_in = xs.mean(dim=(0, 2, 3))
-    # centred before the product: the covariance without E[x^2] - E[x]^2 cancellation
+    # centred before the product: the covariance without E[x^2] - E[x]^2 cancellation (the one GEMM over the
+    # positions, in float32); the branch means and variances from it in the small dtype
     xc = (xs - mean_in.view(1, -1, 1, 1)).transpose(0, 1).reshape(xs.shape[1], -1)
-    cov = xc @ xc.t() / count
-    k = k.reshape(c_out, n_branches, -1)
+    sd = _small_dtype(x)
+    residual = xc.mean(1).to(sd)  # the float32 mean's own rounding (about eps * mean), from centred values
+    cov = (xc @ xc.t()).to(sd) / count - residual[:, None] * residual[None, :]
+    mean_in = mean_in.to(sd) + residual
+    k = kernels.to(sd).reshape(c_out, n_branches, -1)
     mean = torch.einsum('obp,p->ob', k, mean_in)
     var = ((k @ cov) * k).sum(-1)
     return mean, var, count, mean_in, torch.diagonal(cov)
@@ -352,47 +455,131 @@ def _merged_kernel(kernels: torch.Tensor, scale: torch.Tensor, skip: Optional[to
     return weight
 
 
+def _affine(bn: nn.BatchNorm2d, dt: torch.dtype, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if bn.weight is None:  # affine=False
+        return like.new_ones(bn.num_features, dtype=dt), like.new_zeros(bn.num_features, dtype=dt)
+    return bn.weight.to(dt), bn.bias.to(dt)
+
+
+def _drop_path_active(drop_path: nn.Module) -> bool:
+    """Whether the block's drop path changes its input now (timm's DropPath: training with a drop probability;
+    any other module is called as it is)."""
+    if isinstance(drop_path, nn.Identity):
+        return False
+    if isinstance(drop_path, DropPath):
+        return drop_path.training and drop_path.drop_prob > 0
+    return True
+
+
+def _centred(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return (x.to(shift.dtype) - shift.view(1, -1, 1, 1)).to(x.dtype)
+
+
+class _ShiftedConv(torch.autograd.Function):
+    """F.conv2d(x - shift, weight) (zero padding, no dilation, no bias; shift a per-channel constant without
+    gradient) that keeps x, not x - shift, for its backward: no second activation-sized tensor lives between the
+    forward and the backward. Differentiable twice."""
+
+    @staticmethod
+    def forward(ctx, x, weight, shift, stride, padding, groups):
+        ctx.save_for_backward(x, weight, shift)
+        ctx.conf = stride, padding, groups
+        return F.conv2d(_centred(x, shift), weight, None, stride, padding, 1, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, shift = ctx.saved_tensors
+        stride, padding, groups = ctx.conf
+        need_x, need_w = ctx.needs_input_grad[:2]
+        z = _centred(x, shift) if need_w else x  # the input gradient does not read the input's values
+        dx, dw, _ = torch.ops.aten.convolution_backward(g, z, weight, None, list(stride), list(padding), [1, 1],
+                                                        False, [0, 0], groups, (need_x, need_w, False))
+        return dx, dw, None, None, None, None
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d, centred: bool
+          ) -> torch.Tensor:
+    """The merged conv. `centred`: as conv(x - mu, W) + (bias + conv(mu, W)), mu each input channel's batch mean
+    (zero in the padding, so the second term is a map, computed in the weight's dtype at batch 1). Summed raw,
+    the conv's outputs and its weight gradient round in proportion to x's mean (the weight gradient to sqrt(L)
+    times the branches' error over L positions, the branches' BatchNorms seeing centred values); centred, they
+    round as the branches do. Under autocast the conv runs in autocast's dtype, as F.conv2d would."""
+    if not centred:  # the reparameterized conv, as `reparameterize()` builds it
+        return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), conv.stride, conv.padding, 1, conv.groups)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    with torch.no_grad():
+        shift = x.detach().to(_stat_dtype(x)).mean((0, 2, 3))
+    mu_map = shift.to(weight.dtype).view(1, -1, 1, 1).expand(1, -1, x.shape[2], x.shape[3])
+    with torch.autocast(x.device.type, enabled=False):
+        offset = F.conv2d(mu_map, weight, bias, conv.stride, conv.padding, 1, conv.groups)
+        out = _ShiftedConv.apply(x.to(dtype), weight.to(dtype), shift, conv.stride, conv.padding, conv.groups)
+        return out + offset.to(dtype)
+
+
 def merged_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A train-time MobileOneBlock's output before its attention and activation, as one conv (module doc)."""
-    training = block.conv_kxk[0].bn.training
-    how = plan(block, tuple(x.shape)) if training else 'fused'
-    if how == 'branches':  # decided before any kernel is stacked: this is every step's path for such blocks
-        return block.branch_sum(x)
+    """A train-time MobileOneBlock's output before its attention and activation, as one conv (module doc).
+
+    Each BatchNorm does what it would do in the branches form, read from its current settings at every call:
+    training mode or eval, `track_running_stats`, `momentum` (None: the cumulative average), `eps`, `affine`.
+    Branches that normalize with batch statistics get them from the input's moments (`plan`), the others use
+    their running statistics, so frozen or partly frozen BatchNorms train as they would with the branches. Any
+    module the merged algebra does not compute is refused (`ValueError`) before anything changes.
+    """
+    _check_block(block)
     kernels, bns = _branch_kernels(block)
-    _check_bns(bns)
-    conv = block.conv_kxk[0].conv
-    dt = _stat_dtype(x)
-    gamma = torch.stack([bn.weight for bn in bns], 1).to(dt)
-    beta = torch.stack([bn.bias for bn in bns], 1).to(dt)
-    eps = torch.tensor([bn.eps for bn in bns], dtype=dt, device=gamma.device)
-    drop_path = block.drop_path if training and not isinstance(block.drop_path, nn.Identity) else None
+    modes = [_bn_mode(block, name, bn) for name, bn in bns]
     bn_skip = block.identity
-    if bn_skip is not None:
-        _check_bns([bn_skip])
-    if training:
+    skip_mode = _bn_mode(block, 'identity', bn_skip) if bn_skip is not None else None
+    batch = any(m.batch for m in modes) or (skip_mode is not None and skip_mode.batch)
+    how = plan(block, tuple(x.shape)) if batch else 'fused'
+    if how == 'branches':  # this input needs batch statistics the merged algebra does not compute cheaper
+        return block.branch_sum(x)
+    if batch and x.shape[0] * x.shape[2] * x.shape[3] == 1:  # as F.batch_norm refuses it (the 1x1 plans do not)
+        raise ValueError(f'Expected more than 1 value per channel when training, got input size {x.size()}')
+    conv = block.conv_kxk[0].conv
+    dt = _small_dtype(x)  # the per-channel algebra (kernels, scales, shifts): negligible work
+    if batch:
         with torch.autocast(x.device.type, enabled=False):  # statistics in float32 or wider, also under autocast
-            mean, var, count, skip_mean, skip_var = _branch_stats(block, x, kernels, how, dt)
-        _update_running(bns, mean, var, count)
-        if bn_skip is not None:
-            _update_running([bn_skip], skip_mean[:, None], skip_var[:, None], count)
-    else:  # on-the-fly fusion from the running statistics
-        mean = torch.stack([bn.running_mean for bn in bns], 1).to(dt)
-        var = torch.stack([bn.running_var for bn in bns], 1).to(dt)
-        if bn_skip is not None:
-            skip_mean, skip_var = bn_skip.running_mean.to(dt), bn_skip.running_var.to(dt)
+            batch_mean, batch_var, count, skip_bmean, skip_bvar = _branch_stats(block, x, kernels, how,
+                                                                                _stat_dtype(x))
+    means, variances = [], []
+    for i, ((_, bn), mode) in enumerate(zip(bns, modes)):
+        if mode.batch:
+            means.append(batch_mean[:, i])
+            variances.append(batch_var[:, i])
+            if mode.update:
+                _update_running(bn, batch_mean[:, i].detach(), batch_var[:, i].detach(), count)
+        else:
+            means.append(bn.running_mean.to(dt))
+            variances.append(bn.running_var.to(dt))
+    mean, var = torch.stack(means, 1), torch.stack(variances, 1)
+    affine = [_affine(bn, dt, x) for _, bn in bns]
+    gamma = torch.stack([a[0] for a in affine], 1)
+    beta = torch.stack([a[1] for a in affine], 1)
+    eps = torch.tensor([bn.eps for _, bn in bns], dtype=dt, device=gamma.device)
     skip = None
     if bn_skip is not None:  # its output is x * scale + shift
-        skip_scale = bn_skip.weight.to(dt) / torch.sqrt(skip_var + bn_skip.eps)
-        skip = skip_scale, bn_skip.bias.to(dt) - skip_mean * skip_scale
+        if skip_mode.batch:
+            skip_mean, skip_var = skip_bmean, skip_bvar
+            if skip_mode.update:
+                _update_running(bn_skip, skip_mean.detach(), skip_var.detach(), count)
+        else:
+            skip_mean, skip_var = bn_skip.running_mean.to(dt), bn_skip.running_var.to(dt)
+        skip_gamma, skip_beta = _affine(bn_skip, dt, x)
+        skip_scale = skip_gamma / torch.sqrt(skip_var + bn_skip.eps)
+        skip = skip_scale, skip_beta - skip_mean * skip_scale
     scale = gamma / torch.sqrt(var + eps)
     bias = (beta - scale * mean).sum(1)
-    fold_skip = skip is not None and drop_path is None
+    drop = _drop_path_active(block.drop_path)
+    fold_skip = skip is not None and not drop
     weight = _merged_kernel(kernels, scale, skip[0] if fold_skip else None)
     if fold_skip:
         bias = bias + skip[1]
-    out = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
-    if drop_path is not None:
-        out = drop_path(out)
+    out = _conv(x, weight, bias, conv, centred=batch or (torch.is_grad_enabled() and weight.requires_grad))
+    if drop:
+        out = block.drop_path(out)
         if skip is not None:
-            out = out + torch.addcmul(skip[1].view(1, -1, 1, 1), x, skip[0].view(1, -1, 1, 1)).to(out.dtype)
+            st = _stat_dtype(x)  # elementwise on the whole map: float32 (the float64 small algebra is for C-sized)
+            out = out + torch.addcmul(skip[1].to(st).view(1, -1, 1, 1), x.to(st),
+                                      skip[0].to(st).view(1, -1, 1, 1)).to(out.dtype)
     return out

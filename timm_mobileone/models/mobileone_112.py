@@ -110,6 +110,7 @@ class MobileOneBlock(_TimmMobileOneBlock):
         super().__init__(in_chs, out_chs, kernel_size=kernel_size, stride=stride, inference_mode=inference_mode,
                          **kwargs)
         self.train_form = check_train_form(train_form)
+        self.merged_name = ''  # the block's name in its model, for the merged form's refusals (set by the model)
         if inference_mode:
             # the same padding rule as the branch convs (ConvNormAct -> create_conv2d), registered after attn/act
             # as reparameterize() registers it, so both layouts list their state_dict keys in the same order
@@ -452,6 +453,9 @@ class MobileOne112(nn.Module):
         self.global_pool = global_pool
         self.head = self._create_head(num_classes, global_pool, **dd)
         self.head_hidden_size = self.head.num_features
+        for name, m in self.named_modules():
+            if isinstance(m, MobileOneBlock):
+                m.merged_name = name
         # Apple's checkpoints load through load_state_dict() too (timm's checkpoint_path= skips the filter fn)
         self._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
 
