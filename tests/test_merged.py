@@ -283,3 +283,61 @@ def test_merged_block_equals_branches_in_every_state(kind, seed, bn_train, untra
     names = ['output', 'input grad'] + [f'{n} grad' for n, _ in block.named_parameters()] + [
         n for n, _ in block.named_buffers()]
     assert all(e <= b for e, b in zip(errors, bound)), [(n, e, b) for n, e, b in zip(names, errors, bound) if e > b]
+
+
+def test_frozen_batchnorm_fine_tuning_with_drop_path_equals_branches():
+    # every BatchNorm in eval while the model trains (DropPath on by its own mode): the fused conv from the running
+    # statistics, stochastic depth on the conv branches with its 1/keep scaling, the skip added after it
+    model, merged = _pair('mobileone_112_s0', drop_path_rate=0.3)
+    for m in (model, merged):
+        m.train()
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+                bn.eval()
+    x = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64)
+    outs = []
+    for m in (model, merged):
+        torch.manual_seed(5)
+        y = m(x)
+        y.square().sum().backward()
+        outs.append(y)
+    assert rel_err(outs[1], outs[0]) <= 1e-10
+    assert _grad_gap(model, merged) <= 1e-9
+    assert _buffer_gap(model, merged) == 0  # nothing updated
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda b: setattr(b.conv_kxk[1].conv, 'padding_mode', 'reflect'),
+     "conv_kxk.1.conv has padding_mode='reflect'"),
+    (lambda b: setattr(b.conv_kxk[0].conv, 'bias', torch.nn.Parameter(torch.ones(48, dtype=torch.float64))),
+     'conv_kxk.0.conv has a bias'),
+    (lambda b: setattr(b.conv_kxk[0].conv, 'dilation', (2, 2)), r'conv_kxk.0.conv has dilation=\(2, 2\)'),
+    (lambda b: setattr(b.conv_scale.conv, 'groups', 1), 'conv_scale.conv has groups=1, the block has 48'),
+    (lambda b: setattr(b.conv_kxk[2], 'bn', torch.nn.SyncBatchNorm(48).double()),
+     'conv_kxk.2.bn is a SyncBatchNorm, not nn.BatchNorm2d'),
+    (lambda b: setattr(b.identity, 'act', torch.nn.ReLU()), 'identity.act is ReLU, not nn.Identity'),
+])
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_merged_refuses_what_it_does_not_compute_before_changing_anything(change, message, mode):
+    _, merged = _pair('mobileone_112_s0')
+    getattr(merged, mode)()
+    change(merged.stages[0][0])
+    before = copy.deepcopy(merged.state_dict())
+    with pytest.raises(ValueError, match=f"^train_form='merged' cannot compute stages.0.0: {message}.*; use train_form='branches'$"):
+        merged(torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64))
+    after = merged.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith('stages.0.0'))
+
+
+def test_untracked_statistics_set_after_construction_are_not_updated():
+    model, merged = _pair('mobileone_112_s0')
+    for m in (model, merged):
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.track_running_stats = False
+    before = copy.deepcopy(merged.state_dict())
+    x = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64)
+    expected = model(x)
+    floor = rel_err(model(x.flip(0)).flip(0), expected)  # the branches' own rounding, batch reordered
+    assert rel_err(merged(x), expected) <= 8 * max(floor, 1e-13)
+    assert all(torch.equal(before[k], v) for k, v in merged.state_dict().items() if 'head' not in k)

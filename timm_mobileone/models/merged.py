@@ -29,19 +29,25 @@ The BN skip needs only the input's own per-channel mean and variance (it is the 
 merged kernel, or is added after DropPath when stochastic depth is on (DropPath acts on the conv branches only).
 
 Either way the block computes the branches' function with the same parameters, state_dict keys and running
-statistics (updated as `nn.BatchNorm2d` does: the unbiased variance, `momentum`, or the cumulative average when
-it is None), so checkpoints, `reparameterize()`, resume and exports do not know which form trained a model. In
-eval mode a merged block fuses on the fly from the running statistics (what `reparameterize()` computes: one
-conv). Moments are accumulated in float32 (float64 stays float64), also under autocast, about each channel's
-mean (`depthwise_patch_stats`; the 1x1 covariance from centred inputs). Checked in float64 against the branches in
-`tests/test_merged.py`: outputs, loss, every gradient and the running statistics within 1e-9 relative. In
-float32 the merged form rounds about twice as much as the branches (fresh-init S0, BN calibrated on random
-batches, a random batch of 16, against float64: output 1.7e-4 vs 7.7e-5 relative, running variances 1.5e-5 vs
-5.0e-6); on S0's first 56x56 depthwise block (random post-ReLU input) the input gradient is 3e-4 off against
-1e-7, from the fused conv's own sums, not from the statistics (those and their gradients are within 2e-7).
+statistics, so checkpoints, `reparameterize()`, resume and exports do not know which form trained a model. Every
+BatchNorm does what `nn.BatchNorm2d.forward` would with its current settings, read at every call: training or
+eval (branches in eval use their running statistics, so frozen-BN fine-tuning and mixed modes are exact; all in
+eval fuses on the fly, DropPath still applied by its own mode), `track_running_stats`, `momentum` (None: the
+cumulative average), per-BN `eps`, `affine`. A module the algebra does not compute (SyncBatchNorm, a conv with a
+bias, dilation, padding other than zeros and k // 2, other groups, an activation inside a branch's BatchNorm) is
+refused with one `ValueError` line naming the block and the setting, before anything changes.
 
-Not merged: SyncBatchNorm branches (their statistics span processes) and BatchNorms without running statistics
-(refused with a ValueError).
+Rounding. The reductions over the batch and the map run in float32 under autocast too (float64 for float64
+input), each on centred values only: the depthwise patch moments about each channel's mean, the border classes'
+sums directly (not from integral images), the 1x1 covariance of centred inputs, and the merged conv itself as
+conv(x - mu, W) plus conv(mu, W) (`_conv`, whose weight gradient is summed over x - mu). The per-channel algebra
+after them (kernels, branch means and variances, scales) runs in float64 (float32 on MPS). Measured against
+float64 branches as a channel's mean/std ratio r grows (`benchmarks/merged_precision.py`, docs/training.md): on
+S0's first depthwise block float32 merged is within 1.7x of float32 branches at r = 1 and more accurate above it
+(r = 1e4, 56x56 batch 16: output 6.8e-8 vs 8.6e-5, input gradient 1.6e-7 vs 3.2e-6); float64 merged within 3.5x
+of the branches' own float64 rounding. Before, the depthwise moments rounded as eps * r^2 (NaN at r = 1e4).
+
+Not merged: SyncBatchNorm branches (their statistics span processes).
 """
 from functools import lru_cache
 from typing import List, NamedTuple, Optional, Tuple
