@@ -120,7 +120,7 @@ def _batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _patch_moments_sums(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _patch_moments_sums(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     p = k // 2
     xp = F.pad(x, [p, p, p, p])
@@ -131,12 +131,13 @@ def _patch_moments_sums(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Te
         a = xp[:, :, :hp - di, max(0, -dj):wp - max(0, dj)]
         b = xp[:, :, di:, max(0, dj):wp + min(0, dj)]
         slabs.append(F.pad(_batch_dot(a, b), [max(0, -dj) + 1, max(0, dj), 1, di]))
-    slabs.append(F.pad(xp.sum(0), [1, 0, 1, 0]))
+    plane = xp.sum(0)  # the padded map summed over the batch
+    slabs.append(F.pad(plane, [1, 0, 1, 0]))
     integral = torch.stack(slabs).cumsum(2).cumsum(3)  # (lags + 1, C, hp + 1, wp + 1), a zero first row / column
     lag, top, left, o = _lag_tensors(k, x.device)
     second = _rect_sums(integral, lag, top, left, h, w)
     first = _rect_sums(integral, len(lags), o // k, o % k, h, w)  # an int slab index: (C, k*k)
-    return second.t().reshape(c, k * k, k * k), first
+    return second.t().reshape(c, k * k, k * k), first, plane
 
 
 def _shifted(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,8 @@ def _shifted(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 class _PatchMoments(torch.autograd.Function):
     """Sums over the batch and the output positions of a stride-1, zero-padded 3x3 depthwise conv of the patch
-    products (C, 9, 9) and of the patches (C, 9), with a backward that needs no unfolded patches.
+    products (C, 9, 9) and of the patches (C, 9), and the padded map summed over the batch (C, H + 2, W + 2),
+    with a backward that needs no unfolded patches.
 
     d second / d x[q] = sum_{u : q - u on the output grid} sum_v G[u, v] x[q - u + v], G the symmetrized incoming
     gradient. Without the grid condition that is one 5x5 depthwise conv of x with G's diagonal sums; the condition
@@ -159,7 +161,7 @@ class _PatchMoments(torch.autograd.Function):
         return _patch_moments_sums(_shifted(x_in, shift), 3)
 
     @staticmethod
-    def backward(ctx, g2: torch.Tensor, g1: torch.Tensor):
+    def backward(ctx, g2: torch.Tensor, g1: torch.Tensor, g_plane: torch.Tensor):
         x_in, shift = ctx.saved_tensors
         x = _shifted(x_in, shift)
         n, c, h, w = x.shape
@@ -191,6 +193,8 @@ class _PatchMoments(torch.autograd.Function):
             dx[:, :, i, j] += gs[:, ai, aj, ai, aj] * x[:, :, i, j]
         ones = x.new_ones(1, c, h, w)  # the patch sums: every output position's patch, summed over the batch
         dx = dx + F.conv_transpose2d(ones, g1.to(x.dtype).reshape(c, 1, 3, 3), groups=c)[:, :, 1:1 + h, 1:1 + w]
+        if g_plane is not None:
+            dx = dx + g_plane[:, 1:1 + h, 1:1 + w].to(x.dtype)
         return dx.to(x_in.dtype), None
 
 
@@ -201,7 +205,7 @@ def patch_moments(x: torch.Tensor, shift: Optional[torch.Tensor] = None) -> Tupl
     for float64. Differentiable in x."""
     if shift is None:
         shift = torch.zeros(x.shape[1], dtype=_stat_dtype(x), device=x.device)
-    return _PatchMoments.apply(x, shift.detach().to(_stat_dtype(x)))
+    return _PatchMoments.apply(x, shift.detach().to(_stat_dtype(x)))[:2]
 
 
 @lru_cache(maxsize=None)
@@ -276,9 +280,9 @@ def depthwise_patch_stats(x: torch.Tensor) -> PatchStats:
     n, c, h, w = x.shape
     count = n * h * w
     mu = x.detach().to(dt).mean((0, 2, 3))
-    second, first = patch_moments(x, mu)
+    second, first, plane = _PatchMoments.apply(x, mu)
     outside, weight = _border_classes(h, w, x.device, dt)
-    class_z = _border_class_sums(F.pad(_shifted(x, mu).sum(0), [1, 1, 1, 1]))
+    class_z = _border_class_sums(plane)
     sd = _small_dtype(x)
     mean_z = first.to(sd) / count
     cov_z = second.to(sd) / count - mean_z[:, :, None] * mean_z[:, None, :]
@@ -419,34 +423,43 @@ def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, c
     bn.running_var.mul_(1 - m).add_((var * (count / max(count - 1, 1))).to(bn.running_var.dtype), alpha=m)
 
 
-def _branch_stats(block: nn.Module, x: torch.Tensor, kernels: torch.Tensor, how: str, dt: torch.dtype,
-                  ) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """Batch mean and biased variance (C_out, B) of every branch's conv output, from the input's moments; the
-    output positions counted; the input's own per-channel mean and variance (for the BN skip, stride 1)."""
+class _BatchStats(NamedTuple):
+    mean: torch.Tensor  # (C_out, B) every branch's conv output's batch mean
+    var: torch.Tensor  # (C_out, B) and biased variance
+    count: int  # output positions in the batch
+    skip_mean: torch.Tensor  # (C,) the input's own mean and biased variance (the BN skip's, stride 1)
+    skip_var: torch.Tensor
+    shift: torch.Tensor  # (C_in,) the float32 (float64) channel mean the reductions were centred on
+
+
+def _branch_stats(block: nn.Module, x: torch.Tensor, kernels: torch.Tensor, how: str, dt: torch.dtype
+                  ) -> _BatchStats:
+    """Batch statistics of every branch's conv output, from the input's moments (`_BatchStats`)."""
     c_out, n_branches = kernels.shape[:2]
     if how == 'depthwise':
         count = x.shape[0] * x.shape[2] * x.shape[3]
         stats = depthwise_patch_stats(x)
         mean, var = depthwise_mean_var(stats, kernels.reshape(c_out, n_branches, 9))
         # the centre entry visits every position once and is never in the padding
-        return mean, var, count, stats.shift + stats.mean_z[:, 4], stats.cov_z[:, 4, 4]
+        return _BatchStats(mean, var, count, stats.shift + stats.mean_z[:, 4], stats.cov_z[:, 4, 4],
+                           stats.shift.to(dt))
     stride = block.conv_kxk[0].conv.stride
     xs = x.to(dt)
     if stride != (1, 1):
         xs = xs[:, :, ::stride[0], ::stride[1]]
     count = xs.numel() // xs.shape[1]
-    mean_in = xs.mean(dim=(0, 2, 3))
+    shift = xs.mean(dim=(0, 2, 3))
     # centred before the product: the covariance without E[x^2] - E[x]^2 cancellation (the one GEMM over the
     # positions, in float32); the branch means and variances from it in the small dtype
-    xc = (xs - mean_in.view(1, -1, 1, 1)).transpose(0, 1).reshape(xs.shape[1], -1)
+    xc = (xs - shift.view(1, -1, 1, 1)).transpose(0, 1).reshape(xs.shape[1], -1)
     sd = _small_dtype(x)
     residual = xc.mean(1).to(sd)  # the float32 mean's own rounding (about eps * mean), from centred values
     cov = (xc @ xc.t()).to(sd) / count - residual[:, None] * residual[None, :]
-    mean_in = mean_in.to(sd) + residual
+    mean_in = shift.to(sd) + residual
     k = kernels.to(sd).reshape(c_out, n_branches, -1)
     mean = torch.einsum('obp,p->ob', k, mean_in)
     var = ((k @ cov) * k).sum(-1)
-    return mean, var, count, mean_in, torch.diagonal(cov)
+    return _BatchStats(mean, var, count, mean_in, torch.diagonal(cov), shift)
 
 
 def _merged_kernel(kernels: torch.Tensor, scale: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
@@ -477,10 +490,6 @@ def _drop_path_active(drop_path: nn.Module) -> bool:
     return True
 
 
-def _centred(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    return (x.to(shift.dtype) - shift.view(1, -1, 1, 1)).to(x.dtype)
-
-
 class _ShiftedConv(torch.autograd.Function):
     """F.conv2d(x - shift, weight) (zero padding, no dilation, no bias; shift a per-channel constant without
     gradient) that keeps x, not x - shift, for its backward: no second activation-sized tensor lives between the
@@ -490,30 +499,31 @@ class _ShiftedConv(torch.autograd.Function):
     def forward(ctx, x, weight, shift, stride, padding, groups):
         ctx.save_for_backward(x, weight, shift)
         ctx.conf = stride, padding, groups
-        return F.conv2d(_centred(x, shift), weight, None, stride, padding, 1, groups)
+        return F.conv2d(_shifted(x, shift).to(x.dtype), weight, None, stride, padding, 1, groups)
 
     @staticmethod
     def backward(ctx, g):
         x, weight, shift = ctx.saved_tensors
         stride, padding, groups = ctx.conf
         need_x, need_w = ctx.needs_input_grad[:2]
-        z = _centred(x, shift) if need_w else x  # the input gradient does not read the input's values
+        z = _shifted(x, shift).to(x.dtype) if need_w else x  # the input gradient does not read x's values
         dx, dw, _ = torch.ops.aten.convolution_backward(g, z, weight, None, list(stride), list(padding), [1, 1],
                                                         False, [0, 0], groups, (need_x, need_w, False))
         return dx, dw, None, None, None, None
 
 
-def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d, centred: bool
-          ) -> torch.Tensor:
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d, centred: bool,
+          shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The merged conv. `centred`: as conv(x - mu, W) + (bias + conv(mu, W)), mu each input channel's batch mean
-    (zero in the padding, so the second term is a map, computed in the weight's dtype at batch 1). Summed raw,
+    (`shift`, the statistics' own where they were computed; exact for any constant) (zero in the padding, so the
+    second term is a map, computed in the weight's dtype at batch 1). Summed raw,
     the conv's outputs and its weight gradient round in proportion to x's mean (the weight gradient to sqrt(L)
     times the branches' error over L positions, the branches' BatchNorms seeing centred values); centred, they
     round as the branches do. Under autocast the conv runs in autocast's dtype, as F.conv2d would."""
     if not centred:  # the reparameterized conv, as `reparameterize()` builds it
         return F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), conv.stride, conv.padding, 1, conv.groups)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    with torch.no_grad():
+    if shift is None:
         shift = x.detach().to(_stat_dtype(x)).mean((0, 2, 3))
     mu_map = shift.to(weight.dtype).view(1, -1, 1, 1).expand(1, -1, x.shape[2], x.shape[3])
     with torch.autocast(x.device.type, enabled=False):
@@ -546,15 +556,14 @@ def merged_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     dt = _small_dtype(x)  # the per-channel algebra (kernels, scales, shifts): negligible work
     if batch:
         with torch.autocast(x.device.type, enabled=False):  # statistics in float32 or wider, also under autocast
-            batch_mean, batch_var, count, skip_bmean, skip_bvar = _branch_stats(block, x, kernels, how,
-                                                                                _stat_dtype(x))
+            stats = _branch_stats(block, x, kernels, how, _stat_dtype(x))
     means, variances = [], []
     for i, ((_, bn), mode) in enumerate(zip(bns, modes)):
         if mode.batch:
-            means.append(batch_mean[:, i])
-            variances.append(batch_var[:, i])
+            means.append(stats.mean[:, i])
+            variances.append(stats.var[:, i])
             if mode.update:
-                _update_running(bn, batch_mean[:, i].detach(), batch_var[:, i].detach(), count)
+                _update_running(bn, stats.mean[:, i].detach(), stats.var[:, i].detach(), stats.count)
         else:
             means.append(bn.running_mean.to(dt))
             variances.append(bn.running_var.to(dt))
@@ -566,9 +575,9 @@ def merged_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     skip = None
     if bn_skip is not None:  # its output is x * scale + shift
         if skip_mode.batch:
-            skip_mean, skip_var = skip_bmean, skip_bvar
+            skip_mean, skip_var = stats.skip_mean, stats.skip_var
             if skip_mode.update:
-                _update_running(bn_skip, skip_mean.detach(), skip_var.detach(), count)
+                _update_running(bn_skip, skip_mean.detach(), skip_var.detach(), stats.count)
         else:
             skip_mean, skip_var = bn_skip.running_mean.to(dt), bn_skip.running_var.to(dt)
         skip_gamma, skip_beta = _affine(bn_skip, dt, x)
@@ -581,7 +590,8 @@ def merged_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight = _merged_kernel(kernels, scale, skip[0] if fold_skip else None)
     if fold_skip:
         bias = bias + skip[1]
-    out = _conv(x, weight, bias, conv, centred=batch or (torch.is_grad_enabled() and weight.requires_grad))
+    out = _conv(x, weight, bias, conv, centred=batch or (torch.is_grad_enabled() and weight.requires_grad),
+                shift=stats.shift.detach() if batch else None)
     if drop:
         out = block.drop_path(out)
         if skip is not None:
