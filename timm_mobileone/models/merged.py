@@ -453,13 +453,15 @@ def _branch_stats(block: nn.Module, x: torch.Tensor, kernels: torch.Tensor, how:
     # positions, in float32); the branch means and variances from it in the small dtype
     xc = (xs - shift.view(1, -1, 1, 1)).transpose(0, 1).reshape(xs.shape[1], -1)
     sd = _small_dtype(x)
-    residual = xc.mean(1).to(sd)  # the float32 mean's own rounding (about eps * mean), from centred values
-    cov = (xc @ xc.t()).to(sd) / count - residual[:, None] * residual[None, :]
-    mean_in = shift.to(sd) + residual
-    k = kernels.to(sd).reshape(c_out, n_branches, -1)
-    mean = torch.einsum('obp,p->ob', k, mean_in)
-    var = ((k @ cov) * k).sum(-1)
-    return _BatchStats(mean, var, count, mean_in, torch.diagonal(cov), shift)
+    residual = xc.mean(1)  # the float32 mean's own rounding (about eps * mean), from centred values
+    cov = xc @ xc.t() / count - residual[:, None] * residual[None, :]
+    mean_in = shift.to(sd) + residual.to(sd)
+    mean = torch.einsum('obp,p->ob', kernels.to(sd).reshape(c_out, n_branches, -1), mean_in)
+    # the quadratic forms of centred moments in float32 (B C_out C_in^2 multiply-adds: float64 cost 0.15 s of a
+    # 4 s S0 step on 2 CPU cores, for no measured gain)
+    k = kernels.to(dt).reshape(c_out, n_branches, -1)
+    var = ((k @ cov) * k).sum(-1).to(sd)
+    return _BatchStats(mean, var, count, mean_in, torch.diagonal(cov).to(sd), shift)
 
 
 def _merged_kernel(kernels: torch.Tensor, scale: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
@@ -512,6 +514,28 @@ class _ShiftedConv(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
+@lru_cache(maxsize=None)
+def _inside(size: Tuple[int, int], kernel: Tuple[int, int], stride: Tuple[int, int], padding: Tuple[int, int],
+            device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(k*k, output positions): whether each kernel tap lies on the map (1) or in the zero padding (0)."""
+    ones = torch.ones(1, 1, *size, device=device, dtype=dtype)
+    return F.unfold(ones, kernel, padding=padding, stride=stride)[0]
+
+
+def _constant_conv(value: torch.Tensor, size: torch.Size, weight: torch.Tensor, bias: torch.Tensor,
+                   conv: nn.Conv2d) -> torch.Tensor:
+    """F.conv2d of a map holding `value` (C_in,) everywhere (zero padding), plus `bias`: (1, C_out, H', W'), as
+    the weights summed against `value` per tap times the taps' inside-the-map pattern (one small matmul; a float64
+    grouped conv would take CPU's per-group slow path)."""
+    c_out, c_in_g = weight.shape[:2]
+    groups = value.shape[0] // c_in_g
+    per_out = value.view(groups, 1, c_in_g).expand(groups, c_out // groups, c_in_g).reshape(c_out, c_in_g)
+    taps = torch.einsum('oiu,oi->ou', weight.flatten(2), per_out)  # (C_out, k*k)
+    inside = _inside(tuple(size), conv.kernel_size, conv.stride, conv.padding, weight.device, weight.dtype)
+    ho = (size[0] + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+    return (taps @ inside + bias[:, None]).view(1, c_out, ho, -1)
+
+
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d, centred: bool,
           shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The merged conv. `centred`: as conv(x - mu, W) + (bias + conv(mu, W)), mu each input channel's batch mean
@@ -525,9 +549,8 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Co
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if shift is None:
         shift = x.detach().to(_stat_dtype(x)).mean((0, 2, 3))
-    mu_map = shift.to(weight.dtype).view(1, -1, 1, 1).expand(1, -1, x.shape[2], x.shape[3])
     with torch.autocast(x.device.type, enabled=False):
-        offset = F.conv2d(mu_map, weight, bias, conv.stride, conv.padding, 1, conv.groups)
+        offset = _constant_conv(shift.to(weight.dtype), x.shape[2:], weight, bias, conv)
         out = _ShiftedConv.apply(x.to(dtype), weight.to(dtype), shift, conv.stride, conv.padding, conv.groups)
         return out + offset.to(dtype)
 
