@@ -41,7 +41,8 @@ Rounding. The reductions over the batch and the map run in float32 under autocas
 input), each on centred values only: the depthwise patch moments about each channel's mean, the border classes'
 sums directly (not from integral images), the 1x1 covariance of centred inputs, and the merged conv itself as
 conv(x - mu, W) plus conv(mu, W) (`_conv`, whose weight gradient is summed over x - mu). The per-channel algebra
-after them (kernels, branch means and variances, scales) runs in float64 (float32 on MPS). Measured against
+after them (kernels, branch means and variances, scales) runs in float64 (float32 on MPS; the 1x1 blocks'
+quadratic forms of centred moments stay float32). Measured against
 float64 branches as a channel's mean/std ratio r grows (`benchmarks/merged_precision.py`, docs/training.md): on
 S0's first depthwise block float32 merged is within 1.7x of float32 branches at r = 1 and more accurate above it
 (r = 1e4, 56x56 batch 16: output 6.8e-8 vs 8.6e-5, input gradient 1.6e-7 vs 3.2e-6); float64 merged within 3.5x
