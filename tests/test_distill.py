@@ -118,11 +118,15 @@ def test_what_distillation_refuses(setup, tmp_path, capsys):
     argv[argv.index('embed_dim=128')] = 'head_type=gdc'  # the default 512-d student
     line = face_error(capsys, argv)
     assert 'embeds 128-d, the student 512-d' in line and 'embed_dim=128' in line and '--distill-proj' in line
+    import timm
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in timm.create_model('test_resnet').state_dict().items()},
+              str(tmp_path / 'resnet.safetensors'))  # a teacher always has weights (a random one is refused)
     argv = _flags(setup, tmp_path / 'b', '--no-export')
-    argv[argv.index('mobilefacenet')] = 'resnet18'
-    argv[argv.index('--teacher-checkpoint'):argv.index('--teacher-checkpoint') + 2] = []
-    assert 'takes 224x224 images, the student 112x112' in face_error(capsys, argv)
-    assert not (tmp_path / 'b' / 'teacher.safetensors').exists()
+    argv[argv.index('mobilefacenet')] = 'test_resnet'
+    argv[argv.index(str(setup['teacher']))] = str(tmp_path / 'resnet.safetensors')
+    assert 'takes 160x160 images, the student 112x112' in face_error(capsys, argv)
+    assert not (tmp_path / 'b').exists()
     argv = _flags(setup, tmp_path / 'd', '--no-export')
     argv[argv.index(str(setup['teacher']))] = str(tmp_path / 'missing.safetensors')
     line = face_error(capsys, argv)

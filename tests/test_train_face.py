@@ -293,7 +293,7 @@ def test_one_process_sharded_adaface_run_and_what_it_refuses(tmp_path, caplog, c
     assert "head='sharded'" in line and "now head='replicated'" in line
     assert 'adaface' in face_error(capsys, _quick(pack, tmp_path / 'p') + ['--loss', 'adaface', '-b', '1'])
     for flag, value in [('--adaface-t-alpha', '2'), ('--sample-rate', '0'), ('--head', 'split')]:
-        with pytest.raises(SystemExit) as e:  # argparse's usage + one error line
+        with pytest.raises(SystemExit) as e:  # --head split: argparse's usage + error; the others: one line
             face.main(_quick(pack, tmp_path / 'q') + [flag, value])
         assert e.value.code == 2 and flag in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / 'p' / 'last.json').exists() and not (tmp_path / 'q').exists()

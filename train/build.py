@@ -1,7 +1,7 @@
 """What a `train.face` run is made of, built from its flags: the model (train form, compile), the dataset, the
 margin or distillation head, AMP, DistributedDataParallel, EMA, the optimizer and its schedules, the validation
-packs. Every refusal of a flag combination happens here, before a step runs (and, where it can, before the run
-folder is made)."""
+packs. Every refusal of a flag combination or an input happens here, before a step runs and before the run folder
+is made (`TrainSetup._make_output`, last): a refused run leaves no folder behind."""
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -37,9 +37,13 @@ class TrainSetup:
         self.device = world.device
         self.out = Path(args.output)
         torch.manual_seed(args.seed)  # the same initial weights on every process (DDP broadcasts rank 0's anyway)
-        self.backbone = create_model_checked(args.model, args.pretrained, args.initial_checkpoint,
-                                             num_classes=0, drop_path_rate=args.drop_path or None,
-                                             **args.model_kwargs)
+        try:
+            self.backbone = create_model_checked(args.model, args.pretrained, args.initial_checkpoint,
+                                                 num_classes=0, drop_path_rate=args.drop_path or None,
+                                                 **args.model_kwargs)
+        except TypeError as e:  # an argument the model's constructor does not take
+            from timm_mobileone.errors import first_line
+            raise UserError(f'--model {args.model}: {first_line(e)} (check --model-kwargs and --drop-path)') from None
         self.arch = self.backbone.pretrained_cfg.get('architecture') or args.model
         set_train_form(self.backbone, args.model, args.train_form)
         if args.train_form == 'merged' and args.sync_bn and world.world_size > 1:
@@ -47,7 +51,20 @@ class TrainSetup:
                             'batch statistics; use --train-form branches to synchronize them')
         if args.compile:
             check_compile(self.device, args.compile_backend)
-        self._check_output()  # after the model's refusals: a refused run leaves no folder behind
+        if args.channels_last and self.device.type == 'cpu':
+            # measured here: the stem's stride-2 1x1 scale conv (3 input channels) crashes or corrupts memory in
+            # backward under channels_last on CPU; oneDNN issue #6035 (nhwc 1x1 backward_weights, IC < ic_block)
+            raise UserError('--channels-last is refused on CPU: oneDNN\'s channels_last backward of the stem\'s '
+                            'stride-2 1x1 conv crashes or gives wrong gradients (uxlfoundation/oneDNN#6035); '
+                            'use it on CUDA')
+        if args.sync_bn and world.world_size > 1 and self.device.type != 'cuda':
+            raise UserError('--sync-bn needs CUDA devices (torch\'s SyncBatchNorm runs on GPUs only)')
+        if args.loss == 'adaface' and args.batch_size * world.world_size < 2:
+            raise UserError('--loss adaface needs a global batch of at least 2 images (its margin scales with the '
+                            'batch\'s feature-norm spread); raise --batch-size')
+        # every refusal below happens before the run folder exists (`_make_output`, at the end): a refused run
+        # leaves nothing behind
+        self._check_output()
         self.data_cfg = self._face_data_cfg()
         if args.export and self.arch not in timm.list_models('mobileone_112_*'):
             raise UserError(f'--model {args.model}: the hub export handles mobileone_112 models only; pass '
@@ -58,6 +75,19 @@ class TrainSetup:
         input_size = tuple(self.data_cfg['input_size'][-2:])
         self.dataset = open_dataset(args.data, input_size, flip=True, seed=args.seed, num_classes=args.num_classes,
                                     extra=getattr(args, 'extra_data', ()))
+        for index in {0, self.dataset.extra_start or 0}:  # a wrong crop size or format shows on the first image
+            error = self.dataset.decoded(index, flip=False)[2]
+            if error:
+                raise UserError(error)
+        self.sampler = ResumableSampler(self.dataset, num_replicas=world.world_size, rank=world.rank, seed=args.seed)
+        self.steps_per_epoch = self.sampler.num_samples // args.batch_size
+        if self.steps_per_epoch < 1:
+            raise UserError(f'--data {args.data}: {len(self.dataset)} images make no full batch of '
+                            f'{args.batch_size} x {world.world_size} processes (lower --batch-size)')
+        self.val_sets = self._load_val_sets() if world.main else []
+        names = [v.name for v in self.val_sets]
+        if args.best_on and world.main and args.best_on not in names:
+            raise UserError(f'--best-on {args.best_on}: not one of the --val sets ({", ".join(names) or "none"})')
         cfg = augment.config_from_args(args)
         self.augment = augment.DeviceAugment(cfg, args.seed, world.rank) if cfg.active else None
         self.teacher: Optional[distill.OnlineTeacher] = None
@@ -71,12 +101,6 @@ class TrainSetup:
         self.head = self._build_distill_head(embed_dim, input_size) if args.teacher else self._build_head(embed_dim)
         if args.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
-        if args.channels_last and self.device.type == 'cpu':
-            # measured here: the stem's stride-2 1x1 scale conv (3 input channels) crashes or corrupts memory in
-            # backward under channels_last on CPU; oneDNN issue #6035 (nhwc 1x1 backward_weights, IC < ic_block)
-            raise UserError('--channels-last is refused on CPU: oneDNN\'s channels_last backward of the stem\'s '
-                            'stride-2 1x1 conv crashes or gives wrong gradients (uxlfoundation/oneDNN#6035); '
-                            'use it on CUDA')
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.memory_format = memory_format
         self.amp, self.scaler = self._amp()
@@ -84,8 +108,6 @@ class TrainSetup:
         if isinstance(self.head, distill.DistillHead):
             self.head.targets_to(self.device)
         if args.sync_bn and world.world_size > 1:
-            if self.device.type != 'cuda':
-                raise UserError('--sync-bn needs CUDA devices (torch\'s SyncBatchNorm runs on GPUs only)')
             self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
             self.backbone, self.head = self.net.backbone, self.net.head
         self.ddp = self.net
@@ -106,11 +128,6 @@ class TrainSetup:
         self.head_indices = {i for i, p in enumerate(order) if id(p) in head_ids}  # in the optimizer state dict
         self.head_memory = self._head_memory()
         _logger.info(self.head_memory['line'])
-        self.sampler = ResumableSampler(self.dataset, num_replicas=world.world_size, rank=world.rank, seed=args.seed)
-        self.steps_per_epoch = self.sampler.num_samples // args.batch_size
-        if self.steps_per_epoch < 1:
-            raise UserError(f'--data {args.data}: {len(self.dataset)} images make no full batch of '
-                            f'{args.batch_size} x {world.world_size} processes (lower --batch-size)')
         self.preloaded = None
         if args.preload:
             _logger.info(f'--preload: decoding {len(self.dataset)} images onto {self.device}')
@@ -122,12 +139,9 @@ class TrainSetup:
         self._data_loader = None
         self.stats = StepStats(self.device)
         self.best: Optional[Dict[str, Any]] = None
-        self.val_sets = self._load_val_sets() if world.main else []
-        names = [v.name for v in self.val_sets]
-        if args.best_on and world.main and args.best_on not in names:
-            raise UserError(f'--best-on {args.best_on}: not one of the --val sets ({", ".join(names) or "none"})')
         self.mean = torch.tensor(self.data_cfg['mean'], device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.data_cfg['std'], device=self.device).view(1, 3, 1, 1) * 255
+        self._make_output()
         if args.resume:
             self._resume()
 
@@ -136,9 +150,6 @@ class TrainSetup:
         args, world = self.args, self.world
         if args.head is None:
             args.head = 'sharded' if world.world_size > 1 else 'replicated'
-        if args.loss == 'adaface' and args.batch_size * world.world_size < 2:
-            raise UserError('--loss adaface needs a global batch of at least 2 images (its margin scales with the '
-                            'batch\'s feature-norm spread); raise --batch-size')
         common = dict(kind=args.loss, s=args.scale, m=args.margin, sample_rate=args.sample_rate, h=args.adaface_h,
                       t_alpha=args.adaface_t_alpha)
         if args.head == 'replicated':
@@ -245,15 +256,36 @@ class TrainSetup:
                     line=line)
 
     def _check_output(self) -> None:
+        """Refuse an --output that cannot take this run (it makes nothing: `_make_output` does, last)."""
         state = self.out / STATE_NAME
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f'--output {self.out}: not a folder')
         if state.is_file() and not self.args.resume:
             raise UserError(f'--output {self.out} holds a run ({STATE_NAME}); pass --resume to continue it, or choose '
                             f'another --output')
         if self.args.resume and not state.is_file():
             raise UserError(f'--resume: no {STATE_NAME} in {self.out} (no checkpoint to continue from)')
+
+    def _make_output(self) -> None:
+        """The run folder, once every part of the run is built and every refusal has had its chance."""
+        self.created_output = self.world.main and not self.out.exists()
         if self.world.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f'--output {self.out}: cannot be created ({e.strerror or e})') from None
         self.world.barrier()
+
+    def discard_empty_output(self) -> bool:
+        """Remove the run folder if this run made it and a failure left nothing in it (e.g. a bad image in the first
+        batches, before any log row or checkpoint); returns whether it did."""
+        if not getattr(self, 'created_output', False):
+            return False
+        try:
+            self.out.rmdir()  # only an empty folder
+        except OSError:
+            return False
+        return True
 
     def _face_data_cfg(self) -> Dict[str, Any]:
         """Input size and normalization of the architecture's face cfg, not of the starting weights' tag.

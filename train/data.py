@@ -38,6 +38,7 @@ class _FaceImages(Dataset):
         self.flip = flip
         self.seed = seed
         self.epoch = 0
+        self.extra_start: Optional[int] = None  # index of the first --extra-data image (ImageFolderDataset)
         # distillation: the label becomes (identity, index, flipped), which picks the teacher's cached target
         self.with_index = False
 
@@ -61,19 +62,26 @@ class _FaceImages(Dataset):
         image, label, error = self.decoded(index, flip)
         return image, ((label, index, int(flip)) if self.with_index else label), error
 
+    def source_flag(self, index: int) -> str:
+        """The flag that gave image `index`: --extra-data for the unlabeled crops appended, else --data."""
+        return '--extra-data' if self.extra_start is not None and index >= self.extra_start else '--data'
+
     def decoded(self, index: int, flip: bool) -> Tuple[torch.Tensor, int, str]:
-        """(uint8 CHW RGB image, flipped if asked, label, error line or '')."""
+        """(uint8 CHW RGB image, flipped if asked, label, error line or ''); the line names the flag that gave
+        the image (--data or --extra-data)."""
+        flag = self.source_flag(index)
         try:
             data, label, where = self._load(index)
         except (RecordIOError, FaceDataError) as e:
-            return self._failed(str(e))
+            return self._failed(f'{flag} {e}')
         if not math.isfinite(label) or label != int(label) or not 0 <= label < self.num_classes:
-            return self._failed(f'{where}: label {label:g} is outside the identity range 0..{self.num_classes - 1} '
-                                f'(num_classes {self.num_classes}; set --num-classes if the pack\'s count is wrong)')
+            return self._failed(f'{flag} {where}: label {label:g} is outside the identity range '
+                                f'0..{self.num_classes - 1} (num_classes {self.num_classes}; set --num-classes if the '
+                                f'pack\'s count is wrong)')
         try:
             rgb = decode_aligned(data, self.input_size)
         except ImageError as e:
-            return self._failed(f'{where}: image {e}')
+            return self._failed(f'{flag} {where}: image {e}')
         if flip:
             rgb = np.ascontiguousarray(rgb[:, ::-1])
         return torch.from_numpy(rgb).permute(2, 0, 1), int(label), ''
@@ -145,6 +153,8 @@ class ImageFolderDataset(_FaceImages):
         if not self.samples:
             raise FaceDataError(f'{root}: no images found (expected one folder per identity with .jpg/.png files)')
         super().__init__(num_classes or len(self.class_to_idx), input_size, flip, seed)
+        if extra:
+            self.extra_start = len(self.samples)
         for folder in extra:  # unlabeled faces (distillation only): label 0, which no loss reads
             found = _images_under(Path(folder))
             if not found:

@@ -37,6 +37,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -89,7 +90,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                         'eval.align output); needs --loss none and an image-folder --data')
 
 
-def check_flags(p: argparse.ArgumentParser, args) -> None:
+def check_flags(args) -> None:
+    """The distillation flags' impossible values and combinations: UserError (one `error:` line, exit code 2),
+    before anything is built. A teacher always comes with its weights: a random teacher is never distilled."""
     from .augment import config_from_args
     if not args.teacher:
         used = [f for f, v in (('--teacher-checkpoint', args.teacher_checkpoint), ('--teacher-onnx', args.teacher_onnx),
@@ -97,16 +100,29 @@ def check_flags(p: argparse.ArgumentParser, args) -> None:
                                ('--teacher-raw-pixels', args.teacher_raw_pixels),
                                ('--teacher-mode', args.teacher_mode != 'auto'),
                                ('--relational-weight', args.relational_weight),
+                               ('--hint-weight', args.hint_weight),
                                ('--extra-data', args.extra_data)) if v]
         if used:
-            p.error(f'{used[0]} needs --teacher')
+            raise UserError(f'{used[0]} needs --teacher')
         if args.loss == 'none':
-            p.error('--loss none trains with no loss at all without --teacher (distillation)')
-    if not args.distill_weight > 0:
-        p.error('--distill-weight must be > 0')
-    if args.hint_weight < 0 or (args.hint_weight and not args.teacher):
-        p.error('--hint-weight must be >= 0, and needs --teacher')
-    if not args.relational_weight >= 0:
+            raise UserError('--loss none trains with no loss at all without --teacher (distillation)')
+    if args.teacher:
+        if args.teacher.startswith(('hf-hub:', 'local-dir:')):
+            raise UserError(f'--teacher {args.teacher}: hub and local-dir teachers are not supported (the target '
+                            f'cache fingerprints weight files); give the architecture\'s registry name with '
+                            f'--teacher-checkpoint (e.g. the folder\'s model.safetensors)')
+        if not (args.teacher_checkpoint or args.teacher_onnx):
+            raise UserError(f'--teacher {args.teacher}: no weights given, and a teacher is never random; add '
+                            f'--teacher-checkpoint PATH (safetensors, torch or insightface MXNet .params) or '
+                            f'--teacher-onnx MODEL.onnx')
+        if args.teacher_checkpoint and args.teacher_onnx:
+            raise UserError('--teacher-checkpoint and --teacher-onnx: give the teacher\'s weights one way (an ONNX '
+                            'file holds its own)')
+    if not (math.isfinite(args.distill_weight) and args.distill_weight > 0):
+        raise UserError('--distill-weight must be > 0')
+    if not (math.isfinite(args.hint_weight) and args.hint_weight >= 0):
+        raise UserError('--hint-weight must be >= 0')
+    if not (math.isfinite(args.relational_weight) and args.relational_weight >= 0):
         raise UserError('--relational-weight must be >= 0')
     if args.extra_data and args.loss != 'none':
         raise UserError('--extra-data: those faces have no identity labels; they need --loss none (distillation only)')
@@ -119,11 +135,14 @@ def check_flags(p: argparse.ArgumentParser, args) -> None:
                         '(crops, colour, mixing) needs --teacher-mode online (or auto)')
     if args.teacher and args.teacher_mode == 'online' and args.teacher_cache:
         raise UserError('--teacher-cache: an online teacher keeps no cache')
+    if args.teacher_cache and Path(args.teacher_cache).is_dir():
+        raise UserError(f'--teacher-cache {args.teacher_cache}: a folder; give the cache file\'s path (e.g. '
+                        f'{Path(args.teacher_cache) / "teacher.safetensors"})')
     args.teacher_online = bool(args.teacher) and (args.teacher_mode == 'online' or
                                                   (args.teacher_mode == 'auto' and augmented))
     if args.hint_weight and args.teacher_onnx:
-        p.error("--hint-weight needs the teacher's feature maps: give it as a model (--teacher-checkpoint), not "
-                "--teacher-onnx")
+        raise UserError("--hint-weight needs the teacher's feature maps: give it as a model (--teacher-checkpoint), "
+                        "not --teacher-onnx")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,8 +346,8 @@ def teacher_targets(dataset, args, cache: Path, input_size: Tuple[int, int], com
             n = len(out)
             targets[start:start + n] = F.normalize(torch.from_numpy(out).float(), dim=1).half()
             flipped[start:start + n] = F.normalize(torch.from_numpy(out_flip).float(), dim=1).half()
-    except PackError as e:
-        raise UserError(f'--data {e}') from None
+    except PackError as e:  # the item's line names its flag (--data or --extra-data)
+        raise UserError(str(e)) from None
     if not (torch.isfinite(targets).all() and torch.isfinite(flipped).all()):
         raise UserError(f'--teacher {targs.model}: non-finite embeddings (are its weights right?)')
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,10 @@ class World:
         self.world_size = int(os.environ.get('WORLD_SIZE', '1'))
         self.rank = int(os.environ.get('RANK', '0'))
         local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UserError(f'--device {device}: not a torch device (e.g. cpu, cuda, cuda:1)') from None
         if dev.type == 'cuda':
             if not torch.cuda.is_available():
                 raise UserError(f'--device {device}: CUDA is not available on this machine')

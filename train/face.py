@@ -35,14 +35,17 @@ import os
 import re
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from timm_mobileone.cli import cli
+from timm_mobileone.errors import UserError
 from timm_mobileone.models.merged import TRAIN_FORMS
 
 from . import augment, distill
+from .checkpoint import STATE_NAME
 from .distributed import World
 from .loop import Trainer
 
@@ -134,31 +137,55 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    'insightface\'s non-commercial research licence)')
     distill.add_flags(p)
     augment.add_flags(p)
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # unparseable values: argparse's usage and error (exit code 2)
+    args.command = f"{p.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+    check_flags(args)
+    return args
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Impossible values and combinations of parsed flags: UserError (one `error:` line, exit code 2, no usage
+    block), before anything is built or the run folder exists."""
+    import math
     try:
         args.model_kwargs = parse_kwargs(args.model_kwargs)
     except ValueError as e:
-        p.error(f'--model-kwargs: {e}')
-    args.command = f"{p.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+        raise UserError(f'--model-kwargs: {e}') from None
     for name in ('epochs', 'batch_size', 'log_interval', 'val_batch_size'):
         if getattr(args, name) < 1:
-            p.error(f'--{name.replace("_", "-")} must be >= 1')
+            raise UserError(f'--{name.replace("_", "-")} must be >= 1')
     for name in ('workers', 'val_every', 'checkpoint_every'):
         if getattr(args, name) < 0:
-            p.error(f'--{name.replace("_", "-")} must be >= 0')
+            raise UserError(f'--{name.replace("_", "-")} must be >= 0')
+    for name in ('lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'weight_decay', 'weight_decay_end', 'momentum',
+                 'drop_path', 'scale', 'adaface_h', 'poly_power'):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):  # the optimizer raises a traceback on some, NaN on others
+            raise UserError(f'--{name.replace("_", "-")} must be a finite number >= 0 (got {value:g})')
+    if args.margin is not None and not (math.isfinite(args.margin) and args.margin >= 0):
+        raise UserError(f'--margin must be a finite number >= 0 (got {args.margin:g})')
+    if not args.scale > 0:
+        raise UserError('--scale must be > 0 (the logit scale s)')
+    if not args.drop_path < 1:
+        raise UserError('--drop-path must be in [0, 1)')
+    if args.clip_grad is not None and not (math.isfinite(args.clip_grad) and args.clip_grad > 0):
+        raise UserError(f'--clip-grad must be a finite number > 0 (got {args.clip_grad:g})')
+    if not 0.0 <= args.model_ema_decay <= 1.0:
+        raise UserError('--model-ema-decay must be in [0, 1]')
     if not 0.0 < args.sample_rate <= 1.0:
-        p.error('--sample-rate must be in (0, 1]')
+        raise UserError('--sample-rate must be in (0, 1]')
     if not 0.0 <= args.adaface_t_alpha <= 1.0:
-        p.error('--adaface-t-alpha must be in [0, 1]')
+        raise UserError('--adaface-t-alpha must be in [0, 1]')
     if args.num_classes is not None and args.num_classes < 2:
-        p.error('--num-classes must be >= 2')
+        raise UserError('--num-classes must be >= 2')
+    if args.best_on and not args.val:
+        raise UserError(f'--best-on {args.best_on}: names a --val set, and no --val is given')
     augment.check_flags(args)
-    distill.check_flags(p, args)
+    distill.check_flags(args)
     if args.license is None:
         args.license = 'other' if args.teacher else 'apache-2.0'
     if args.tag and not re.fullmatch(r'[a-z0-9][a-z0-9_]*', args.tag):
-        p.error('--tag: use lowercase letters, digits and _ (e.g. ms1mv3_arcface)')
-    return args
+        raise UserError('--tag: use lowercase letters, digits and _ (e.g. ms1mv3_arcface)')
 
 
 def parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
@@ -181,14 +208,26 @@ def parse_kwargs(items: Sequence[str]) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run a training job; returns (and prints) the JSON summary."""
     args = parse_args(argv)
-    world = None
+    # timm's "Loaded  from checkpoint" INFO line (the teacher's, --initial-checkpoint's) says what the command line
+    # says; a refusal that follows it must stay the one line on stderr
+    logging.getLogger('timm.models._helpers').setLevel(logging.WARNING)
+    world = trainer = None
     try:
         world = World(args.device)
         if not world.main:
             logging.getLogger().setLevel(logging.WARNING)
-        summary = Trainer(args, world).fit()
+        trainer = Trainer(args, world)
+        summary = trainer.fit()
     except KeyboardInterrupt:
+        if trainer is not None:
+            trainer.discard_empty_output()
+        if not (Path(args.output) / STATE_NAME).is_file():
+            raise KeyboardInterrupt('interrupted before the first checkpoint: nothing to resume') from None
         raise KeyboardInterrupt(f'interrupted; resume with --resume (the last checkpoint in {args.output})') from None
+    except UserError:  # a refusal or a bad image in the first batches: no empty run folder is left behind
+        if trainer is not None:
+            trainer.discard_empty_output()
+        raise
     finally:
         if world is not None:
             world.close()
