@@ -1,6 +1,6 @@
 """Hostile-input soak: the readers' properties (benchmarks/fuzz_targets.py) for minutes, and the CLIs end to end.
 
-    python benchmarks/fuzz_soak.py --minutes 30 [--cli-share 0.5] [--out DIR]
+    python benchmarks/fuzz_soak.py --minutes 30 [--cli-share 0.5] [--only TARGET,...] [--out DIR]
 
 Function level: each reader runs in its own worker process, fed Hypothesis examples (broken versions of valid
 files) for its slice of the time. Each example is classified: accepted (a valid file), refused (the reader's own
@@ -308,6 +308,8 @@ def main(argv=None):
     parser.add_argument('--slice', type=float, default=120.0, help='seconds per worker turn (round-robin)')
     parser.add_argument('--timeout', type=int, default=120, help='seconds before an input counts as a hang')
     parser.add_argument('--out', default='', help='folder for counts and failing inputs (default: a temp folder)')
+    parser.add_argument('--only', default='', help='comma-separated targets and CLI cases to soak (default: all), '
+                                                   'e.g. photo_modes,align_paths,cfp_protocol')
     parser.add_argument('--worker', nargs=2, metavar=('KIND', 'NAME'), help=argparse.SUPPRESS)
     parser.add_argument('--seconds', type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -320,8 +322,17 @@ def main(argv=None):
         return None
     import fuzz_targets as F
     jobs = [('function', n) for n in F.TARGETS] + [('cli', n) for n in CLI_CASES]
+    if args.only:
+        only = [n.strip() for n in args.only.split(',') if n.strip()]
+        unknown = [n for n in only if n not in F.TARGETS and n not in CLI_CASES]
+        if unknown:
+            parser.error(f'--only {",".join(unknown)}: no such target (targets: {", ".join(F.TARGETS)}; CLI cases: '
+                         f'{", ".join(CLI_CASES)})')
+        jobs = [job for job in jobs if job[1] in only]
     budget = {'function': args.minutes * 60 * (1 - args.cli_share), 'cli': args.minutes * 60 * args.cli_share}
-    per_job = {kind: budget[kind] / sum(1 for k, _ in jobs if k == kind) for kind in budget}
+    if not any(k == 'cli' for k, _ in jobs) or not any(k == 'function' for k, _ in jobs):  # one kind: all the time
+        budget = {kind: args.minutes * 60 for kind in budget}
+    per_job = {kind: budget[kind] / max(1, sum(1 for k, _ in jobs if k == kind)) for kind in budget}
     left = {job: per_job[job[0]] for job in jobs}
     t0 = time.monotonic()
     while any(v > 1 for v in left.values()):  # round-robin turns, so a machine hiccup spreads over all formats

@@ -15,7 +15,7 @@ import json
 import pickle
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
@@ -356,6 +356,102 @@ def _ijb_strategy():
             lambda d: dict(valid, **{which: d})))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# CFP's protocol text (eval._photos.read_cfp): Protocol/Pair_list_{F,P}.txt ("NUMBER PATH") and
+# Protocol/Split/{FF,FP}/NN/{same,diff}.txt ("A,B"), with digits of every script, control characters, broken lines,
+# empty and missing files, one fold or none
+
+# str.isdigit() takes all of these; int() refuses some ('²', '①') and reads others ('٣' as 3)
+UNICODE_DIGITS = ['²', '³', '¹', '⁴', '①', '٣', '۴', '१', '１', '𝟙', '߁', '๓']
+CONTROLS = ['\x00', '\x01', '\x08', '\x1b', '\x7f', '\x80', '\x85', '\x9f', '\t', '\r', '\x0b', '\x0c', '\x1c',
+            '\u2028', '\ufeff', '\u200b']
+
+
+def cfp_files(folds: int = 2) -> Dict[str, bytes]:
+    """A valid CFP protocol (no photos: reading the protocol opens none) of 4 frontal and 4 profile images and
+    `folds` folds of 2 same and 2 different pairs, for both protocols: {path under the root: bytes}."""
+    files = {f'Protocol/Pair_list_{key}.txt': ''.join(f'{n} ../Data/Images/{n:03d}/{view}/01.jpg\n'
+                                                      for n in range(1, 5)).encode()
+             for key, view in (('F', 'frontal'), ('P', 'profile'))}
+    for protocol in ('FF', 'FP'):
+        for k in range(1, folds + 1):
+            a, b = (1, 2) if k % 2 else (3, 4)
+            files[f'Protocol/Split/{protocol}/{k:02d}/same.txt'] = f'{a},{a}\n{b},{b}\n'.encode()
+            files[f'Protocol/Split/{protocol}/{k:02d}/diff.txt'] = f'{a},{b}\n{b},{a}\n'.encode()
+    return files
+
+
+CFP_EXTRA_LINES = {  # lines a real file could hold, beyond the valid ones: valid or not, they must read cleanly
+    'pair_list': ['5 ../Data/Images/005/frontal/01.jpg', '1 ../Data/Images/009/frontal/01.jpg', '6 /etc/passwd',
+                  '7 ../../outside.jpg', '8 ../Data/Images/00²/frontal/01.jpg', '0001 ../Data/x.jpg',
+                  '0' * 5000 + '9 ../Data/y.jpg', '12345678901234567890 ../Data/z.jpg', '3', '3 a b'],
+    'split': ['1,9', '4,1', '1, 2', '1 2', '1,,2', '1,2,3', ',1', '0' * 5000 + '1,1', '99999999999999999999,1',
+              '-1,2', '1.0,2'],
+}
+
+
+def _cfp_line(line: str):
+    pos = st.integers(0, len(line))
+    odd = st.one_of(st.sampled_from(UNICODE_DIGITS), st.sampled_from(CONTROLS))
+    in_path = st.integers(line.find(' ') + 1, len(line))  # a pair list's PATH (the whole line where none)
+    return st.one_of(
+        st.just(line),
+        st.tuples(pos, odd).map(lambda t: line[:t[0]] + t[1] + line[t[0]:]),  # a character inserted
+        st.tuples(in_path, st.sampled_from(CONTROLS)).map(lambda t: line[:t[0]] + t[1] + line[t[0]:]),
+        st.tuples(pos, st.sampled_from(UNICODE_DIGITS)).map(lambda t: line[:t[0]] + t[1] + line[t[0] + 1:]),
+        pos.map(lambda k: line[:k]),  # a broken line
+        st.text(max_size=12),  # any Unicode: digits of every script, controls, separators
+        st.lists(_token(), max_size=4).map(' '.join))
+
+
+def _cfp_text(valid_lines):
+    lines = st.lists(st.sampled_from(valid_lines).flatmap(_cfp_line), max_size=6)
+    text = st.tuples(lines, st.sampled_from(['\n', '\n', '\r\n', '\r'])).map(
+        lambda t: (t[1].join(t[0]) + t[1]).encode('utf-8', 'surrogatepass'))
+    return st.one_of(text, text, st.just(b''), st.none(), text.flatmap(lambda d: mutated(d, 2)))
+
+
+def _cfp_strategy():
+    def broken(files):
+        def content(name):
+            kind = 'split' if '/Split/' in name else 'pair_list'
+            return _cfp_text(files[name].decode().splitlines() + CFP_EXTRA_LINES[kind]).map(lambda d: (name, d))
+
+        names = st.one_of(st.sampled_from(sorted(n for n in files if '/Split/' not in n)),  # as often as the splits
+                          st.sampled_from(sorted(n for n in files if '/Split/' in n) or sorted(files)))
+        edits = st.lists(names.flatmap(content), min_size=1, max_size=3)
+        return st.one_of(edits.map(lambda es: dict(files, **dict(es))), edits.map(lambda es: dict(files, **dict(es))),
+                         st.just({n: b'' if '/Split/' in n else d for n, d in files.items()}),  # every split empty
+                         st.just(files))
+
+    layouts = st.sampled_from([2, 2, 2, 3, 1, 0]).map(cfp_files)
+    return st.tuples(st.sampled_from(['FP', 'FF']), layouts.flatmap(broken))
+
+
+def _read_cfp_protocol(folder: Path, example):
+    from eval._photos import read_cfp
+    protocol, files = example  # files: {path under the root: bytes, or None for a missing file}
+    root = folder / 'cfp'
+    (root / 'Protocol' / 'Split').mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if data is not None:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+    images, issame, folds = read_cfp(root, protocol)
+    # an accepted protocol is one the evaluation can score: pairs, >= 2 folds of one size, clean paths in the root
+    assert len(issame) > 0 and len(images) == 2 * len(issame) and folds >= 2 and len(issame) % folds == 0
+    for name in images:
+        assert not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in name), name
+        assert (root / name).resolve().is_relative_to(root.resolve()), name
+    return images
+
+
+def _errors_cfp():
+    from timm_mobileone.errors import UserError
+    from timm_mobileone.verification_data import PackError
+    return (PackError, UserError)
+
+
 def mxnet_ndarray_bytes(array: np.ndarray, version: str = 'v2') -> bytes:
     """One NDArray as MXNet's NDArray::Save writes it (v2: magic + storage type + int64 dims; legacy: uint32)."""
     flags = {np.dtype('<f4'): 0, np.dtype('<f8'): 1, np.dtype('<f2'): 2, np.dtype('u1'): 3, np.dtype('<i4'): 4}
@@ -409,6 +505,165 @@ def _mxnet_strategy():
     return st.one_of(st.sampled_from(valid).flatmap(mutated), edited)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# photos in every mode Pillow opens (eval._align.read_photo): 8-bit RGB by the mode's range, or a per-photo refusal
+
+PHOTO_MODES = ['1', 'L', 'P', 'LA', 'PA', 'RGB', 'RGBA', 'CMYK', 'YCbCr', 'LAB', 'HSV', 'I;16', 'I;16B', 'I', 'F']
+PHOTO_FORMATS = ['PNG', 'TIFF', 'WEBP', 'BMP', 'GIF', 'JPEG']
+
+
+def photo_in_mode(mode: str, fmt: str, seed: int, size=(24, 20), high: float = 1.0):
+    """(bytes, the decoded gray 8-bit image this must give or None, the mode Pillow opens it as) of a random photo
+    saved in `mode` as `fmt`, or None where Pillow cannot write that mode in that format. `high`: the largest pixel as
+    a share of the mode's range (float pixels: the largest value itself, so > 1 has no known range)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    h, w = size
+    if mode in ('I;16', 'I;16B', 'I', 'F'):
+        top = {'F': high}.get(mode, int(high * 65535))
+        values = rng.uniform(0, top, (h, w))
+        if mode == 'F':
+            img = Image.fromarray(values.astype(np.float32), 'F')
+        elif mode == 'I':
+            img = Image.fromarray(values.astype(np.int32))
+        else:
+            img = Image.fromarray(values.astype(np.uint16)).convert(mode) if mode == 'I;16B' else \
+                Image.fromarray(values.astype(np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    try:
+        img.save(buf, format=fmt)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    with Image.open(io.BytesIO(buf.getvalue())) as back:
+        opened = back.mode
+        expect = None
+        if opened.startswith('I;16'):
+            expect = (np.asarray(back).astype(np.uint32) >> 8).astype(np.uint8)  # cv2.imread's 16-bit reading
+        elif opened == 'F' and 0 <= high <= 1:
+            expect = np.rint(np.asarray(back).astype(np.float64) * 255).astype(np.uint8)
+    return buf.getvalue(), expect, opened
+
+
+def _read_photo_mode(folder: Path, example):
+    from eval._align import read_photo
+    data, expect, opened = example
+    bgr = read_photo(data)
+    assert bgr.dtype == np.uint8 and bgr.ndim == 3 and bgr.shape[2] == 3, (opened, bgr.shape)
+    if expect is not None:  # 16-bit and float photos: by their range, never saturated
+        assert np.array_equal(bgr[:, :, 0], expect) and np.array_equal(bgr[:, :, 1], expect), opened
+    return bgr
+
+
+def _photo_mode_strategy():
+    whole = st.builds(photo_in_mode, st.sampled_from(PHOTO_MODES), st.sampled_from(PHOTO_FORMATS),
+                      st.integers(0, 2 ** 16), st.tuples(st.integers(8, 40), st.integers(8, 40)),
+                      st.sampled_from([1.0, 0.5, 0.01, 1.5, 300.0])).filter(lambda x: x is not None)
+    broken = whole.flatmap(lambda x: mutated(x[0]).map(lambda data: (data, None, x[2])))
+    return st.one_of(whole, whole, broken)
+
+
+def _errors_photo():
+    return (ValueError,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# destinations that alias the source (eval._align.align_folder): refused before anything is written, or written
+# without changing one source file
+
+ALIAS_DESTINATIONS = ['sibling', 'sibling_used', 'inside_src', 'src', 'parent_of_src', 'src_sub', 'under_a_file',
+                      'foreign_files', 'link_to_src', 'link_to_src_sub']
+ALIAS_HAZARDS = ['none', 'folder_named_like_a_crop', 'folder_named_like_records', 'linked_subfolder', 'linked_crop',
+                 'linked_records']
+
+
+def snapshot(root: Path) -> Dict[str, object]:
+    """Every entry under root: a file's bytes, a link's target, a folder's presence (links not followed)."""
+    import os
+    out: Dict[str, object] = {}
+    if not os.path.lexists(root):
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                out[rel] = ('link', os.readlink(path))
+            elif path.is_dir():
+                out[rel] = 'dir'
+            else:
+                out[rel] = path.read_bytes()
+    return out
+
+
+def _align_paths(folder: Path, example):
+    import os
+    from eval import _align as A
+    where, hazard, nested = example
+    src = folder / 'photos'
+    names = ['a.jpg', 'sub/b.jpg'] + (['sub/deep/c.png'] if nested else [])
+    for i, name in enumerate(names):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(tiny_jpeg(i, (64, 48)))
+    dst = {'sibling': folder / 'crops', 'sibling_used': folder / 'crops', 'inside_src': src / 'crops',
+           'src': src, 'parent_of_src': folder, 'src_sub': src / 'sub', 'under_a_file': folder / 'afile' / 'crops',
+           'foreign_files': folder / 'crops', 'link_to_src': folder / 'crops',
+           'link_to_src_sub': folder / 'crops'}[where]
+    settings = A.AlignSettings(detector_sha256='-', min_side=64, max_side=64)
+    earlier_run = json.dumps(dict(asdict(settings), detector=str(A.DEFAULT_DETECTOR)))  # same settings: resumable
+    if where == 'under_a_file':
+        (folder / 'afile').write_bytes(b'a file')
+    elif where == 'foreign_files':
+        dst.mkdir()
+        (dst / 'notes.txt').write_bytes(b'mine')
+    elif where == 'link_to_src':
+        os.symlink(src, dst)
+    elif where == 'link_to_src_sub':
+        os.symlink(src / 'sub', dst)
+    elif where == 'sibling_used':
+        dst.mkdir()
+        (dst / A.SETTINGS_FILE).write_text(earlier_run)
+    if hazard != 'none' and where in ('sibling', 'sibling_used', 'inside_src', 'foreign_files'):  # a hazard in dst
+        if not dst.exists():
+            dst.mkdir()
+            (dst / A.SETTINGS_FILE).write_text(earlier_run)  # an earlier run's, so only the hazard can stop this one
+        if hazard == 'folder_named_like_a_crop':
+            (dst / 'a.jpg').mkdir(exist_ok=True)
+        elif hazard == 'folder_named_like_records':
+            (dst / A.RECORDS_FILE).mkdir(exist_ok=True)
+        elif hazard == 'linked_subfolder' and not (dst / 'sub').exists():
+            os.symlink(src / 'sub', dst / 'sub')
+        elif hazard == 'linked_crop' and not (dst / 'a.jpg').exists():
+            os.symlink(src / 'a.jpg', dst / 'a.jpg')
+        elif hazard == 'linked_records' and not (dst / A.RECORDS_FILE).exists():
+            os.symlink(src / 'a.jpg', dst / A.RECORDS_FILE)
+    listed = [n for n in names if not (src / n).resolve().is_relative_to(dst.resolve())]
+    before_src, before_dst = snapshot(src), snapshot(dst)
+    fair = where in ('sibling', 'sibling_used', 'inside_src') and hazard == 'none'
+    try:
+        report = A.align_folder(src, dst, listed, settings, A.DEFAULT_DETECTOR, workers=1, progress=False)
+    except Exception as e:
+        assert not fair, f'{where}: a fair destination refused ({e})'
+        assert snapshot(src) == before_src, 'a refused run changed the source'
+        assert snapshot(dst) == before_dst, 'a refused run changed the destination'
+        raise
+    assert fair, f'{where} with {hazard}: accepted'
+    after = snapshot(src)  # the photos unchanged (a crops folder inside them is new)
+    assert {k: v for k, v in after.items() if not k.startswith('crops')} == before_src, 'the source changed'
+    assert report['photos'] == len(listed) and all((dst / n).is_file() for n in listed)
+    return report
+
+
+def _align_paths_strategy():
+    return st.tuples(st.sampled_from(ALIAS_DESTINATIONS), st.sampled_from(ALIAS_HAZARDS), st.booleans())
+
+
+def _errors_align_paths():
+    from timm_mobileone.errors import UserError
+    return (UserError,)
+
+
 def _errors_mxnet():
     from timm_mobileone.mxnet import MXNetError
     return (MXNetError,)
@@ -442,7 +697,10 @@ TARGETS = {t.name: t for t in [
     Target('checkpoint', _checkpoint_strategy, _read_checkpoint, _errors_checkpoint),
     Target('npy', _npy_strategy, _read_npy, _errors_pack),
     Target('ijb_meta', _ijb_strategy, _read_ijb_meta, _errors_pack),
+    Target('photo_modes', _photo_mode_strategy, _read_photo_mode, _errors_photo),
+    Target('align_paths', _align_paths_strategy, _align_paths, _errors_align_paths),
     Target('mxnet_params', _mxnet_strategy, _read_mxnet, _errors_mxnet),
+    Target('cfp_protocol', _cfp_strategy, _read_cfp_protocol, _errors_cfp),
 ]}
 
 

@@ -18,14 +18,15 @@ photos and `eval.ijb` share.
 """
 import hashlib
 import io
+import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from pathlib import Path, PurePosixPath
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from timm_mobileone.errors import UserError, first_line
-from timm_mobileone.verification_data import IMAGE_EXTS
+from timm_mobileone.verification_data import IMAGE_EXTS, sample_bits, to_rgb8
 
 __all__ = ['ARCFACE_TEMPLATE', 'CROP_SIZE', 'SELECT', 'AlignSettings', 'Detector', 'similarity_matrix',
            'align_landmarks', 'center_crop', 'choose_face', 'read_photo', 'align_photo']
@@ -162,18 +163,20 @@ def center_crop(image_bgr: np.ndarray) -> np.ndarray:
 
 
 def read_photo(data: bytes) -> np.ndarray:
-    """(H, W, 3) uint8 BGR of an encoded photo, EXIF orientation applied. Raises ValueError with the reason for
-    anything that is not a whole image (a truncated JPEG included: OpenCV would decode its top half and go on)."""
+    """(H, W, 3) uint8 BGR of an encoded photo, EXIF orientation applied, every mode Pillow opens brought to 8 bits
+    by its range (`verification_data.to_rgb8`). Raises ValueError with the reason for anything that is not a whole
+    image (a truncated JPEG included: OpenCV would decode its top half and go on) or has no known range."""
     from PIL import Image, ImageOps
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.size[0] * img.size[1] > MAX_PIXELS:
                 raise ValueError(f'{img.size[0]}x{img.size[1]} pixels is more than this reads ({MAX_PIXELS:,})')
             img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = np.asarray(img.convert('RGB'))
+            rgb = to_rgb8(ImageOps.exif_transpose(img), sample_bits(img))
     except ValueError:
         raise
+    except Image.UnidentifiedImageError:  # its message names the BytesIO object, an address
+        raise ValueError('cannot be decoded as an image (not an image format Pillow reads)') from None
     except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise ValueError(f'cannot be decoded as an image ({first_line(e)})') from None
     if rgb.ndim != 3 or min(rgb.shape[:2]) < 8:
@@ -225,18 +228,84 @@ def _align_one(job: Tuple[str, str, Optional[np.ndarray]]) -> Tuple[str, Optiona
     import cv2
     name, path, landmarks = job
     settings = _worker['settings']
+    source = None
     try:
         with open(path, 'rb') as f:
+            source = _stat_key(os.fstat(f.fileno()))
             bgr = read_photo(f.read())
         crop, record = align_photo(bgr, _worker['detector'], settings, landmarks)
     except (OSError, ValueError) as e:
-        return name, None, dict(image=name, error=first_line(e))
+        return name, None, dict(image=name, error=first_line(e), source=source)
     ext = Path(name).suffix.lower()
     params = [cv2.IMWRITE_JPEG_QUALITY, settings.jpeg_quality] if ext in ('.jpg', '.jpeg') else []
     ok, encoded = cv2.imencode(ext if ext in IMAGE_EXTS else '.png', cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), params)
     if not ok:
-        return name, None, dict(image=name, error=f'OpenCV cannot encode a {ext} crop')
-    return name, encoded.tobytes(), dict(record, image=name)
+        return name, None, dict(image=name, error=f'OpenCV cannot encode a {ext} crop', source=source)
+    return name, encoded.tobytes(), dict(record, image=name, source=source)
+
+
+def _stat_key(st: os.stat_result) -> List[int]:
+    """What says a source photo is the one a crop was made from: its size and modification time (ns), as make and
+    rsync judge it; a photo replaced under the same name is aligned again."""
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _source_key(path: Path) -> Optional[List[int]]:
+    try:
+        return _stat_key(path.stat())
+    except OSError:
+        return None
+
+
+def _plain_name(name: str) -> bool:
+    """A relative path that stays inside the folder it is joined to (no '..', not absolute): records are files a
+    user can edit, and a crop is only ever removed inside the destination."""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and '..' not in parts and '\\' not in name
+
+
+def _check_target(path: Path) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise UserError(f'{path}: exists and is not a plain file (the crops and records are written there)')
+
+
+def check_destination(src: Path, dst: Path, names: Sequence[str]) -> None:
+    """UserError, before anything is written, where writing the crops of `names` (relative to `src`) into `dst`
+    could change a source photo or a file no alignment run wrote: `dst` is `src`, contains it, holds files but no
+    alignment settings (e.g. `eval.align` with its two folders swapped), or a crop's path leads out of `dst` (a link)
+    or onto something that is not a plain file (a folder named like a crop)."""
+    try:
+        _check_destination(src, dst, names)
+    except OSError as e:  # a folder on the way that cannot be read
+        raise UserError(f'{dst}: cannot be checked ({e.strerror or first_line(e)})') from None
+
+
+def _check_destination(src: Path, dst: Path, names: Sequence[str]) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise UserError(f'{dst}: the crops need their own folder, not the photos\' folder itself')
+    if s.is_relative_to(d):
+        raise UserError(f'{dst}: contains the photos\' folder {src}; the crops need a folder outside it')
+    if dst.exists() or dst.is_symlink():
+        if not dst.is_dir():
+            raise UserError(f'{dst}: exists and is not a folder')
+        if not (dst / SETTINGS_FILE).is_file() and any(dst.iterdir()):
+            raise UserError(f'{dst}: holds files no alignment run wrote (no {SETTINGS_FILE}); the crops need a new '
+                            f'or empty folder (are the two folders swapped?)')
+    for name in (SETTINGS_FILE, RECORDS_FILE, REPORT_FILE):
+        _check_target(dst / name)
+    inside = d.is_relative_to(s)
+    parents: Dict[Path, Path] = {}
+    for name in names:
+        out = dst / name
+        if out.parent not in parents:
+            parents[out.parent] = out.parent.resolve()
+        if not parents[out.parent].is_relative_to(d):
+            raise UserError(f'{out}: lies outside {dst} (a link in its path leads to {parents[out.parent]})')
+        if inside and (src / name).resolve().is_relative_to(d):
+            raise UserError(f'{src / name}: a photo inside the destination {dst}; the crops need a folder outside '
+                            f'the photos they are made from')
+        _check_target(out)
 
 
 def _read_records(path: Path) -> Dict[str, Dict]:
@@ -259,11 +328,13 @@ def align_folder(src: Path, dst: Path, names: Sequence[str], settings: AlignSett
                  overwrite: bool = False, desc: str = 'align') -> Dict:
     """Align the photos `names` (paths relative to `src`) into `dst` under the same relative paths.
 
-    Resumable: each crop is written whole (atomic rename) and then recorded in `dst/align_records.jsonl`; a rerun
-    skips the photos recorded with their crop in place, and refuses a `dst` aligned with other settings unless
-    `overwrite`. Photos that fail (not an image, truncated, no face and no fallback) are recorded with the reason and
-    get no crop. Returns the report written to `dst/align_report.json`: settings, counts and per-photo problems of
-    every photo in `dst` (earlier runs' included).
+    Resumable: each crop is written whole (atomic rename) and then recorded in `dst/align_records.jsonl` with its
+    source's size and modification time; a rerun skips the photos recorded with their crop in place and their source
+    unchanged, and refuses a `dst` aligned with other settings unless `overwrite`, which first removes every crop the
+    earlier records list. Photos that fail (not an image, truncated, no face and no fallback) are recorded with the
+    reason and get no crop (an earlier crop of theirs is removed). Nothing is written where `check_destination` refuses
+    `dst`; file-system errors are one-line `UserError`s. Returns the report written to `dst/align_report.json`:
+    settings, counts and per-photo problems of every photo in `dst` (earlier runs' included).
     """
     import json
     import multiprocessing
@@ -274,8 +345,12 @@ def align_folder(src: Path, dst: Path, names: Sequence[str], settings: AlignSett
 
     from timm_mobileone.files import atomic_write
 
+    check_destination(src, dst, names)
     Detector(detector_path, settings.score_threshold)  # a bad detector file: one error line, before anything
-    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'{dst}: cannot create the folder ({e.strerror or first_line(e)})') from None
     stated = dict(asdict(settings), detector=str(detector_path))
     settings_path = dst / SETTINGS_FILE
     if settings_path.is_file() and not overwrite:
@@ -289,17 +364,26 @@ def align_folder(src: Path, dst: Path, names: Sequence[str], settings: AlignSett
             raise UserError(f'{dst} holds crops aligned with other settings ({", ".join(changed) or "unreadable"}'
                             f' differ): give another destination, or --overwrite to align everything again')
     records_path = dst / RECORDS_FILE
-    done = {} if overwrite else _read_records(records_path)
-    if overwrite and records_path.exists():
-        records_path.unlink()
-    atomic_write(settings_path, lambda f: f.write((json.dumps(stated, indent=1) + '\n').encode()))
-    todo = [n for n in names if not (n in done and 'error' not in done[n] and (dst / n).is_file())]
+    try:
+        if overwrite:  # the destination becomes exactly what these settings make: no crop of an earlier run stays
+            for name in _read_records(records_path):
+                if _plain_name(name) and (dst / name).is_file() and not (dst / name).is_symlink():
+                    (dst / name).unlink()
+            records_path.unlink(missing_ok=True)
+        done = _read_records(records_path)
+        atomic_write(settings_path, lambda f: f.write((json.dumps(stated, indent=1) + '\n').encode()))
+    except OSError as e:
+        raise UserError(f'{dst}: cannot be written ({e.strerror or first_line(e)})') from None
+    # a photo is done when its crop is in place and its source is the one the crop was made from
+    todo = [n for n in names if not (n in done and 'error' not in done[n] and (dst / n).is_file()
+                                     and done[n].get('source') == _source_key(src / n))]
     landmarks = landmarks or {}
     jobs = [(n, str(src / n), landmarks.get(n)) for n in todo]
     t0 = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=desc, unit='photo', disable=not (progress and sys.stderr.isatty()),
                file=sys.stderr)
     workers = max(1, min(workers, len(jobs)))
+    name = ''
     try:
         with open(records_path, 'a', encoding='utf-8') as log:
             if workers == 1:
@@ -313,6 +397,8 @@ def align_folder(src: Path, dst: Path, names: Sequence[str], settings: AlignSett
                 for name, encoded, record in results:
                     if encoded is not None:
                         atomic_write(dst / name, lambda f: f.write(encoded))
+                    elif (dst / name).is_file():  # an earlier crop of a photo that now fails is not its crop
+                        (dst / name).unlink()
                     log.write(json.dumps(record) + '\n')
                     log.flush()
                     done[name] = record
@@ -320,6 +406,8 @@ def align_folder(src: Path, dst: Path, names: Sequence[str], settings: AlignSett
             finally:
                 if pool is not None:
                     pool.terminate()
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: what is recorded stays, a rerun resumes
+        raise UserError(f'{dst / name}: cannot be written ({e.strerror or first_line(e)}); a rerun resumes') from None
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

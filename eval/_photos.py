@@ -7,9 +7,10 @@
   dataset's folds, not re-cut.
 - An LFW-style folder (`pairs.txt` + `<Name>/<Name>_NNNN.jpg`) of photos that are not aligned crops yet.
 
-The photos are aligned (`eval._align`) into a cache keyed by the source folder and the alignment settings; a second
-run reads the crops. A photo that cannot be aligned (not an image, truncated, no face with `--fallback none`) stops
-the evaluation with one line naming it: a protocol's figure over fewer pairs would not be the protocol's.
+The photos are aligned (`eval._align`) into a cache keyed by the source folder and the alignment settings, each crop by
+its photo's size and modification time; a second run reads the crops (and aligns a replaced photo again). A photo that
+cannot be aligned (not an image, truncated, no face with `--fallback none`) stops the evaluation with one line naming
+it: a protocol's figure over fewer pairs would not be the protocol's.
 """
 import hashlib
 import logging
@@ -33,30 +34,66 @@ def is_cfp_root(path: Path) -> bool:
     return path.is_dir() and (path / 'Protocol' / 'Split').is_dir()
 
 
+def _protocol_lines(path: Path):
+    """(line number, line) of one of CFP's protocol files, numbered as an editor numbers them (at \\n only)."""
+    try:
+        text = path.read_bytes().decode('utf-8-sig', errors='replace')
+    except OSError as e:
+        raise PackError(f'{path}: cannot be read ({e.strerror or e})') from None
+    for line_no, line in enumerate(text.split('\n'), start=1):
+        yield line_no, line
+
+
+def _image_number(field: str, where: str):
+    """An image number of CFP's protocol (ASCII digits), else None: str.isdigit() also takes '²', which int() then
+    refuses, and '١', which int() reads as 1. PackError for a number of more than 18 digits (int() refuses 4,300,
+    leading zeros included)."""
+    if not (field.isascii() and field.isdigit()):
+        return None
+    digits = field.lstrip('0') or '0'
+    if len(digits) > 18:
+        raise PackError(f'{where}: image number {digits[:12]}... ({len(digits)} digits) is out of range')
+    return int(digits)
+
+
 def _read_pair_list(root: Path, view: str) -> Dict[int, str]:
     """CFP's `Pair_list_{F,P}.txt`: image number -> path relative to the root (POSIX)."""
     path = root / 'Protocol' / f'Pair_list_{view}.txt'
     if not path.is_file():
         raise PackError(f'{path}: no such file (a CFP root holds Protocol/Pair_list_F.txt and Pair_list_P.txt)')
     out: Dict[int, str] = {}
+    first_line: Dict[int, int] = {}
     top = root.resolve()
-    for line_no, line in enumerate(path.read_text(encoding='utf-8', errors='replace').splitlines(), start=1):
+    for line_no, line in _protocol_lines(path):
         fields = line.split()
         if not fields:
             continue
-        if len(fields) != 2 or not fields[0].isdigit():
-            raise PackError(f'{path}:{line_no}: expected "NUMBER PATH", got {line.strip()[:80]!r}')
-        image = (root / 'Protocol' / fields[1]).resolve()
+        number = _image_number(fields[0], f'{path}:{line_no}') if len(fields) == 2 else None
+        if number is None:
+            raise PackError(f'{path}:{line_no}: expected "NUMBER PATH" (NUMBER in digits 0-9), got '
+                            f'{line.strip()[:80]!r}')
+        if any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in fields[1]):  # C0, DEL, C1: no photo is named so
+            raise PackError(f'{path}:{line_no}: the path {fields[1][:80]!r} holds a control character')
+        if number in first_line:
+            raise PackError(f'{path}:{line_no}: image {number} is listed again (first on line {first_line[number]})')
+        try:
+            image = (root / 'Protocol' / fields[1]).resolve()
+        except (OSError, RuntimeError, ValueError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+            raise PackError(f'{path}:{line_no}: {fields[1][:80]!r} cannot be resolved ({e})') from None
         if not image.is_relative_to(top):
-            raise PackError(f'{path}:{line_no}: {fields[1]} lies outside the CFP root {root}')
-        out[int(fields[0])] = image.relative_to(top).as_posix()
+            raise PackError(f'{path}:{line_no}: {fields[1][:80]!r} lies outside the CFP root {root}')
+        out[number] = image.relative_to(top).as_posix()
+        first_line[number] = line_no
     if not out:
         raise PackError(f'{path}: no images listed')
     return out
 
 
 def read_cfp(root: Path, protocol: str) -> Tuple[List[str], np.ndarray, int]:
-    """(2N image paths relative to the root, interleaved by pair; N issame labels; fold count) of one protocol."""
+    """(2N image paths relative to the root, interleaved by pair; N issame labels; fold count) of one protocol.
+
+    Every problem of the protocol text (a malformed line, an image number that is not ASCII digits, a path with a
+    control character, no pairs at all, a single fold) is a one-line PackError here, before any photo is aligned."""
     if protocol not in CFP_PROTOCOLS:
         raise UserError(f'--protocol {protocol}: CFP has {" and ".join(CFP_PROTOCOLS)}')
     frontal = _read_pair_list(root, 'F')
@@ -66,6 +103,12 @@ def read_cfp(root: Path, protocol: str) -> Tuple[List[str], np.ndarray, int]:
         if split.is_dir() else []
     if not folds:
         raise PackError(f'{split}: no fold folders (Split/{protocol}/01, 02, ...)')
+    # each fold's threshold comes from the others: one fold is no protocol (the metric's "num_folds must be >= 2",
+    # after aligning every photo). Refused even where --num-folds would re-cut it: a root's protocol is its own folds,
+    # as the equal-size check below holds
+    if len(folds) < 2:
+        raise PackError(f'{split}: one fold folder ({folds[0].name!r}); cross-validation needs at least 2 (CFP has '
+                        f'10: Split/{protocol}/01 ... 10)')
     images: List[str] = []
     issame: List[bool] = []
     sizes = []
@@ -75,13 +118,16 @@ def read_cfp(root: Path, protocol: str) -> Tuple[List[str], np.ndarray, int]:
             path = fold / f'{kind}.txt'
             if not path.is_file():
                 raise PackError(f'{path}: no such file (each fold holds same.txt and diff.txt)')
-            for line_no, line in enumerate(path.read_text(encoding='utf-8', errors='replace').splitlines(), 1):
+            for line_no, line in _protocol_lines(path):
                 if not line.strip():
                     continue
                 fields = line.replace(',', ' ').split()
-                if len(fields) != 2 or not all(f.isdigit() for f in fields):
-                    raise PackError(f'{path}:{line_no}: expected "A,B" (two image numbers), got {line.strip()[:80]!r}')
-                a, b = int(fields[0]), int(fields[1])
+                where = f'{path}:{line_no}'
+                numbers = [_image_number(f, where) for f in fields] if len(fields) == 2 else [None]
+                if None in numbers:
+                    raise PackError(f'{path}:{line_no}: expected "A,B" (two image numbers, digits 0-9), got '
+                                    f'{line.strip()[:80]!r}')
+                a, b = numbers
                 if a not in frontal or b not in second:
                     missing = a if a not in frontal else b
                     raise PackError(f'{path}:{line_no}: image {missing} is not in Pair_list_'
@@ -89,6 +135,8 @@ def read_cfp(root: Path, protocol: str) -> Tuple[List[str], np.ndarray, int]:
                 images += [frontal[a], second[b]]
                 issame.append(same)
         sizes.append(len(issame) - before)
+    if not issame:
+        raise PackError(f'{split}: no pairs (every same.txt and diff.txt of its {len(folds)} folds is empty)')
     if len(set(sizes)) != 1:
         raise PackError(f'{split}: folds of {", ".join(map(str, sizes))} pairs; insightface\'s protocol scores '
                         f'contiguous folds of one size')

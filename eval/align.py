@@ -8,9 +8,11 @@ onto the template, `warpAffine`. A photo without a face gets its centre square (
 `pairs.txt` at SRC's top is copied, so an LFW-style folder of photos becomes one `python -m eval.lfw --data DST`
 reads.
 
-The run resumes where it stopped (each crop lands whole, then is recorded in DST/align_records.jsonl) and runs over
---workers processes. DST/align_report.json lists how each photo was served (detector, fallback) and the photos with
-problems (not an image, truncated, several faces); stdout carries that report's summary as one JSON object.
+The run resumes where it stopped (each crop lands whole, then is recorded in DST/align_records.jsonl with its photo's
+size and time: a replaced photo is aligned again) and runs over --align-workers processes. Nothing of SRC is ever
+written: DST may not be SRC or contain it, and an existing DST must be an earlier run's (align_settings.json).
+DST/align_report.json lists how each photo was served (detector, fallback) and the photos with problems (not an image,
+truncated, several faces); stdout carries that report's summary as one JSON object.
 """
 import argparse
 import json
@@ -86,11 +88,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise UserError(f'{src}: no such folder')
-    if dst.resolve() == src.resolve():
-        raise UserError(f'{dst}: the crops need their own folder, not SRC itself')
-    if dst.exists() and not dst.is_dir():
-        raise UserError(f'{dst}: exists and is not a folder')
     settings = align_settings(args)
+    A.check_destination(src, dst, [])  # the folders themselves, before listing (align_folder checks every crop)
     inside = dst.resolve().is_relative_to(src.resolve())
     names = list_photos(src, skip=dst.resolve() if inside else None)
     if not names:
@@ -99,7 +98,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                             progress=args.progress, overwrite=args.overwrite)
     if (src / 'pairs.txt').is_file():
         data = (src / 'pairs.txt').read_bytes()
-        atomic_write(dst / 'pairs.txt', lambda f: f.write(data))
+        try:
+            atomic_write(dst / 'pairs.txt', lambda f: f.write(data))
+        except OSError as e:
+            raise UserError(f'{dst / "pairs.txt"}: cannot be written ({e.strerror or e})') from None
     summary = {k: v for k, v in report.items() if k not in ('errors', 'fallbacks')}
     summary.update(src=str(src), dst=str(dst), report=str(dst / A.REPORT_FILE), errors=len(report['errors']),
                    fallbacks=len(report['fallbacks']),

@@ -5,6 +5,10 @@ there); or CFP's own photos: `--data <CFP root> --protocol FP|FF` reads `Protoco
 `Protocol/Split/<protocol>/NN/` fold present, aligns the photos once (cached; see eval.align) and scores the
 dataset's own folds. Prints one JSON object whose `results` list holds one entry per pack or protocol (accuracy
 +- std over the folds, AUC and EER, as CFP's readme asks).
+
+A protocol that cannot be scored as written (a malformed line, an image number not in ASCII digits, a path with a
+control character, no pairs, a single fold, folds of unequal sizes) stops the run with one `error:` line naming the
+file and line, exit code 2, while the protocol is read: before any photo is aligned or the model is built.
 """
 from typing import Dict, List, Optional
 

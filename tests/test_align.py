@@ -5,6 +5,7 @@ transform (scaled, rotated, shifted, on a textured background), so the right cro
 without the shared data. The detector is the YuNet file shipped in eval/detectors/.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,15 @@ def test_cfp_raw_photos(photos, tmp_path, capsys):
     result = cfp.main(CFP_COMMON + ['--data', str(root), '--align-cache', str(cache), '--protocol', 'FP'])
     assert [r['dataset'] for r in result['results']] == ['cfp_fp']
     assert json.loads((folders[0] / 'align_report.json').read_text())['aligned_now'] == 0
+    # a photo replaced under Data/Images: its new crop is made and scored, not the cached one
+    replaced, other = (root / 'Data/Images' / f'{i:03d}/frontal/01.jpg' for i in (1, 3))
+    replaced.write_bytes(other.read_bytes())
+    st = replaced.stat()
+    os.utime(replaced, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    cfp.main(CFP_COMMON + ['--data', str(root), '--align-cache', str(cache), '--protocol', 'FP'])
+    assert json.loads((folders[0] / 'align_report.json').read_text())['aligned_now'] == 1
+    crops = folders[0] / 'Data/Images'
+    assert (crops / '001/frontal/01.jpg').read_bytes() == (crops / '003/frontal/01.jpg').read_bytes()
 
 
 @pytest.mark.parametrize('damage, message', [
@@ -263,3 +273,146 @@ def test_lfw_style_photo_folder(photos, tmp_path, capsys):
     assert proc.returncode == 2 and 'eval.align' in proc.stderr  # photos are not aligned crops: the hint says how
     result = lfw.main(argv + ['--align'])
     assert result['num_pairs'] == 4 and result['num_folds'] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hostile but fair: nothing of the source is ever written, nothing stale is served
+
+def _noise(path: Path, seed: int) -> None:
+    """A photo without a face (the centre fallback crops it; `--fallback none` refuses it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.random.default_rng(seed).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+
+
+def _align(capsys, *argv):
+    result = align_cli.main([*map(str, argv), '--align-workers', '1', '--no-progress'])
+    capsys.readouterr()
+    return result
+
+
+def _aliasing_case(case: str, tmp: Path, capsys):
+    """(src, dst) of one hostile layout, an earlier run's destination where the case needs one."""
+    src = tmp / 'out' / 'photos'
+    for i, name in enumerate(['a.jpg', 'sub/b.jpg', 'photos/a.jpg']):
+        _noise(src / name, i)
+    dst = tmp / 'crops'
+    if case == 'swapped':  # `eval.align crops photos` after `eval.align photos crops`
+        _align(capsys, src, dst)
+        return dst, src
+    if case == 'parent':  # out/photos -> out: out/photos/photos/a.jpg's crop would replace out/photos/a.jpg
+        return src, tmp / 'out'
+    if case == 'same':
+        return src, src / '.' / 'sub' / '..'
+    if case == 'under_a_file':
+        (tmp / 'afile').write_text('x')
+        return src, tmp / 'afile' / 'crops'
+    if case == 'read_only':
+        return src, Path('/proc/crops')
+    _align(capsys, src, dst)
+    if case == 'crop_is_a_folder':
+        (dst / 'a.jpg').unlink()
+        (dst / 'a.jpg').mkdir()
+    elif case == 'records_is_a_folder':
+        (dst / A.RECORDS_FILE).unlink()
+        (dst / A.RECORDS_FILE).mkdir()
+    elif case == 'linked_subfolder':  # dst/sub -> src/sub: its crops would land on the photos
+        for p in (dst / 'sub').iterdir():
+            p.unlink()
+        (dst / 'sub').rmdir()
+        (dst / 'sub').symlink_to(src / 'sub')
+    return src, dst
+
+
+@pytest.mark.parametrize('case, message', [
+    ('swapped', 'holds files no alignment run wrote'),
+    ('parent', 'contains the photos'),
+    ('same', 'own folder'),
+    ('under_a_file', 'cannot create the folder'),
+    ('read_only', 'cannot create the folder'),
+    ('crop_is_a_folder', 'a.jpg: exists and is not a plain file'),
+    ('records_is_a_folder', 'align_records.jsonl: exists and is not a plain file'),
+    ('linked_subfolder', 'lies outside'),
+])
+def test_align_refuses_a_destination_that_aliases_the_source(tmp_path, capsys, case, message):
+    from benchmarks.fuzz_targets import snapshot
+    src, dst = _aliasing_case(case, tmp_path, capsys)
+    before = snapshot(tmp_path)
+    assert message in _exit_2(capsys, align_cli.main, [str(src), str(dst), '--align-workers', '1'])
+    assert snapshot(tmp_path) == before  # not one file of the source, or of anything else, written
+
+
+def test_overwrite_leaves_what_the_new_settings_make(tmp_path, capsys):
+    """A photo that now fails, and a photo gone from the source, keep no crop of the earlier run."""
+    src, dst = tmp_path / 'photos', tmp_path / 'crops'
+    _noise(src / 'noise.png', 0)
+    _noise(src / 'gone.jpg', 1)
+    assert _align(capsys, src, dst)['served'] == {'center': 2}
+    (src / 'gone.jpg').unlink()
+    out = _align(capsys, src, dst, '--overwrite', '--fallback', 'none')
+    assert out['served'] == {'error': 1} and out['errors'] == 1
+    assert sorted(p.name for p in dst.iterdir()) == sorted([A.REPORT_FILE, A.RECORDS_FILE, A.SETTINGS_FILE])
+
+
+def test_a_replaced_photo_is_aligned_again(tmp_path, capsys):
+    """The records hold each source's size and time: a photo replaced under its name gets a new crop on resume
+    (eval.cfp's cache is such a folder)."""
+    import os
+    src, dst = tmp_path / 'photos', tmp_path / 'crops'
+    _noise(src / 'a.png', 0)
+    _noise(src / 'b.png', 1)
+    _align(capsys, src, dst)
+    assert (dst / 'a.png').read_bytes() != (dst / 'b.png').read_bytes()
+    (src / 'a.png').write_bytes((src / 'b.png').read_bytes())
+    st = (src / 'a.png').stat()
+    os.utime(src / 'a.png', ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # a coarse clock could leave it equal
+    assert _align(capsys, src, dst)['aligned_now'] == 1
+    assert (dst / 'a.png').read_bytes() == (dst / 'b.png').read_bytes()
+    assert _align(capsys, src, dst)['aligned_now'] == 0
+
+
+def _png(array: np.ndarray) -> bytes:
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def test_16_bit_photos_decode_by_their_range():
+    """A 16-bit grayscale PNG is its top 8 bits (as cv2.imread reads it), not Pillow's clip to white; a float
+    image outside [0, 1] has no known range and is refused per photo."""
+    import io
+    from PIL import Image
+    gray = np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8)
+    wide = gray.astype(np.uint16) * 256 + np.random.default_rng(1).integers(0, 256, gray.shape).astype(np.uint16)
+    data = _png(wide)
+    bgr = A.read_photo(data)
+    assert np.array_equal(bgr, A.read_photo(_png(gray)))  # Pillow's convert('RGB') gave 255 almost everywhere
+    assert np.array_equal(bgr, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+    buf = io.BytesIO()
+    Image.fromarray(wide.astype(np.float32), 'F').save(buf, format='TIFF')
+    with pytest.raises(ValueError, match='no known range|only \\[0, 1\\]'):
+        A.read_photo(buf.getvalue())
+
+
+@needs_lfw_dev
+def test_16_bit_face_is_aligned_from_the_face(detector):
+    gray = cv2.cvtColor(_photo(_crop(PEOPLE[0]), 0), cv2.COLOR_BGR2GRAY)
+    settings = A.AlignSettings(detector_sha256='-')
+    crop16, record = A.align_photo(A.read_photo(_png(gray.astype(np.uint16) * 257)), detector, settings)
+    crop8, _ = A.align_photo(A.read_photo(_png(gray)), detector, settings)
+    assert record['served'] == 'detector' and np.array_equal(crop16, crop8)
+
+
+def test_ctrl_c_while_starting_exits_130(tmp_path):
+    """Ctrl-C inside `import torch` (seconds of a command's start): `error: interrupted`, exit 130, like Ctrl-C
+    later; a stand-in torch package interrupts itself so the test does not race the real import."""
+    fake = tmp_path / 'fake' / 'torch'
+    fake.mkdir(parents=True)
+    (fake / '__init__.py').write_text('import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n')
+    (tmp_path / 'photos').mkdir()
+    proc = subprocess.run([sys.executable, '-m', 'eval.align', str(tmp_path / 'photos'), str(tmp_path / 'crops')],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, 'PYTHONPATH': str(tmp_path / 'fake')})
+    assert proc.returncode == 130 and proc.stderr == 'error: interrupted\n' and proc.stdout == ''
+    assert not (tmp_path / 'crops').exists()

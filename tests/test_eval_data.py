@@ -164,3 +164,21 @@ def test_read_embeddings(tmp_path):
     np.save(obj, np.array([{'a': 1}], dtype=object), allow_pickle=True)
     with pytest.raises(PackError, match='holds Python objects'):
         read_embeddings(obj, 1)
+
+
+def test_aligned_crops_in_16_bits_decode_by_their_range():
+    """A 16-bit crop (a pack or folder written by another tool) is its top 8 bits, as cv2.imread reads it, not
+    Pillow's clip to white; a file that is no image says so without an object's address."""
+    import io
+    from PIL import Image
+    from timm_mobileone.verification_data import ImageError, decode_aligned
+    rgb = np.random.default_rng(0).integers(0, 256, (112, 112), dtype=np.uint8)
+    encoded = {}
+    for bits, array in (('8', rgb), ('16', rgb.astype(np.uint16) * 256 + 255)):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format='PNG')
+        encoded[bits] = buf.getvalue()
+    assert np.array_equal(decode_aligned(encoded['16'], (112, 112)), decode_aligned(encoded['8'], (112, 112)))
+    with pytest.raises(ImageError, match=r'not an image format') as e:
+        decode_aligned(b'not an image at all', (112, 112))
+    assert '0x' not in str(e.value)

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from benchmarks import fuzz_targets as F  # noqa: E402
 
 EXAMPLES = {'bin_pack': 250, 'image': 150, 'pairs_txt': 200, 'recordio': 200, 'checkpoint': 250, 'npy': 250,
-            'ijb_meta': 200, 'mxnet_params': 250}
+            'ijb_meta': 200, 'mxnet_params': 250, 'photo_modes': 120, 'align_paths': 40,
+            'cfp_protocol': 150}
 SLOWEST_EXAMPLE_S = 10.0  # generous: a shared 2-core machine; a hang or a quadratic blow-up is far above it
 GROWTH_MB = 300  # no example may raise the process's peak RSS by more than this
 
@@ -310,3 +311,73 @@ def test_pack_arrays_are_built_only_from_checked_state(tmp_path):
     path.write_bytes(data.replace(b'\x00' * 4, b'\x00' * 3, 1))  # 3 data bytes for shape (4,)
     with pytest.raises(PackError):
         load_pack(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CFP's protocol text (eval._photos.read_cfp, `python -m eval.cfp --data <CFP root>`): one `error:` line, exit 2,
+# before any photo is aligned; each was a traceback (or, for '٣' and a lone fold, no error at all)
+
+
+def _cfp_root(tmp_path, folds, edits):
+    files = dict(F.cfp_files(folds), **edits)  # {path under the root: bytes}
+    root = tmp_path / 'cfp'
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+SAME_FP_01 = 'Protocol/Split/FP/01/same.txt'
+
+
+@pytest.mark.parametrize('folds, edits, message', [
+    # '²'.isdigit() is True, int('²') a ValueError
+    (2, {SAME_FP_01: '1,1\n²,2\n'.encode()}, 'FP/01/same.txt:2: expected "A,B" (two image numbers, digits 0-9), '
+                                             "got '²,2'"),
+    (2, {'Protocol/Pair_list_F.txt': '1 ../a.jpg\n² ../b.jpg\n'.encode()},
+     'Pair_list_F.txt:2: expected "NUMBER PATH" (NUMBER in digits 0-9), got \'² ../b.jpg\''),
+    # int('٣') is 3: the line was read as another image's
+    (2, {SAME_FP_01: '1,1\n٣,3\n'.encode()}, 'FP/01/same.txt:2: expected "A,B"'),
+    # a NUL in a path: ValueError (embedded null byte) from the path's resolve()
+    (2, {'Protocol/Pair_list_P.txt': b'1 ../Data/a\x00.jpg\n2 ../Data/b.jpg\n'},
+     "Pair_list_P.txt:1: the path '../Data/a\\x00.jpg' holds a control character"),
+    # any other control character: was read as a photo's name ('no such photo' at alignment)
+    (2, {'Protocol/Pair_list_P.txt': b'1 ../Data/b.jpg\n2 ../Data/a\x1b[1m.jpg\n'},
+     "Pair_list_P.txt:2: the path '../Data/a\\x1b[1m.jpg' holds a control character"),
+    # int() refuses 4,300 digits, leading zeros included
+    (2, {SAME_FP_01: ('1' * 5000 + ',1\n').encode()}, 'FP/01/same.txt:1: image number 111111111111... (5000 digits) '
+                                                    'is out of range'),
+    # every split file empty: numpy's AxisError when scoring
+    (2, {f'Protocol/Split/FP/{k:02d}/{kind}.txt': b'' for k in (1, 2) for kind in ('same', 'diff')},
+     'Split/FP: no pairs (every same.txt and diff.txt of its 2 folds is empty)'),
+    # one fold: "num_folds must be >= 2" from the metric, after aligning every photo
+    (1, {}, "Split/FP: one fold folder ('01'); cross-validation needs at least 2"),
+    # a number listed twice: the later line silently won
+    (2, {'Protocol/Pair_list_F.txt': b'1 ../a.jpg\n2 ../b.jpg\n1 ../c.jpg\n'},
+     'Pair_list_F.txt:3: image 1 is listed again (first on line 1)'),
+], ids=['superscript_in_split', 'superscript_in_pair_list', 'arabic_indic_digit', 'nul_in_path', 'escape_in_path',
+        '5000_digits', 'every_split_empty', 'one_fold', 'number_listed_twice'])
+def test_cfp_protocol_text_is_one_line_before_alignment(folds, edits, message, tmp_path, capsys):
+    from eval import cfp
+    root = _cfp_root(tmp_path, folds, edits)
+    cache = tmp_path / 'cache'
+    with pytest.raises(SystemExit) as e:
+        cfp.main(['--data', str(root), '--protocol', 'FP', '--align-cache', str(cache), '--workers', '0'])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == '' and err.startswith('error: ') and err.count('\n') == 1, err
+    assert message in err, err
+    assert not cache.exists()  # refused while reading the protocol: nothing aligned, no cache made
+
+
+def test_cfp_protocol_with_a_bom_and_crlf_line_ends_reads(tmp_path):
+    # as a Windows editor saves it; line numbers count '\n' only (form feeds, U+2028 and the like split no line)
+    from eval._photos import read_cfp
+    from timm_mobileone.verification_data import PackError
+    files = {name: b'\xef\xbb\xbf' + data.replace(b'\n', b'\r\n') for name, data in F.cfp_files(2).items()}
+    root = _cfp_root(tmp_path, 2, files)
+    images, issame, folds = read_cfp(root, 'FP')
+    assert folds == 2 and issame.tolist() == [True, True, False, False] * 2 and len(images) == 16
+    assert images[:2] == ['Data/Images/001/frontal/01.jpg', 'Data/Images/001/profile/01.jpg']
+    (root / SAME_FP_01).write_bytes('1,1\u2028\x0c\n2,²\n'.encode())
+    with pytest.raises(PackError, match=r'FP/01/same.txt:2: expected "A,B"'):
+        read_cfp(root, 'FP')

@@ -18,12 +18,14 @@ The pretrained tests (`test_model_load_pretrained`: `in_chans=1`, `num_classes=5
 (`HF_HUB_CACHE`, `HF_HUB_OFFLINE=1`): the `apple_in1k` tags point at timm's `timm/mobileone_s*.apple_in1k` repos,
 whose files are generated here with those names, keys and shapes (timm's `mobileone_s*` state dicts, random
 values): they test the loading path, not Apple's weights. Prints one JSON object on stdout (counts per pass,
-every failure and skip with its reason); progress on stderr. Exit code 0: nothing failed; 1: a test failed; 2: a
-usage error (no timm tests to be had).
+every failure and skip with its reason); progress on stderr. Exit code 0: nothing failed; 1: a test failed, or the
+file gave no test to run (pytest cannot collect it, or it holds no test of this project's models; one `error:` line,
+checked by collecting it before anything runs); 2: a usage error (no timm tests to be had).
 """
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,21 +35,23 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from timm_mobileone.cli import cli
-from timm_mobileone.errors import UserError
+from timm_mobileone.errors import UserError, first_line
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ('mobileone_112', 'mobilefacenet')  # the project's model modules, as timm's registry names them
+MODULES = ('mobileone_112', 'dbb', 'mobilefacenet')  # the project's model modules, as timm's registry names them
 FEAT_INTER_LINE = 'FEAT_INTER_FILTERS = ['
 
 # the conftest of the run folder: registers the project's models before timm's test module lists them, keeps only
 # their tests, and records every outcome
 CONFTEST = '''
 import json, os
+import pytest
 import timm_mobileone  # noqa: F401  (registers the models before test_models.py lists them at import)
 import timm
 
 OURS = set(timm.list_models(module=%(modules)r))
 _RESULTS = []
+_COLLECTION = dict(errors=[], total=0, ours=0, selected=0)
 _list_models = timm.list_models
 
 
@@ -60,6 +64,7 @@ def _ours_only(*args, **kwargs):
 timm.list_models = _ours_only
 
 
+@pytest.hookimpl(tryfirst=True)  # before -k deselects: what the file holds of ours, then what -k keeps of it
 def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
@@ -68,6 +73,16 @@ def pytest_collection_modifyitems(config, items):
         (keep if name in OURS else drop).append(item)
     config.hook.pytest_deselected(items=drop)
     items[:] = keep
+    _COLLECTION.update(total=len(keep) + len(drop), ours=len(keep))
+
+
+def pytest_collectreport(report):
+    if report.failed:
+        _COLLECTION['errors'].append(dict(where=report.nodeid, text=str(report.longrepr)))
+
+
+def pytest_collection_finish(session):
+    _COLLECTION['selected'] = len(session.items)  # after -k
 
 
 def pytest_runtest_logreport(report):
@@ -83,6 +98,9 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session):
+    if os.environ.get('CONFORMANCE_COLLECTION'):
+        with open(os.environ['CONFORMANCE_COLLECTION'], 'w') as f:
+            json.dump(_COLLECTION, f)
     if os.environ.get('PYTEST_XDIST_WORKER'):  # with workers, the controller receives every report
         return
     with open(os.environ['CONFORMANCE_RESULTS'], 'w') as f:
@@ -105,6 +123,13 @@ filterwarnings =
     ignore::FutureWarning
     ignore::UserWarning
 '''
+
+
+class RunFailed(Exception):
+    """The test file was in hand but gave no verdict (nothing to collect, a crash): one `error:` line, exit code 1.
+    Not a UserError (exit 2, the command line's fault): a file pytest cannot collect or without a model test can
+    come from this project as well (the conftest imports it, test_models.py lists its models at import), and must
+    fail CI as a failed test does."""
 
 
 def default_cache() -> Path:
@@ -176,16 +201,86 @@ def populate_hub_cache(cache: Path) -> List[str]:
     return repos
 
 
-def run_pass(label: str, test_file: Path, work: Path, env: Dict[str, str], workers: str,
-             extra: List[str]) -> Dict[str, Any]:
+def _run_folder(label: str, test_file: Path, work: Path) -> Path:
+    """work/label holding the test file as test_models.py, the conftest and pytest.ini."""
     folder = work / label
     folder.mkdir()
     shutil.copy(test_file, folder / 'test_models.py')
     (folder / 'conftest.py').write_text(CONFTEST % dict(modules=list(MODULES)))
     (folder / 'pytest.ini').write_text(PYTEST_INI)
+    return folder
+
+
+def _pytest(folder: Path) -> List[str]:
+    return [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '--rootdir', str(folder), '-c',
+            str(folder / 'pytest.ini'), str(folder / 'test_models.py')]
+
+
+def _inner_env(env: Dict[str, str]) -> Dict[str, str]:
+    """`env` for the inner pytest: the repository importable, no variables of an outer pytest worker (this
+    project's own test of the runner runs it from inside one, and the inner session would think it is a worker)."""
+    path = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH', '')]))
+    return {**{k: v for k, v in env.items() if not k.startswith(('PYTEST_XDIST', 'PYTEST_CURRENT'))},
+            'PYTHONPATH': path}
+
+
+_EXCEPTION_LINE = re.compile(r'^E\s+([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)\b.*)$')
+_LINE_NO = re.compile(r'test_models\.py(?:", line |:)(\d+)')
+
+
+def _collect_reason(text: str) -> str:
+    """One line out of pytest's report of a collection error: the exception and the test file's line."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    found = [m.group(1) for m in map(_EXCEPTION_LINE.match, lines) if m]
+    reason = found[-1] if found else next((line[1:].strip() for line in reversed(lines) if line.startswith('E ')),
+                                          lines[-1].strip() if lines else 'no output')
+    at = _LINE_NO.findall(text)
+    return (reason + (f' (line {at[-1]})' if at else ''))[:300]
+
+
+def check_collection(test_file: Path, work: Path, env: Dict[str, str], k: str) -> Dict[str, int]:
+    """Collect (run nothing) `test_file` the way the first pass will: RunFailed, one line, where pytest cannot
+    collect it or it holds no test of this project's models (or none that -k selects). Its counts otherwise."""
+    try:  # Python it is not: said without the seconds an inner pytest takes to import torch, timm and the models
+        compile(test_file.read_bytes(), str(test_file), 'exec', dont_inherit=True)
+    except (SyntaxError, ValueError) as e:
+        line = getattr(e, 'lineno', None)
+        why = first_line(Exception(getattr(e, 'msg', None) or str(e)))  # a SyntaxError's without its location
+        raise RunFailed(f'{test_file}: pytest cannot collect it: {type(e).__name__}: {why}'
+                        + (f' (line {line})' if line else '')) from None
+    folder = _run_folder('collection', test_file, work)
+    report = folder / 'collection.json'
+    proc = subprocess.run(_pytest(folder) + ['--collect-only'] + (['-k', k] if k else []), cwd=folder,
+                          env=dict(_inner_env(env), CONFORMANCE_COLLECTION=str(report)),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not report.is_file():  # pytest stopped before its session ended: the conftest or a plugin failed to load
+        raise RunFailed(f'{test_file}: pytest cannot collect it (exit code {proc.returncode}): '
+                        f'{_collect_reason(proc.stdout)}')
+    found = json.loads(report.read_text())
+    problem = collection_problem(found, k)
+    if problem:
+        raise RunFailed(f'{test_file}: {problem}')
+    return found
+
+
+def collection_problem(found: Dict[str, Any], k: str) -> Optional[str]:
+    """What keeps a collected file (the conftest's counts: errors, total, ours, selected) from a run, if anything."""
+    if found['errors']:
+        return f'pytest cannot collect it: {_collect_reason(found["errors"][0]["text"])}'
+    if not found['ours']:
+        total = found['total']
+        return (f'collected no model test ({total} test{"" if total == 1 else "s"}, none parametrized by a model_name '
+                f'of this project\'s modules {", ".join(MODULES)}, as timm\'s test_models.py is)')
+    if not found['selected']:
+        return f'-k {k!r} selects none of its {found["ours"]} model tests'
+    return None
+
+
+def run_pass(label: str, test_file: Path, work: Path, env: Dict[str, str], workers: str,
+             extra: List[str]) -> Dict[str, Any]:
+    folder = _run_folder(label, test_file, work)
     results = folder / 'results.json'
-    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '--rootdir', str(folder), '-c',
-           str(folder / 'pytest.ini'), str(folder / 'test_models.py'), '--durations', '8', *extra]
+    cmd = _pytest(folder) + ['--durations', '8', *extra]
     if workers != '0':
         cmd += ['-n', workers, '-p', 'xdist']
         # one intra-op thread per worker: N workers x the default threads oversubscribe the cores, and OpenMP's
@@ -196,16 +291,12 @@ def run_pass(label: str, test_file: Path, work: Path, env: Dict[str, str], worke
         stream = sys.stderr if sys.stderr.fileno() >= 0 else None
     except (AttributeError, OSError, ValueError):
         stream = None
-    path = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH', '')]))
-    # run from inside a pytest worker (this project's own test of the runner): the worker's variables would make
-    # the inner session think it is a worker too
-    env = {k: v for k, v in env.items() if not k.startswith(('PYTEST_XDIST', 'PYTEST_CURRENT'))}
-    proc = subprocess.run(cmd, cwd=folder, env=dict(env, CONFORMANCE_RESULTS=str(results), PYTHONPATH=path),
+    proc = subprocess.run(cmd, cwd=folder, env=dict(_inner_env(env), CONFORMANCE_RESULTS=str(results)),
                           stdout=stream or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if stream is None:
         sys.stderr.write(proc.stdout)
-    if not results.is_file():
-        raise UserError(f'{label}: pytest ended without results (exit code {proc.returncode}): see the output above')
+    if not results.is_file():  # the file collected (check_collection): pytest crashed or was killed
+        raise RunFailed(f'{label}: pytest ended without results (exit code {proc.returncode}): see the output above')
     rows = json.loads(results.read_text())
     counts = {k: sum(r['outcome'] == k for r in rows) for k in ('passed', 'failed', 'skipped')}
     out = dict(name=label, **counts, returncode=proc.returncode,
@@ -233,17 +324,26 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 @cli
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Run both passes; prints (and returns) the JSON summary, exits 1 if a test failed."""
+    """Run both passes; prints (and returns) the JSON summary, exits 1 if a test failed or none could run."""
+    try:
+        return _main(argv)
+    except RunFailed as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _main(argv: Optional[List[str]]) -> Dict[str, Any]:
     import timm
     args = parse_args(argv)
     test_file = timm_tests(timm.__version__, args.timm_tests, Path(args.cache))
-    text = test_file.read_text()
+    text = test_file.read_text(encoding='utf-8', errors='replace')
     note = None
     with tempfile.TemporaryDirectory(prefix='timm-conformance-') as tmp:
         work = Path(tmp)
-        repos = populate_hub_cache(work / 'hub')
         env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(work / 'hub'), HF_HUB_DISABLE_TELEMETRY='1')
         env.pop('GITHUB_ACTIONS', None)  # test_models.py defines its pretrained tests outside GitHub's runners only
+        check_collection(test_file, work, env, args.k)
+        repos = populate_hub_cache(work / 'hub')
         passes = [run_pass('as_released', test_file, work, env, args.workers, ['-k', args.k] if args.k else [])]
         if FEAT_INTER_LINE in text:
             patched = work / 'test_models_feat_inter.py'

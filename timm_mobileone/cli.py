@@ -5,6 +5,7 @@ code 2, with no traceback; Ctrl-C becomes exit code 130.
 """
 import functools
 import logging
+import signal
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
@@ -25,6 +26,8 @@ def cli(fn: Optional[Callable[[Optional[List[str]]], Dict[str, Any]]] = None, *,
     def wrap(fn):
         @functools.wraps(fn)
         def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+            if getattr(signal.getsignal(signal.SIGINT), 'starting', False):  # see timm_mobileone/__init__.py
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             logging.basicConfig(level=log_level, format=log_format, stream=sys.stderr)
             keep_freed_memory_for_reuse()
             try:

@@ -331,6 +331,49 @@ class ImageError(UserError, ValueError):
     """An encoded image that cannot be used; the message says why, to follow "image N"."""
 
 
+def sample_bits(img) -> Optional[int]:
+    """Bits per sample the file states (TIFF's BitsPerSample; 16 for a PNG Pillow opens as 'I'), else None."""
+    tags = getattr(img, 'tag_v2', None)
+    if tags is not None and 258 in tags:
+        stated = tags[258]
+        return int(stated[0] if isinstance(stated, tuple) else stated)
+    return 16 if img.format == 'PNG' else None
+
+
+def to_rgb8(img, bits: Optional[int] = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded Pillow image of any mode, by the mode's range.
+
+    Pillow's own `convert('RGB')` clips integer and float pixels to 0..255, so a 16-bit photo becomes a white or
+    saturated image; here 16-bit samples keep their top 8 bits (what `cv2.imread` and so insightface's loader do),
+    32-bit integers their top bits by the file's stated sample size, and float pixels in [0, 1] are scaled. A photo
+    whose range is unknown (32-bit integers or floats with nothing saying their range) raises ValueError, so it is
+    refused per photo rather than aligned from a wrong image. `bits`: the sample size the file states
+    (`sample_bits` of the image as opened: a transposed copy has lost the file's tags).
+    """
+    mode = img.mode
+    if mode.startswith('I;16'):  # 16-bit grayscale, either byte order (Pillow gives native-order values)
+        gray = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
+    elif mode in ('I', 'F'):
+        values = np.asarray(img)
+        finite = np.isfinite(values).all()
+        low, high = (float(values.min()), float(values.max())) if values.size and finite else (0.0, 0.0)
+        if not finite:
+            raise ValueError(f'is a {mode} image with NaN or infinite pixels')
+        if mode == 'F':
+            if low < 0 or high > 1:
+                raise ValueError(f'is a 32-bit float image with pixels in [{low:g}, {high:g}]: only [0, 1] has a '
+                                 f'known range')
+            gray = np.rint(values.astype(np.float64) * 255).astype(np.uint8)
+        else:
+            if bits is None or not 8 <= bits <= 32 or low < 0 or high >= 2 ** bits:
+                raise ValueError(f'is a 32-bit integer image ({bits or "unstated"} bits, pixels {low:g}..{high:g}): '
+                                 f'no known range')
+            gray = (values.astype(np.int64) >> (bits - 8)).astype(np.uint8)
+    else:
+        return np.asarray(img.convert('RGB'))
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
 def decode_aligned(data: bytes, size: Tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 RGB (writable) of an encoded image that must already be an aligned crop of `size` (h, w).
 
@@ -347,11 +390,13 @@ def decode_aligned(data: bytes, size: Tuple[int, int]) -> np.ndarray:
                 raise ImageError(f'is {img.size[0]}x{img.size[1]}, expected aligned {w}x{h} crops (images are not '
                                  f'resized; photos: align them first, python -m eval.align, or eval\'s --align)')
             img.load()
-            rgb = np.array(img.convert('RGB'))
+            rgb = np.array(to_rgb8(img, sample_bits(img)))
     except ImageError:
         raise
+    except Image.UnidentifiedImageError:  # its message names the BytesIO object, an address
+        raise ImageError('cannot be decoded (not an image format Pillow reads)') from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        # PIL: UnidentifiedImageError / truncated are OSErrors; some broken headers raise the others
+        # PIL: truncated files are OSErrors; some broken headers raise the others; to_rgb8: no known range
         raise ImageError(f'cannot be decoded ({first_line(e)})') from None
     if rgb.shape[:2] != (h, w):
         raise ImageError(f'is {rgb.shape[1]}x{rgb.shape[0]}, expected aligned {w}x{h} crops (images are not resized)')
