@@ -10,7 +10,7 @@ import timm
 from timm.utils import reparameterize_model
 
 from timm_mobileone.models.dbb import DBBBlock
-from timm_mobileone.models.mobileone_112 import default_head_chs
+from timm_mobileone.models.heads import default_head_chs
 
 from helpers import calibrate_bn, rel_err
 

@@ -1,13 +1,20 @@
-"""The package's layout: model code apart from tooling, `errors` a leaf, and no import circle anywhere.
+"""The package's layout: model code apart from tooling, `errors` and `hub_files` leaves, no import circle anywhere,
+the wheel apart from the repository's tooling, one home for the Hub file names and the loading advice; and the front
+door: a short README that links the changelog and the architecture page (docs/architecture.md draws these rules).
 
 The imports are read from the source (every `import` statement, those inside functions included: a lazy import that
 closes a circle still ties the modules together), not from `sys.modules`.
 """
 import ast
+import re
 from pathlib import Path
 from typing import Dict, List, Set
 
-PACKAGE = Path(__file__).resolve().parents[1] / 'timm_mobileone'
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / 'timm_mobileone'
+LEAVES = ('timm_mobileone.errors', 'timm_mobileone.hub_files')  # import nothing of the project
+REPO_ONLY = ('train', 'eval', 'benchmarks', 'tests')  # the repository's tooling, not in the wheel
+README_LIMIT = 15_000  # bytes: the front door; release notes and the module layout live in their own pages
 
 
 def _module_name(path: Path) -> str:
@@ -86,9 +93,11 @@ def test_no_import_circle_in_the_package():
 
 def test_errors_is_a_leaf_and_models_stand_apart_from_tooling():
     graph = import_graph()
-    assert graph['timm_mobileone.errors'] == set()
+    for leaf in LEAVES:
+        assert graph[leaf] == set(), f'{leaf} imports {sorted(graph[leaf])}'
     models = {m for m in graph if m.startswith('timm_mobileone.models')}
-    allowed = models | {'timm_mobileone.mxnet', 'timm_mobileone.errors'}  # the MobileFaceNet port reads MXNet graphs
+    # the MobileFaceNet port reads MXNet graphs; the loaders name the Hub files and give the advice of hub_files
+    allowed = models | {'timm_mobileone.mxnet', *LEAVES}
     for module in models:
         assert graph[module] <= allowed, f'{module} imports tooling: {sorted(graph[module] - allowed)}'
     # the package root holds no model code: every nn.Module subclass lives in timm_mobileone.models
@@ -105,3 +114,87 @@ def test_every_subpackage_is_a_regular_package():
     # out of the wheel
     for folder in {p.parent for p in PACKAGE.rglob('*.py')}:
         assert (folder / '__init__.py').is_file(), f'{folder} has no __init__.py'
+
+
+def _python_files():
+    for folder in (PACKAGE, *(REPO / d for d in REPO_ONLY)):
+        yield from sorted(p for p in folder.rglob('*.py') if '__pycache__' not in p.parts)
+
+
+def test_the_wheel_imports_none_of_the_repository_tooling():
+    # the installed wheel has no train/, eval/, benchmarks/ or tests/: an import of them works in a checkout only
+    for path in PACKAGE.rglob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ''] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad = [n for n in names if n.split('.')[0] in REPO_ONLY]
+            assert not bad, f'{path.relative_to(REPO)}:{node.lineno} imports {bad}: repository-only tooling'
+
+
+def _assigned_names(path: Path) -> Set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_hub_file_names_are_assigned_in_one_module():
+    # the loaders (inference_mode=True reads model_fused.safetensors) and `hub export` (writes it) must agree on the
+    # names: each of hub_files' constants is assigned there and nowhere else in the package or the repository's tools
+    home = PACKAGE / 'hub_files.py'
+    constants = {n for n in _assigned_names(home) if n.isupper()}
+    assert {'FUSED_WEIGHTS_NAME', 'WEIGHTS_NAME', 'EXPORT_FILES'} <= constants
+    for path in _python_files():
+        if path != home:
+            again = constants & _assigned_names(path)
+            assert not again, f'{path.relative_to(REPO)} assigns {sorted(again)} again (timm_mobileone/hub_files.py)'
+
+
+def test_model_code_gives_no_command_advice():
+    # what to run when no weights exist names repository commands (`python -m train.face`): that text lives in
+    # timm_mobileone/hub_files.py, not in the model files
+    for path in (PACKAGE / 'models').rglob('*.py'):
+        text = path.read_text()
+        assert 'python -m train.face' not in text, f'{path.name} names the trainer'
+        commands = [n.value for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Constant)
+                    and isinstance(n.value, str) and 'python -m ' in n.value]
+        assert not commands, f'{path.name} holds command advice: {commands[0][:80]!r}'
+
+
+def test_readme_is_the_front_door():
+    readme = REPO / 'README.md'
+    size = readme.stat().st_size
+    assert size < README_LIMIT, f'README.md is {size:,} bytes (limit {README_LIMIT:,}): move detail to docs/'
+    links = set(re.findall(r'\]\(([^)#\s]+)(?:#[^)\s]*)?\)', readme.read_text()))
+    for page in ('CHANGELOG.md', 'docs/architecture.md'):
+        assert (REPO / page).is_file(), f'{page} is missing'
+        assert page in links, f'README.md does not link {page}'
+    # the command CI runs (.ci/run: the README's test command) stays the one the README shows
+    assert 'python -m pytest -q' in readme.read_text()
+
+
+def _anchors(page: Path) -> Set[str]:
+    """GitHub's heading anchors of a Markdown page (lowercase, punctuation dropped, spaces to hyphens)."""
+    text = re.sub(r'```.*?```', '', page.read_text(), flags=re.S)
+    return {re.sub(r'[^\w\- ]', '', h.strip().lower()).replace(' ', '-')
+            for h in re.findall(r'^#+\s+(.*)$', text, re.M)}
+
+
+def test_relative_links_of_the_readme_and_docs_resolve():
+    pages = [REPO / 'README.md', REPO / 'CHANGELOG.md', *sorted((REPO / 'docs').glob('*.md'))]
+    pages = [p for p in pages if p.is_file()]
+    broken = []
+    for page in pages:
+        text = re.sub(r'```.*?```', '', page.read_text(), flags=re.S)
+        for target in re.findall(r'\]\(([^)\s]+)\)', text):
+            if re.match(r'[a-z][a-z0-9+.-]*:', target):  # https:, mailto:, ...
+                continue
+            path, _, anchor = target.partition('#')
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f'{page.relative_to(REPO)}: {target} (no such file)')
+            elif anchor and dest.suffix == '.md' and anchor not in _anchors(dest):
+                broken.append(f'{page.relative_to(REPO)}: {target} (no such heading)')
+    assert not broken, '\n'.join(broken)

@@ -13,14 +13,24 @@ def test_mobileone_and_dbb_variants_registered():
         [f'mobileone_112_s{i}' for i in range(5)] + [f'mobileone_112_dbb_s{i}' for i in range(5)]
         + ['mobileone_112_test', 'mobileone_112_dbb_test'])
     assert MODEL_NAMES == timm.list_models('mobileone_112_*')
+    # each family registered by its own file: MobileOne-112 by the model file, the DBB family with its block
     for name in MODEL_NAMES:
-        assert model_entrypoint(name).__module__ == 'timm_mobileone.models.mobileone_112'
+        family = 'dbb' if '_dbb_' in name else 'mobileone_112'
+        assert model_entrypoint(name).__module__ == f'timm_mobileone.models.{family}'
+
+
+def test_conformance_run_covers_every_registered_model():
+    # CI's timm conformance step (tests/timm_conformance.py) picks models by timm's registry module, the file that
+    # registers them: a family registered from another file must be named there, or it drops out of the run unseen
+    from tests import timm_conformance
+    ours = {n for n in timm.list_models() if model_entrypoint(n).__module__.startswith('timm_mobileone.')}
+    assert set(timm.list_models(module=list(timm_conformance.MODULES))) == ours
 
 
 def test_no_clash_with_timm_mobileone():
     for i in range(5):
         assert model_entrypoint(f'mobileone_s{i}').__module__ == 'timm.models.byobnet'
-    assert set(timm.list_models(module='mobileone_112')) == set(MODEL_NAMES)
+    assert set(timm.list_models(module=['mobileone_112', 'dbb'])) == set(MODEL_NAMES)
 
 
 @pytest.mark.parametrize('name', timm.list_models('mobileone_112_*', include_tags=True))

@@ -65,7 +65,7 @@ def test_forward_intermediates_at_feature_info_levels(name):
 
 def test_every_head_that_needs_112_says_so():
     import timm_mobileone  # noqa: F401
-    names = timm.list_models(module='mobileone_112') + timm.list_models(module='mobilefacenet')
+    names = timm.list_models(module=['mobileone_112', 'dbb', 'mobilefacenet'])
     for name in names:
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg.fixed_input_size, name

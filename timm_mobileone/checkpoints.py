@@ -1,10 +1,12 @@
-"""Checkpoints of every kind the project reads (safetensors, torch, insightface's MXNet `.params`) and the checked
-model builder every CLI uses: whatever is wrong with a file or a model name is one `UserError` line."""
+"""Model weights from a file, for every CLI: one reader for any checkpoint and the checked model builder.
+
+Reads safetensors, torch and insightface's MXNet `.params` files; whatever is wrong with a file or a model name is one
+`UserError` line. (A training run's folder of resume checkpoints is `train/checkpoint.py`, in the repository only.)"""
 from pathlib import Path
 from typing import Union
 
 from .errors import UserError, first_line
-from .models import mobileone_112
+from .models.heads import infer_model_args
 from .mxnet import MXNetError, read_params, read_symbol, symbol_path_for
 
 __all__ = ['read_state_dict', 'create_model_checked']
@@ -55,7 +57,7 @@ def create_model_checked(model_name: str, pretrained: bool = False, checkpoint: 
     mxnet = bool(checkpoint) and Path(checkpoint).suffix == '.params'
     if state is not None and not mxnet and model_name in timm.list_models('mobileone_112_*'):
         # the head's sizes as the weights were trained (a distilled student's embed_dim=128 loads as given)
-        for key, value in mobileone_112.infer_model_args(state).items():
+        for key, value in infer_model_args(state).items():
             kwargs.setdefault(key, value)
     try:
         model = timm.create_model(model_name, pretrained=pretrained,

@@ -39,15 +39,11 @@ from .cli import cli
 from .deploy.profile import count_macs, count_params, fusion_error
 from .errors import UserError, first_line
 from .files import atomic_write
-from .models.mobileone_112 import infer_model_args
+from .hub_files import CARD_NAME, EXPORT_FILES, FUSED_WEIGHTS_NAME
+from .models.heads import infer_model_args
 
 _logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = 'model.safetensors'
-FUSED_WEIGHTS_NAME = 'model_fused.safetensors'
-CONFIG_NAME = 'config.json'
-CARD_NAME = 'README.md'
-EXPORT_FILES = (WEIGHTS_NAME, FUSED_WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
 # `card` writes here by default, relative to the current folder (the repository's card sources when run from its
 # root); never next to the installed package
 CARDS_DIR = Path('hub_cards')

@@ -1,4 +1,4 @@
-"""train.face's run folder format: checkpoints, `last.json`, the log, and the run-defining flags a resume must keep.
+"""A training run's folder (resume state, not model loading): train.face's checkpoints, `last.json`, log, run flags.
 
     OUTPUT/checkpoint-<step>.safetensors         model.*, head.* (replicated), ema.*, optimizer.<i>.<name>, rng.*
     OUTPUT/checkpoint-<step>.head-<rank>.safetensors   a sharded head: each process's centres + their optimizer state

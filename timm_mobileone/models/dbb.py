@@ -20,17 +20,27 @@ would duplicate `dbb_origin`) drop out, and the block keeps `dbb_origin` and the
 After `reparameterize()` the block is exactly a fused `MobileOneBlock`: `reparam_conv` (registered after `attn` and
 `act`), optional SE, ReLU; same keys, shapes and conv geometry, so a fused DBB network is a fused MobileOne network.
 No MobileOne scale or BN-skip branches: a DBB network is a MobileNet whose convs are DBBs.
+
+The DBB family `mobileone_112_dbb_s0..s4` (and the tiny `mobileone_112_dbb_test`) is registered here: MobileOne-112's
+macro-architecture (widths, depths, strides, SE, head, cfgs; `mobileone_112.py` builds it) with every conv a DBB.
+Fused, each is exactly the fused `mobileone_112_sN` network (same modules, keys and shapes). timm's registry lists
+the family under this module's name: `timm.list_models(module='dbb')`.
 """
-from typing import Any, Optional, Tuple
+from dataclasses import replace
+from functools import partial
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import ConvNormAct, create_conv2d, get_device_dtype
-from timm.models.byobnet import LayerFn, num_groups
+from timm.models import generate_default_cfgs, register_model
+from timm.models.byobnet import ByoModelCfg, LayerFn, num_groups
 
 from .merged import check_train_form
+from .mobileone_112 import MobileOne112, _cfg as _mobileone_112_cfg, _create_mobileone_112
+from .mobileone_112 import model_cfgs as _mobileone_112_model_cfgs
 
 __all__ = ['DBBBlock', 'BNAndPad', 'IdentityBasedConv1x1', 'check_dbb_train_form']
 
@@ -213,6 +223,9 @@ class DBBBlock(nn.Module):
         if inference_mode:
             self.reparam_conv = self._fused_conv(**dd)
 
+    # what `MobileOne112.set_train_form` asks every block before it switches any
+    check_train_form = staticmethod(check_dbb_train_form)
+
     def _fused_conv(self, device=None, dtype=None) -> nn.Module:
         # the padding rule of MobileOne's fused conv (create_conv2d), so the two fused networks are one
         return create_conv2d(self.in_chs, self.out_chs, self.kernel_size, stride=self.stride, groups=self.groups,
@@ -266,3 +279,76 @@ class DBBBlock(nn.Module):
             if hasattr(self, name):
                 delattr(self, name)
         self.reparam_conv = conv
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DBB family: MobileOne-112's architectures with every block a DBBBlock, built by MobileOne-112's `_create`
+
+
+def _dbb_model_cfg(cfg: ByoModelCfg) -> ByoModelCfg:
+    """A MobileOne-112 architecture with every block (the stem's too: it is built of the stages' block type) a
+    DBBBlock, which ignores num_conv_branches."""
+    return replace(cfg, blocks=tuple(tuple(replace(b, type=partial(DBBBlock)) for b in s) for s in cfg.blocks))
+
+
+model_cfgs = {
+    name.replace('mobileone_112_', 'mobileone_112_dbb_'): _dbb_model_cfg(cfg)
+    for name, cfg in _mobileone_112_model_cfgs.items()
+}
+
+
+def _create_dbb(variant: str, pretrained: bool = False, **kwargs) -> MobileOne112:
+    return _create_mobileone_112(variant, pretrained, model_cfg=model_cfgs[variant], **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return _mobileone_112_cfg(
+        license='apache-2.0',
+        first_conv=('stem.dbb_origin.conv', 'stem.dbb_1x1.conv', 'stem.dbb_avg.conv'),
+        paper_ids='arXiv:2206.04040, arXiv:2103.13425',
+        origin_url='https://github.com/DingXiaoH/DiverseBranchBlock',
+        notes=('MobileOne-SN macro-architecture for 112x112 faces with every conv a Diverse Branch Block; fuses to '
+               'exactly the fused mobileone_112_sN network.',),
+        **kwargs,
+    )
+
+
+# no weights exist for the family: `pretrained=True` names what does (hub_files.face_weights_advice)
+default_cfgs = generate_default_cfgs(
+    {f'mobileone_112_dbb_s{i}.untrained': _cfg() for i in range(5)} | {'mobileone_112_dbb_test.untrained': _cfg()})
+
+
+@register_model
+def mobileone_112_dbb_s0(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S0 layout with Diverse Branch Blocks (fuses to mobileone_112_s0), GDC embedding head."""
+    return _create_dbb('mobileone_112_dbb_s0', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_s1(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S1 layout with Diverse Branch Blocks (fuses to mobileone_112_s1), GDC embedding head."""
+    return _create_dbb('mobileone_112_dbb_s1', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_s2(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S2 layout with Diverse Branch Blocks (fuses to mobileone_112_s2), GDC embedding head."""
+    return _create_dbb('mobileone_112_dbb_s2', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_s3(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S3 layout with Diverse Branch Blocks (fuses to mobileone_112_s3), GDC embedding head."""
+    return _create_dbb('mobileone_112_dbb_s3', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_s4(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """MobileOne-S4 layout with Diverse Branch Blocks and SE (fuses to mobileone_112_s4), GDC embedding head."""
+    return _create_dbb('mobileone_112_dbb_s4', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobileone_112_dbb_test(pretrained: bool = False, **kwargs) -> MobileOne112:
+    """`mobileone_112_test` with Diverse Branch Blocks: fuses to exactly the fused `mobileone_112_test` network."""
+    return _create_dbb('mobileone_112_dbb_test', pretrained=pretrained, **kwargs)

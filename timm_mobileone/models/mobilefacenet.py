@@ -16,9 +16,9 @@ Each conv is followed by BatchNorm and (except the projections and the GDC) PReL
 normalizes its 0..255 RGB input as (x - 127.5) * 0.0078125 = (x/255 - 0.5) / (128/255): that is this cfg's mean and
 std. `timm_mobileone.deploy.peers` uses this model as the MobileFaceNet reference of the zoo and deploy tables.
 
-The embedding head is the project's `GDCHead` (the same head MobileOne-112 uses): `pre_fc1`'s bias is folded into
-fc1's running mean on loading (BN(Wx + b) with mean m equals BN(Wx) with mean m - b), so the head is the same
-modules and folds the same way. `reparameterize()` (or `timm.utils.reparameterize_model`) folds every BatchNorm
+The embedding head is the project's `GDCHead` (`heads.py`, the same head MobileOne-112 uses): `pre_fc1`'s bias is
+folded into fc1's running mean on loading (BN(Wx + b) with mean m equals BN(Wx) with mean m - b), so the head is the
+same modules and folds the same way. `reparameterize()` (or `timm.utils.reparameterize_model`) folds every BatchNorm
 into its conv or linear layer; `inference_mode=True` builds that fused layout, for fused checkpoints.
 
 Hacked together by the timm-mobileone contributors.
@@ -33,10 +33,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from timm.layers import ClassifierHead, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # private helper (timm>=1.0.31), also in mobileone_112.py
 
-from .mobileone_112 import (
-    GDC_POOL, GDCHead, check_global_pool, check_num_classes, feat_size_for, feature_take_indices, require_weights,
-    reset_face_classifier, upstream_checkpoint_hook)
+from ..hub_files import MOBILEFACENET_WEIGHTS_ADVICE
+from .heads import GDC_POOL, GDCHead, check_global_pool, check_num_classes, feat_size_for, reset_face_classifier
+from .loading import require_weights, upstream_checkpoint_hook
 
 __all__ = ['ConvBnPReLU', 'Bottleneck', 'MobileFaceNet']
 
@@ -394,10 +395,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create_mobilefacenet(variant: str, pretrained: bool = False, **kwargs) -> MobileFaceNet:
-    require_weights(variant, pretrained, kwargs, (
-        "insightface's weights are not hosted here (non-commercial research licence). Load their MXNet file with "
-        "--checkpoint model-0000.params in the project's CLIs, or convert it (`python -m timm_mobileone.mxnet "
-        "--params model-0000.params --out mobilefacenet.safetensors`) and create it with checkpoint_path=<file>."))
+    require_weights(variant, pretrained, kwargs, MOBILEFACENET_WEIGHTS_ADVICE)
     return build_model_with_cfg(
         MobileFaceNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -11,19 +11,24 @@ Differences from the paper / timm's `mobileone_s*`:
   global average pooling: a depthwise conv whose kernel covers the whole final map + BN, flatten, a linear
   projection to the embedding (`embed_dim`, 512) and BatchNorm1d. `num_classes=0` (default) returns the embedding;
   `num_classes=N` adds a linear classifier after it; `global_pool='avg'` gives timm's usual GAP + fc head.
+  The heads live in `heads.py`, shared with MobileFaceNet.
 * `inference_mode=True` builds the reparameterized (fused) layout directly, with the same modules and state_dict
   keys as `timm.utils.reparameterize_model(model)` / `model.reparameterize()`, so fused checkpoints load into it.
   Fusion covers every branch of every block and every BatchNorm, the head's BN2d and BatchNorm1d included.
 * `head_type='conv1x1'`: the seed note's literal head instead of GDC, a 1x1 conv reducing the channels to
   `head_chs` (+ BN), flattened into the linear embedding layer, then BatchNorm1d.
-* The DBB family `mobileone_112_dbb_s0..s4`: the same macro-architecture with every conv a Diverse Branch Block
-  (`dbb.py`, https://arxiv.org/abs/2103.13425) instead of a MobileOne block; fused, each is exactly the fused
-  `mobileone_112_sN` network (same modules, keys and shapes).
 * `train_form='merged'` (or `model.set_train_form('merged')`): train-time blocks compute their branches' exact
   function as one conv, the batch statistics from the input's moments (`merged.py`); same parameters, keys and
-  running statistics. The DBB family refuses it (its BN-and-pad branches do not merge exactly).
+  running statistics.
 * The GDC kernel is derived from `img_size` (default 112 -> 7x7). Any other input size is refused with a
   ValueError naming the size the model was built for; build the model with `img_size=` to use another size.
+
+`MobileOne112` takes any block of MobileOneBlock's arguments: the DBB family `mobileone_112_dbb_s0..s4` (`dbb.py`,
+registered there) is this model with every block a Diverse Branch Block.
+
+The file reads as timm's `byobnet.py`: the block, the model, the checkpoint filter fn, the architecture cfgs and
+`_create`, the pretrained cfgs, the entrypoints. Pretrained loading (`loading.py`) and its advice text
+(`timm_mobileone.hub_files`) live elsewhere.
 
 Hacked together by the timm-mobileone contributors.
 """
@@ -31,21 +36,16 @@ import logging
 import re
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
-
-from huggingface_hub.errors import EntryNotFoundError
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, ConvNormAct, create_conv2d, get_device_dtype, to_2tuple
-from timm.layers import register_notrace_function
+from timm.layers import ClassifierHead, create_conv2d, get_device_dtype, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models import reparameterize_model, resolve_pretrained_cfg
-from timm.models._features import feature_take_indices  # private helper, imported here only (timm>=1.0.31)
+from timm.models import reparameterize_model
+from timm.models._features import feature_take_indices  # private helper (timm>=1.0.31), also in mobilefacenet.py
 from timm.models.byobnet import (
     ByoModelCfg,
     MobileOneBlock as _TimmMobileOneBlock,
@@ -55,27 +55,18 @@ from timm.models.byobnet import (
     update_block_kwargs,
 )
 
-from .dbb import DBBBlock, check_dbb_train_form
+from ..hub_files import face_weights_advice
+from .heads import (
+    GDC_POOL, GDCHead, HEAD_TYPES, check_global_pool, check_num_classes, feat_size_for, reset_face_classifier)
+from .loading import fused_weights_source, require_weights, upstream_checkpoint_hook
 from .merged import check_train_form, merged_forward
 
-__all__ = ['MobileOneBlock', 'GDCHead', 'Conv1x1Head', 'MobileOne112']
+__all__ = ['MobileOneBlock', 'MobileOne112']
 
 _logger = logging.getLogger(__name__)
 
 FACE_MEAN = (0.5, 0.5, 0.5)
 FACE_STD = (0.5, 0.5, 0.5)
-NUM_DOWNSAMPLES = 4  # stem, stages 2, 3 and 4 each halve the map (3x3 convs, padding 1)
-GDC_POOL = 'gdc'
-
-
-def feat_size_for(img_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    """Size of the final feature map (what the GDC kernel covers) for an input of `img_size`."""
-    size = []
-    for s in to_2tuple(img_size):
-        for _ in range(NUM_DOWNSAMPLES):
-            s = (s - 1) // 2 + 1  # 3x3 conv, stride 2, padding 1
-        size.append(s)
-    return size[0], size[1]
 
 
 class MobileOneBlock(_TimmMobileOneBlock):
@@ -145,213 +136,9 @@ class MobileOneBlock(_TimmMobileOneBlock):
     def _merged(self, x: torch.Tensor) -> torch.Tensor:
         return merged_forward(self, x)
 
+    # what `MobileOne112.set_train_form` asks every block before it switches any (DBBBlock has its own)
+    check_train_form = staticmethod(check_train_form)
 
-@register_notrace_function  # a leaf for timm's fx tracing (fx only autowraps names without a leading '_')
-def gdc_check_feat_size(x: torch.Tensor, feat_size: Tuple[int, int], img_size: Tuple[int, int]) -> torch.Tensor:
-    if x.shape[-2] != feat_size[0] or x.shape[-1] != feat_size[1]:
-        raise ValueError(
-            f'The GDC head was built for {img_size[0]}x{img_size[1]} input (a {feat_size[0]}x{feat_size[1]} '
-            f'feature map) but got a {x.shape[-2]}x{x.shape[-1]} map; resize the input to '
-            f'{img_size[0]}x{img_size[1]} or create the model with img_size=<your size>.')
-    return x
-
-
-def _fuse_conv_norm(module: nn.Module) -> nn.Module:
-    """A ConvNormAct without activation (eval-mode BN) as one conv with bias, same geometry; others unchanged."""
-    if not isinstance(module, ConvNormAct):
-        return module
-    conv, bn = module.conv, module.bn
-    weight, bias = fuse_conv_bn_weights(
-        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, groups=conv.groups, bias=True, **get_device_dtype(conv))
-    fused.weight.copy_(weight)
-    fused.bias.copy_(bias)
-    return fused
-
-
-class _EmbeddingHead(nn.Module):
-    """Shared part of the embedding heads: a conv over the final map (+ BN2d), flatten, linear projection to the
-    embedding (no bias) + BatchNorm1d, then dropout and an optional classifier. Fused: the conv and the projection
-    carry a bias, both BNs folded in, `norm` is Identity.
-    """
-    conv_name = ''
-
-    def __init__(
-            self,
-            conv: nn.Module,
-            flat_features: int,
-            in_features: int,
-            embed_dim: int,
-            num_classes: int,
-            feat_size: Tuple[int, int],
-            img_size: Tuple[int, int],
-            drop_rate: float,
-            inference_mode: bool,
-            device=None,
-            dtype=None,
-    ) -> None:
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        setattr(self, self.conv_name, conv)
-        self.in_features = in_features
-        self.flat_features = flat_features
-        self.embed_dim = self.num_features = embed_dim
-        self.feat_size = tuple(feat_size)
-        self.img_size = tuple(img_size)
-        self.proj = nn.Linear(flat_features, embed_dim, bias=inference_mode, **dd)
-        self.norm = nn.Identity() if inference_mode else nn.BatchNorm1d(embed_dim, **dd)
-        self.flatten = nn.Flatten(1)
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-
-    def reset(self, num_classes: int) -> None:
-        """Replace the classifier after the embedding (0: none)."""
-        dd = get_device_dtype(self.proj)
-        self.fc = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = gdc_check_feat_size(x, self.feat_size, self.img_size)
-        x = self.flatten(self._reduce(x))
-        x = self.norm(self.proj(x))
-        if pre_logits:
-            return x
-        return self.fc(self.drop(x))
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the BN2d into the conv and the BatchNorm1d into the projection (eval-mode statistics)."""
-        if not isinstance(self.norm, nn.BatchNorm1d):
-            return
-        setattr(self, self.conv_name, _fuse_conv_norm(getattr(self, self.conv_name)))
-        norm = self.norm
-        weight, bias = fuse_linear_bn_weights(
-            self.proj.weight, self.proj.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
-        proj = nn.Linear(self.flat_features, self.embed_dim, bias=True, **get_device_dtype(self.proj))
-        proj.weight.copy_(weight)
-        proj.bias.copy_(bias)
-        self.proj = proj
-        self.norm = nn.Identity()
-
-
-class GDCHead(_EmbeddingHead):
-    """Global depthwise conv embedding head (MobileFaceNet), optional classifier.
-
-    Train-time: `conv_dw` (depthwise conv whose kernel is the whole map, + BN2d) -> flatten -> `proj` (linear, no
-    bias) -> `norm` (BatchNorm1d) = embedding -> dropout -> `fc`. Fused: `conv_dw` and `proj` are plain conv /
-    linear with bias, `norm` is Identity.
-    """
-    conv_name = 'conv_dw'
-
-    def __init__(
-            self,
-            in_features: int,
-            embed_dim: int = 512,
-            num_classes: int = 0,
-            feat_size: Tuple[int, int] = (7, 7),
-            img_size: Tuple[int, int] = (112, 112),
-            drop_rate: float = 0.,
-            inference_mode: bool = False,
-            device=None,
-            dtype=None,
-    ) -> None:
-        """
-        Args:
-            in_features: Channels of the final feature map.
-            embed_dim: Embedding size.
-            num_classes: Classifier outputs after the embedding (0: none).
-            feat_size: Final feature map size, the GDC kernel size.
-            img_size: Input size the model was built for (for error messages).
-            drop_rate: Dropout before the classifier.
-            inference_mode: Build the fused layout.
-        """
-        dd = {'device': device, 'dtype': dtype}
-        if inference_mode:
-            conv = nn.Conv2d(in_features, in_features, tuple(feat_size), groups=in_features, bias=True, **dd)
-        else:
-            conv = ConvNormAct(
-                in_features, in_features, tuple(feat_size), padding=0, groups=in_features, apply_act=False, **dd)
-        super().__init__(conv, in_features, in_features, embed_dim, num_classes, feat_size, img_size, drop_rate,
-                         inference_mode, **dd)
-
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_dw(x)
-
-
-def infer_model_args(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """Head arguments a mobileone_112 state dict was built with (embed_dim, num_classes, global_pool)."""
-    args: Dict[str, Any] = {}
-    if 'head.proj.weight' in state_dict:
-        args['embed_dim'] = state_dict['head.proj.weight'].shape[0]
-    elif 'head.fc.weight' in state_dict:
-        args['global_pool'] = 'avg'
-    fc = state_dict.get('head.fc.weight')
-    args['num_classes'] = fc.shape[0] if fc is not None else 0
-    return args
-
-
-def default_head_chs(in_features: int, feat_size: Tuple[int, int] = (7, 7), embed_dim: int = 512) -> int:
-    """The `head_chs` of the conv1x1 head: the multiple of 8 whose head has about the GDC head's parameters.
-
-    GDC: C*h*w (depthwise) + C*E (projection); conv1x1: C*r (1x1 conv) + r*h*w*E (projection); equal at
-    r = C*(h*w + E) / (C + h*w*E): S0 (C=1024) 22 -> 24, S1 (1280) 27 -> 24, S2-S4 (2048) 42 -> 40.
-    """
-    hw = feat_size[0] * feat_size[1]
-    r = in_features * (hw + embed_dim) / (in_features + hw * embed_dim)
-    return max(8, int(round(r / 8)) * 8)
-
-
-class Conv1x1Head(_EmbeddingHead):
-    """The seed's literal head: a 1x1 conv reducing the final map's channels + BN2d, flattened into the linear
-    embedding layer, then BatchNorm1d (ArcFace's output layer "E" with a 1x1 reduction in front).
-
-    The 1x1 conv has no activation, like the GDC conv: the embedding stays a linear function of the final map,
-    and both BNs fold into the convs. `conv_pw` names the conv, so a GDC checkpoint fails to load here by name.
-    """
-    conv_name = 'conv_pw'
-
-    def __init__(
-            self,
-            in_features: int,
-            embed_dim: int = 512,
-            num_classes: int = 0,
-            feat_size: Tuple[int, int] = (7, 7),
-            img_size: Tuple[int, int] = (112, 112),
-            drop_rate: float = 0.,
-            inference_mode: bool = False,
-            head_chs: Optional[int] = None,
-            device=None,
-            dtype=None,
-    ) -> None:
-        """
-        Args:
-            in_features: Channels of the final feature map.
-            embed_dim: Embedding size.
-            num_classes: Classifier outputs after the embedding (0: none).
-            feat_size: Final feature map size (flattened into the projection).
-            img_size: Input size the model was built for (for error messages).
-            drop_rate: Dropout before the classifier.
-            inference_mode: Build the fused layout.
-            head_chs: Channels of the 1x1 reduction (default: `default_head_chs`, the GDC head's budget).
-        """
-        dd = {'device': device, 'dtype': dtype}
-        head_chs = head_chs or default_head_chs(in_features, tuple(feat_size), embed_dim)
-        if inference_mode:
-            conv = nn.Conv2d(in_features, head_chs, 1, bias=True, **dd)
-        else:
-            conv = ConvNormAct(in_features, head_chs, 1, apply_act=False, **dd)
-        super().__init__(conv, head_chs * feat_size[0] * feat_size[1], in_features, embed_dim, num_classes,
-                         feat_size, img_size, drop_rate, inference_mode, **dd)
-        self.head_chs = head_chs
-
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_pw(x)
-
-
-HEAD_TYPES = {'gdc': GDCHead, 'conv1x1': Conv1x1Head}
 
 
 class MobileOne112(nn.Module):
@@ -472,12 +259,12 @@ class MobileOne112(nn.Module):
     @torch.jit.ignore
     def set_train_form(self, train_form: str) -> None:
         """Switch how the train-time blocks compute their branches ('branches' or 'merged'); nothing else changes
-        (parameters, keys, running statistics). Fused blocks have no branches and ignore it. The DBB family
-        refuses 'merged' (see `DBBBlock`), before anything is changed."""
+        (parameters, keys, running statistics). Fused blocks have no branches and ignore it. A block that cannot
+        compute it refuses before anything is changed (the DBB family refuses 'merged', see `DBBBlock`)."""
         check_train_form(train_form)
-        blocks = [m for m in self.modules() if isinstance(m, (MobileOneBlock, DBBBlock))]
-        if any(isinstance(m, DBBBlock) for m in blocks):
-            check_dbb_train_form(train_form)
+        blocks = [m for m in self.modules() if hasattr(m, 'check_train_form')]
+        for m in blocks:  # every block's own check first: a refusal changes nothing
+            m.check_train_form(train_form)
         for m in blocks:
             m.train_form = train_form
         self.train_form = train_form
@@ -599,42 +386,11 @@ class MobileOne112(nn.Module):
         return pairs
 
 
+
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f'{name} must be a positive int, got {value!r}')
 
-
-def check_num_classes(num_classes: Any) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f'num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}')
-
-
-def check_global_pool(global_pool: Any) -> None:
-    """'gdc' (the face embedding head) or one of timm's pool types; '' is no pooling. As timm's ClassifierHead,
-    '' with a classifier is accepted: its linear layer then takes the unpooled map's last dimension."""
-    valid = (GDC_POOL, 'avg', 'max', 'avgmax', 'catavgmax', '')
-    if global_pool not in valid:
-        raise ValueError(f'global_pool must be one of {valid}, got {global_pool!r}')
-
-
-def reset_face_classifier(model: nn.Module, num_classes: int, global_pool: Optional[str] = None) -> None:
-    """`reset_classifier` of the face models (MobileOne112, MobileFaceNet), with timm's meaning: `global_pool=None`
-    (or the current one) keeps the head and replaces its classifier, so the GDC head's embedding is unchanged; another
-    `global_pool` builds that head (`model._create_head`). `model.head_hidden_size` follows the head."""
-    check_num_classes(num_classes)
-    dd = get_device_dtype(model.stages)
-    if global_pool is None or global_pool == model.global_pool:
-        if isinstance(model.head, _EmbeddingHead):
-            model.head.reset(num_classes)
-        else:
-            model.head.reset(num_classes, in_features=model.num_features, **dd)
-    else:
-        check_global_pool(global_pool)
-        model.global_pool = global_pool
-        model.head = model._create_head(num_classes, global_pool, **dd)
-        model.head.train(model.training)
-    model.num_classes = num_classes
-    model.head_hidden_size = model.head.num_features
 
 
 _APPLE_KEY_RULES = (
@@ -698,98 +454,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return state_dict
 
 
-def upstream_checkpoint_hook(is_upstream: Callable[[Dict[str, Any]], bool],
-                             adapt: Callable[[Dict[str, Any], nn.Module], Dict[str, torch.Tensor]]) -> Callable:
-    """A `load_state_dict` pre-hook that rewrites an upstream checkpoint (recognized by `is_upstream`) with
-    `adapt(state_dict, module)`, so that `model.load_state_dict(...)` and `create_model(..., checkpoint_path=...)`
-    take it too: timm's load_checkpoint does not apply the pretrained filter fn."""
-
-    def hook(module, state_dict, prefix, *args, **kwargs) -> None:
-        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if not is_upstream(sub):
-            return
-        adapted = adapt(sub, module)
-        for k in sub:
-            del state_dict[prefix + k]
-        for k, v in adapted.items():
-            state_dict[prefix + k] = v
-    return hook
-
 
 _load_state_dict_pre_hook = upstream_checkpoint_hook(_is_imagenet_checkpoint, checkpoint_filter_fn)  # Apple's keys
-
-
-FUSED_WEIGHTS_NAME = 'model_fused.safetensors'
-
-
-def _fused_weights_overlay(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Point the pretrained source at the fused weights file, for `pretrained=True, inference_mode=True`.
-
-    Hub repos and local folders exported by `timm_mobileone.hub` hold `model_fused.safetensors` beside the
-    train-time `model.safetensors`; the fused model loads the former alone. An explicit `file=` is used as given.
-    """
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-    if cfg.source == 'local-dir':
-        folder = Path(cfg.file)
-        fused = folder / FUSED_WEIGHTS_NAME
-        if not fused.is_file():
-            raise FileNotFoundError(
-                f'{folder} has no {FUSED_WEIGHTS_NAME}, which inference_mode=True loads: drop inference_mode to load '
-                f'the train-time weights and fuse them with timm.utils.reparameterize_model(model), or export the '
-                f'folder with `python -m timm_mobileone.hub export`.')
-        return dict(source='', file=str(fused))
-    if cfg.file or cfg.state_dict:
-        return {}
-    if cfg.hf_hub_id:
-        return dict(hf_hub_filename=FUSED_WEIGHTS_NAME)
-    raise RuntimeError(f'No fused weights exist for {variant}.{cfg.tag}: load it without inference_mode=True and '
-                       f'call model.reparameterize().')
-
-
-def require_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any], advice: str) -> None:
-    """For `pretrained=True` on a cfg with no weights to load: one error that names what does exist (`advice`)
-    instead of timm's generic "No pretrained weights exist ... Use pretrained=False". A source given at the call
-    (`hf-hub:` / `local-dir:` names, `pretrained_cfg_overlay=dict(file=...)`) passes."""
-    if not pretrained:
-        return
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    if not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
-        raise RuntimeError(f'No pretrained weights exist for {variant}.{cfg.tag}: {advice}')
-
-
-def _face_weights_advice(variant: str) -> str:
-    imagenet = ('' if '_dbb_' in variant else
-                f" For ImageNet initialisation (a fine-tuning start, not a face model) create '{variant}.apple_in1k'.")
-    return (f"no face weights are published for it.{imagenet} For trained face weights create 'hf-hub:<repo id>' or "
-            f"'local-dir:<folder>' (written by `python -m timm_mobileone.hub export`), or pretrained=False with "
-            f"checkpoint_path=<file>; to train them: `python -m train.face`.")
-
-
-def _create_mobileone_112(variant: str, pretrained: bool = False, **kwargs) -> MobileOne112:
-    require_weights(variant, pretrained, kwargs, _face_weights_advice(variant))
-    fused_source = pretrained and kwargs.get('inference_mode', False)
-    if fused_source:
-        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-        overlay.update(_fused_weights_overlay(variant, kwargs))
-        kwargs['pretrained_cfg_overlay'] = overlay
-    try:
-        return build_model_with_cfg(
-            MobileOne112,
-            variant,
-            pretrained,
-            model_cfg=model_cfgs[variant],
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
-            **kwargs,
-        )
-    except EntryNotFoundError as e:
-        if not fused_source:
-            raise
-        raise RuntimeError(
-            f'{kwargs.get("pretrained_cfg_overlay", {}).get("hf_hub_filename", FUSED_WEIGHTS_NAME)} not found in the '
-            f'Hub repo of {variant}: drop inference_mode=True to load its train-time weights, then fuse them with '
-            f'timm.utils.reparameterize_model(model).') from e
 
 
 def _mobileone_112_cfg(
@@ -800,7 +466,7 @@ def _mobileone_112_cfg(
         d: Tuple[int, int, int, int] = (2, 8, 10, 1),
 ) -> ByoModelCfg:
     """MobileOne as timm builds it (`_mobileone_bcfg`), with stage 1 at stride 1 and our inference-mode block
-    (`block`: MobileOneBlock, or DBBBlock for the DBB family, which ignores num_conv_branches)."""
+    (`block`: MobileOneBlock; the DBB family swaps in DBBBlock, `dbb.py`)."""
     stages = _mobileone_bcfg(d=d, wf=wf, se_blocks=se_blocks, num_conv_branches=num_conv_branches)
     stages = [[replace(b, type=partial(block or MobileOneBlock)) for b in s] for s in stages]
     stages[0][0] = replace(stages[0][0], s=1)
@@ -819,12 +485,28 @@ model_cfgs = dict(
     mobileone_112_test=_mobileone_112_cfg(wf=(0.25, 0.25, 0.25, 0.25), se_blocks=(0, 0, 0, 1), num_conv_branches=2,
                                           d=(1, 1, 1, 1)),
 )
-# the DBB family: the same macro-architecture (widths, depths, strides, SE, head), every conv a Diverse Branch Block
-model_cfgs.update({
-    name.replace('mobileone_112_', 'mobileone_112_dbb_'): replace(
-        cfg, blocks=tuple(tuple(replace(b, type=partial(DBBBlock)) for b in s) for s in cfg.blocks))
-    for name, cfg in list(model_cfgs.items())
-})
+
+
+def _create_mobileone_112(
+        variant: str,
+        pretrained: bool = False,
+        model_cfg: Optional[ByoModelCfg] = None,
+        **kwargs,
+) -> MobileOne112:
+    """Build `variant` from `model_cfg` (default: its entry in `model_cfgs`; the DBB family passes its own)."""
+    imagenet = default_cfgs.get(variant)
+    imagenet_tag = f'{variant}.apple_in1k' if imagenet is not None and 'apple_in1k' in imagenet.tags else ''
+    require_weights(variant, pretrained, kwargs, face_weights_advice(variant, imagenet_tag))
+    with fused_weights_source(variant, pretrained, kwargs):  # inference_mode=True loads model_fused.safetensors
+        return build_model_with_cfg(
+            MobileOne112,
+            variant,
+            pretrained,
+            model_cfg=model_cfg or model_cfgs[variant],
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+            **kwargs,
+        )
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -853,17 +535,6 @@ def _apple_cfg(variant: str) -> Dict[str, Any]:
     )
 
 
-def _dbb_cfg() -> Dict[str, Any]:
-    return _cfg(
-        license='apache-2.0',
-        first_conv=('stem.dbb_origin.conv', 'stem.dbb_1x1.conv', 'stem.dbb_avg.conv'),
-        paper_ids='arXiv:2206.04040, arXiv:2103.13425',
-        origin_url='https://github.com/DingXiaoH/DiverseBranchBlock',
-        notes=('MobileOne-SN macro-architecture for 112x112 faces with every conv a Diverse Branch Block; fuses to '
-               'exactly the fused mobileone_112_sN network.',),
-    )
-
-
 # The untagged name resolves to `.untrained` (forced by '*', listed after the tag with weights, which timm would
 # otherwise put first): no face weights exist yet, and `pretrained=True` on the bare name must fail clearly rather
 # than return ImageNet weights under a random embedding head.
@@ -871,10 +542,8 @@ default_cfgs = generate_default_cfgs({
     k: v for i in range(5) for k, v in (
         (f'mobileone_112_s{i}.apple_in1k', _apple_cfg(f'mobileone_s{i}')),
         (f'mobileone_112_s{i}.untrained*', _cfg(license='apache-2.0')),
-        (f'mobileone_112_dbb_s{i}.untrained', _dbb_cfg()),
     )
-} | {'mobileone_112_test.untrained': _cfg(license='apache-2.0'),
-     'mobileone_112_dbb_test.untrained': _dbb_cfg()})
+} | {'mobileone_112_test.untrained': _cfg(license='apache-2.0')})
 
 
 @register_model
@@ -908,42 +577,7 @@ def mobileone_112_s4(pretrained: bool = False, **kwargs) -> MobileOne112:
 
 
 @register_model
-def mobileone_112_dbb_s0(pretrained: bool = False, **kwargs) -> MobileOne112:
-    """MobileOne-S0 layout with Diverse Branch Blocks (fuses to mobileone_112_s0), GDC embedding head."""
-    return _create_mobileone_112('mobileone_112_dbb_s0', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mobileone_112_dbb_s1(pretrained: bool = False, **kwargs) -> MobileOne112:
-    """MobileOne-S1 layout with Diverse Branch Blocks (fuses to mobileone_112_s1), GDC embedding head."""
-    return _create_mobileone_112('mobileone_112_dbb_s1', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mobileone_112_dbb_s2(pretrained: bool = False, **kwargs) -> MobileOne112:
-    """MobileOne-S2 layout with Diverse Branch Blocks (fuses to mobileone_112_s2), GDC embedding head."""
-    return _create_mobileone_112('mobileone_112_dbb_s2', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mobileone_112_dbb_s3(pretrained: bool = False, **kwargs) -> MobileOne112:
-    """MobileOne-S3 layout with Diverse Branch Blocks (fuses to mobileone_112_s3), GDC embedding head."""
-    return _create_mobileone_112('mobileone_112_dbb_s3', pretrained=pretrained, **kwargs)
-
-
-@register_model
-def mobileone_112_dbb_s4(pretrained: bool = False, **kwargs) -> MobileOne112:
-    """MobileOne-S4 layout with Diverse Branch Blocks and SE (fuses to mobileone_112_s4), GDC embedding head."""
-    return _create_mobileone_112('mobileone_112_dbb_s4', pretrained=pretrained, **kwargs)
-
-
-@register_model
 def mobileone_112_test(pretrained: bool = False, **kwargs) -> MobileOne112:
     """A tiny MobileOne-112 for tests and smoke runs (as timm's test_* models): 1 block pair per stage, 1/4 width."""
     return _create_mobileone_112('mobileone_112_test', pretrained=pretrained, **kwargs)
 
-
-@register_model
-def mobileone_112_dbb_test(pretrained: bool = False, **kwargs) -> MobileOne112:
-    """`mobileone_112_test` with Diverse Branch Blocks: fuses to exactly the fused `mobileone_112_test` network."""
-    return _create_mobileone_112('mobileone_112_dbb_test', pretrained=pretrained, **kwargs)
