@@ -9,7 +9,7 @@ import torch
 import timm
 import timm_mobileone  # noqa: F401  (registers the models)
 
-MODEL_NAMES = timm.list_models(module='mobileone_112')
+MODEL_NAMES = timm.list_models(module=['mobileone_112', 'dbb'])  # MobileOne-112 and its DBB family
 
 
 def calibrate_bn(model: torch.nn.Module, steps: int = 3, batch_size: int = 8, dtype=torch.float32, size: int = 112):
@@ -73,3 +73,25 @@ def face_error(capsys, argv) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith('error: ') and 'Traceback' not in '\n'.join(err)
     return err[-1]
+
+
+def run_main(module: str, *argv, cwd=None):
+    """`python -m module argv...` in this process: (returncode, stdout, stderr) like `subprocess.run`'s result.
+
+    For tests of what a command prints and returns, where the process itself is not the point: a subprocess pays a
+    Python + torch start (7-15 s each on a 2-core box). `main(argv)` (the `cli.cli` wrapper) turns user errors into
+    SystemExit(2), as the process would exit; any other exception propagates, so a traceback fails the test.
+    """
+    import contextlib
+    import importlib
+    import io
+    from types import SimpleNamespace
+    main = importlib.import_module(module).main
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd or os.getcwd()):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

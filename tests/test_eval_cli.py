@@ -13,7 +13,7 @@ import timm
 from eval import cfp, lfw, verify
 from eval import _verification as V
 
-from helpers import SMALL_LFW, calibrate_bn, needs_small_lfw
+from helpers import SMALL_LFW, calibrate_bn, needs_small_lfw, run_main
 from train.synthetic import make_pack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,8 +134,12 @@ def test_small_lfw_end_to_end(capsys):
     assert result['tar_at_far'] is None and result['auc'] is None  # all 10 pairs are positive
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True, cwd=REPO)
+def _cli(*args, process: bool = False):
+    """`python -m args...`: in a subprocess where the process is the point (eval.verify's own exit code), else
+    in-process (the same main(argv), without a Python + torch start per case)."""
+    if process:
+        return subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True, cwd=REPO)
+    return run_main(*args)
 
 
 @needs_small_lfw
@@ -148,7 +152,7 @@ def _cli(*args):
     (['eval.lfw', '--data', str(SMALL_LFW), '--num-folds', '20'], 'cannot make 20 folds'),
 ])
 def test_user_errors_exit_2_with_one_line(argv, match):
-    proc = _cli(*argv, '--no-progress')
+    proc = _cli(*argv, '--no-progress', process=argv[0] == 'eval.verify')
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ''
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

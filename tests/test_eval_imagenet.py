@@ -11,7 +11,7 @@ from PIL import Image
 import timm
 from eval import imagenet
 
-from helpers import calibrate_bn
+from helpers import calibrate_bn, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ('cat', 'dog', 'fox', 'owl', 'yak', 'zebu')
@@ -80,8 +80,12 @@ def test_class_map_maps_folders_to_outputs(folder, checkpoint, tmp_path):
     assert result['num_images'] == 30
 
 
-def _cli(*argv):
-    return subprocess.run([sys.executable, '-m', 'eval.imagenet', *argv], capture_output=True, text=True, cwd=REPO)
+def _cli(*argv, process: bool = False):
+    """The command's result: in a subprocess for one case (the process's exit code itself), in-process elsewhere."""
+    if process:
+        return subprocess.run([sys.executable, '-m', 'eval.imagenet', *argv], capture_output=True, text=True,
+                              cwd=REPO)
+    return run_main('eval.imagenet', *argv)
 
 
 @pytest.mark.parametrize('case, match', [
@@ -101,7 +105,7 @@ def test_bad_input_exits_2(case, match, folder, tmp_path):
         args += ['--data-dir', str(folder), '--global-pool', 'avg', '--num-classes', '10']
     else:
         args += ['--data-dir', str(folder)]
-    proc = _cli(*args)
+    proc = _cli(*args, process=case == 'missing')
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and match in lines[0] and 'Traceback' not in proc.stderr

@@ -13,6 +13,8 @@ from eval import lfw
 from timm_mobileone import export
 from timm_mobileone.deploy import formats
 
+from helpers import run_main
+
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 REPO = Path(__file__).resolve().parents[1]
@@ -121,8 +123,7 @@ def test_fixed_batch_onnx_runs_image_by_image(tmp_path, checkpoint, pack):
     (['--model', 'mobileone_112_s0', '--checkpoint', 'no.pth', '--onnx', 'x.onnx'], 'no.pth: no such file'),
 ])
 def test_export_user_errors(argv, match, tmp_path):
-    proc = subprocess.run([sys.executable, '-m', 'timm_mobileone.export', *argv], capture_output=True, text=True,
-                          cwd=tmp_path, env={**__import__('os').environ, 'PYTHONPATH': str(REPO)})
+    proc = run_main('timm_mobileone.export', *argv, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith('[torch.onnx]')]
     assert len(lines) == 1 and match in lines[0] and 'Traceback' not in proc.stderr
@@ -130,8 +131,7 @@ def test_export_user_errors(argv, match, tmp_path):
 
 
 def test_eval_onnx_missing_file_exits_2(tmp_path, pack):
-    proc = subprocess.run([sys.executable, '-m', 'eval.lfw', '--data', str(pack), '--onnx', str(tmp_path / 'x.onnx')],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = run_main('eval.lfw', '--data', pack, '--onnx', tmp_path / 'x.onnx')
     assert proc.returncode == 2 and 'x.onnx: no such file' in proc.stderr
 
 

@@ -14,7 +14,7 @@ import timm
 from timm_mobileone import hub, results as R
 from timm_mobileone.errors import UserError
 
-from helpers import calibrate_bn, rel_err
+from helpers import calibrate_bn, rel_err, run_main
 from hub_server import HubServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,6 +236,10 @@ def test_real_hf_endpoint_env_var_in_a_fresh_process(exported, tmp_path):
 
 
 def _cli(*args, env=None):
+    """`python -m timm_mobileone.hub`: in a subprocess with its own environment (huggingface_hub reads HF_* on
+    import), else in-process."""
+    if env is None:
+        return run_main('timm_mobileone.hub', *args)
     return subprocess.run([sys.executable, '-m', 'timm_mobileone.hub', *args], capture_output=True, text=True,
                           cwd=REPO, env=env)
 
