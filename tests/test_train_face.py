@@ -395,11 +395,14 @@ def test_initial_checkpoint_starts_from_its_weights(run_a, resume_pack, tmp_path
     out, _ = run_a
     args = face.parse_args([*TINY, '--data', str(resume_pack), '--output', str(tmp_path / 'ft'),
                             '--initial-checkpoint', str(out / 'best.safetensors'), '-j', '0', '-b', '8'])
+    given = dict(vars(args))
     trainer = loop.Trainer(args, World('cpu'))
+    assert vars(args) == given and args.head is None  # building rewrites no flag: the run holds what it resolved
+    assert trainer.run.model.head_kind == 'replicated' and trainer.run.optim.total_steps == 20 * 8  # 64 images, -b 8
     saved = load_file(str(out / 'best.safetensors'))
-    state = trainer.backbone.state_dict()
+    state = trainer.run.model.backbone.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
-    assert trainer.head.weight.shape == (16, 512)  # a new margin head for the new identities
+    assert trainer.run.model.head.weight.shape == (16, 512)  # a new margin head for the new identities
     line = face_error(capsys, _quick(resume_pack, tmp_path / 'o') + ['--initial-checkpoint', str(tmp_path / 'no')])
     assert 'no such file' in line
 

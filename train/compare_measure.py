@@ -169,15 +169,15 @@ def teacher_agreement(runs: List[Dict[str, Any]], specs, labels: List[str], val:
                                teacher_onnx=cfg.get('teacher_onnx', ''),
                                teacher_raw_pixels=cfg.get('teacher_raw_pixels', False), val_batch_size=64,
                                workers=0, device=device)
-    teacher, tcfg, teval, _ = build_teacher(targs, (112, 112))
-    teval.flip = True
+    teacher = build_teacher(targs, (112, 112))
+    teacher.eval_args.flip = True
 
     def unit(model, data_cfg, eval_args, dataset):  # eval's flip rule: image + flip summed, then normalized
         raw, flip, _ = embed(model, dataset, data_cfg, eval_args)
         return combine_views(raw, flip)
 
     sets = [load_verification_set(p) for p in val]
-    reference = [unit(teacher, tcfg, teval, d) for d in sets]
+    reference = [unit(teacher.model, teacher.cfg, teacher.eval_args, d) for d in sets]
     for run in runs:
         if run['diverged'] or not run['weights']:
             continue

@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -196,9 +197,22 @@ def data_fingerprint(dataset) -> str:
     return h.hexdigest()
 
 
-def build_teacher(args, input_size: Tuple[int, int]):
-    """(teacher model, its input cfg, eval args, embedding size) or UserError; the teacher must run on the
-    student's input size."""
+@dataclass(frozen=True, eq=False)
+class Teacher:
+    """A built teacher (`build_teacher`): what it is, how it is fed, and what it gives."""
+    model: Any  # the teacher module (eval mode, on --device) or eval's ArtifactModel (an ONNX file)
+    cfg: Dict[str, Any]  # its input cfg (eval's input_cfg): input_size, mean, std, raw_pixels
+    eval_args: argparse.Namespace  # eval's model flags naming it and its weights (`teacher_eval_args`)
+    embed_dim: int  # the size of its embedding
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """What makes its outputs what they are (`teacher_fingerprint`): model, weight files, preprocessing."""
+        return teacher_fingerprint(self.eval_args, self.cfg)
+
+
+def build_teacher(args, input_size: Tuple[int, int]) -> Teacher:
+    """The teacher the flags name, run once on the student's input size, or UserError (it must run on that size
+    and return (B, D) embeddings)."""
     import timm
     from eval._common import create_model, input_cfg
     targs = teacher_eval_args(args)
@@ -225,7 +239,7 @@ def build_teacher(args, input_size: Tuple[int, int]):
     if out.ndim != 2:
         raise UserError(f'--teacher {targs.model} returns a {out.ndim}-D output; distillation needs (B, D) '
                         f'embeddings')
-    return teacher, cfg, targs, out.shape[1]
+    return Teacher(model=teacher, cfg=cfg, eval_args=targs, embed_dim=out.shape[1])
 
 
 class OnlineTeacher:
@@ -313,15 +327,16 @@ def _read_cache(path: Path, expected: Dict[str, str]) -> Optional[Tuple[torch.Te
 
 
 def teacher_targets(dataset, args, cache: Path, input_size: Tuple[int, int], compute: bool = True,
-                    teacher=None) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
+                    teacher: Optional[Teacher] = None) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
     """L2-normalized teacher embeddings (float16) of every training image and of its flip, from the cache or
     computed once and cached. Returns (targets, targets_flip, info). `compute=False` (non-main processes) only
     reads a cache the main process wrote; `teacher` is build_teacher's result when the caller has it."""
     import time
     from safetensors.torch import save_file
     from eval._common import embed_batches
-    teacher, cfg, targs, _ = teacher or build_teacher(args, input_size)
-    fingerprint = dict(teacher=json.dumps(teacher_fingerprint(targs, cfg), sort_keys=True),
+    teacher = teacher if teacher is not None else build_teacher(args, input_size)
+    cfg, targs = teacher.cfg, teacher.eval_args
+    fingerprint = dict(teacher=json.dumps(teacher.fingerprint(), sort_keys=True),
                        data=data_fingerprint(dataset))
     info = dict(cache=str(cache), teacher=json.loads(fingerprint['teacher']))
     if cache.is_file():
@@ -339,7 +354,7 @@ def teacher_targets(dataset, args, cache: Path, input_size: Tuple[int, int], com
     _logger.info(f'teacher targets: embedding {len(images)} images and their flips with {targs.model}')
     from timm_mobileone.verification_data import PackError
     try:
-        for start, out, out_flip, _ in embed_batches(teacher, images, 'teacher', cfg, targs):
+        for start, out, out_flip, _ in embed_batches(teacher.model, images, 'teacher', cfg, targs):
             if targets is None:
                 targets = torch.empty(len(images), out.shape[1], dtype=torch.float16)
                 flipped = torch.empty_like(targets)

@@ -13,11 +13,12 @@ import torch.nn as nn
 from timm_mobileone.errors import UserError
 
 from . import checkpoint as ckpt
-from .build import TrainSetup
+from .build import build_run, discard_empty_output, make_output
 from .checkpoint import BEST_RESULT, BEST_WEIGHTS, FINAL_WEIGHTS, RUN_DEFINING
 from .data import collate
 from .optim import load_optimizer, optimizer_tensors
-from .step import train_step
+from .distributed import World
+from .step import StepStats, train_step
 
 __all__ = ['Trainer']
 
@@ -31,83 +32,105 @@ def _default_tag(data: str, loss: str) -> str:
     return f'{slug}_{loss}' if slug[0].isalnum() else f'custom_{loss}'
 
 
-class Trainer(TrainSetup):
-    """One training process: the parts `TrainSetup` builds from the flags, run: steps, validation, checkpoints."""
+class Trainer:
+    """One training process: the run `build_run` makes from the flags (`self.run`, fixed), trained: steps,
+    validation, checkpoints, resume, the export. Its own state is what moves: the step, the best validation so far,
+    the step statistics on the device, the DataLoader (made at the first epoch)."""
 
-    train_step = train_step
+    def __init__(self, args, world: World) -> None:
+        self.run = build_run(args, world)
+        self.step = 0
+        self.best: Optional[Dict[str, Any]] = None
+        self.stats = StepStats(world.device)
+        self._data_loader = None
+        self._t_start = time.perf_counter()  # the log's `seconds` are since fit() began (set again there)
+        self.created_output = make_output(self.run.out, world)
+        if args.resume:
+            self._resume()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
+        """Step `self.step` (train.step.train_step on the run's parts); the seam tests interrupt a run at."""
+        run = self.run
+        return train_step(self.step, images, labels, run.inputs, run.model, run.optim, run.world, self.stats)
+
+    def discard_empty_output(self) -> bool:
+        """Remove the run folder if this run made it and a failure left nothing in it (e.g. a bad image in the first
+        batches, before any log row or checkpoint); returns whether it did."""
+        return discard_empty_output(self.run.out, self.created_output)
 
     # -- checkpoints
 
     def _run_config(self) -> Dict[str, Any]:
-        cfg = {k: getattr(self.args, k) for k in RUN_DEFINING if k not in ('world_size', 'num_classes')}
-        return dict(cfg, world_size=self.world.world_size, num_classes=self.num_classes)
+        run = self.run
+        cfg = {k: getattr(run.args, k) for k in RUN_DEFINING if k not in ('head', 'world_size', 'num_classes')}
+        return dict(cfg, head=run.model.head_kind, world_size=run.world.world_size, num_classes=run.data.num_classes)
 
     def save_checkpoint(self) -> None:
-        rng = self.world.gather(dict(cpu=torch.get_rng_state(),
-                                     cuda=torch.cuda.get_rng_state() if self.device.type == 'cuda' else None))
-        opt_tensors, opt_rest = optimizer_tensors(self.optimizer)
+        run = self.run
+        rng = run.world.gather(dict(cpu=torch.get_rng_state(),
+                                    cuda=torch.cuda.get_rng_state() if run.device.type == 'cuda' else None))
+        opt_tensors, opt_rest = optimizer_tensors(run.optim.optimizer)
         name = ckpt.checkpoint_name(self.step)
         shards: List[str] = []
-        if self.sharded:  # every process writes its centres and their optimizer state
-            head_keys = {k for k in opt_tensors if int(k.split('.')[1]) in self.head_indices}
-            shards = [ckpt.shard_name(self.step, r) for r in range(self.world.world_size)]
-            shard = dict(ckpt.prefixed('head', self.head.state_dict()), **{k: opt_tensors.pop(k) for k in head_keys})
-            ckpt.save_safetensors(self.out / shards[self.world.rank], shard, metadata=dict(
-                step=str(self.step), rank=str(self.world.rank), world_size=str(self.world.world_size),
-                class_start=str(self.head.class_start), num_classes=str(self.head.num_local)))
-            self.world.barrier()  # every shard is on disk before last.json names them
-        if not self.world.main:
+        if run.model.sharded:  # every process writes its centres and their optimizer state
+            head_keys = {k for k in opt_tensors if int(k.split('.')[1]) in run.optim.head_indices}
+            shards = [ckpt.shard_name(self.step, r) for r in range(run.world.world_size)]
+            shard = dict(ckpt.prefixed('head', run.model.head.state_dict()),
+                         **{k: opt_tensors.pop(k) for k in head_keys})
+            ckpt.save_safetensors(run.out / shards[run.world.rank], shard, metadata=dict(
+                step=str(self.step), rank=str(run.world.rank), world_size=str(run.world.world_size),
+                class_start=str(run.model.head.class_start), num_classes=str(run.model.head.num_local)))
+            run.world.barrier()  # every shard is on disk before last.json names them
+        if not run.world.main:
             return
-        tensors = ckpt.prefixed('model', self.backbone.state_dict())
-        if not self.sharded:
-            tensors.update(ckpt.prefixed('head', self.head.state_dict()))
-        if self.ema is not None:
-            tensors.update(ckpt.prefixed('ema', self.ema.module.state_dict()))
+        tensors = ckpt.prefixed('model', run.model.backbone.state_dict())
+        if not run.model.sharded:
+            tensors.update(ckpt.prefixed('head', run.model.head.state_dict()))
+        if run.model.ema is not None:
+            tensors.update(ckpt.prefixed('ema', run.model.ema.module.state_dict()))
         tensors.update(opt_tensors)
         for r, state in enumerate(rng):
             tensors[f'rng.cpu.{r}'] = state['cpu']
             if state['cuda'] is not None:
                 tensors[f'rng.cuda.{r}'] = state['cuda']
-        ckpt.save_safetensors(self.out / name, tensors, metadata=dict(step=str(self.step)))
+        ckpt.save_safetensors(run.out / name, tensors, metadata=dict(step=str(self.step)))
         state = dict(
-            step=self.step, epoch=self.step // self.steps_per_epoch, total_steps=self.total_steps,
-            steps_per_epoch=self.steps_per_epoch, checkpoint=name, head_shards=shards, run=self._run_config(),
-            lr_scheduler=self.lr_scheduler.state_dict(), optimizer=opt_rest,
-            scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            best=self.best, command=self.args.command, data=self.args.data, time=time.time())
-        ckpt.commit(self.out, state, keep=[name, *shards])  # last.json names a complete checkpoint
-        _logger.info(f'step {self.step}: checkpoint {self.out / name}')
+            step=self.step, epoch=self.step // run.data.steps_per_epoch, total_steps=run.optim.total_steps,
+            steps_per_epoch=run.data.steps_per_epoch, checkpoint=name, head_shards=shards, run=self._run_config(),
+            lr_scheduler=run.optim.lr_scheduler.state_dict(), optimizer=opt_rest,
+            scaler=run.optim.scaler.state_dict() if run.optim.scaler is not None else None,
+            best=self.best, command=run.args.command, data=run.args.data, time=time.time())
+        ckpt.commit(run.out, state, keep=[name, *shards])  # last.json names a complete checkpoint
+        _logger.info(f'step {self.step}: checkpoint {run.out / name}')
 
     def _resume(self) -> None:
-        state, tensors = ckpt.read(self.out)
-        ckpt.check_run_flags(self.out, state['run'], self._run_config())
-        if self.sharded:
-            tensors.update(ckpt.read_shard(self.out, state, self.world.rank))
-        self.backbone.load_state_dict(ckpt.strip('model', tensors))
-        self.head.load_state_dict(ckpt.strip('head', tensors))
-        if self.ema is not None:
-            self.ema.module.load_state_dict(ckpt.strip('ema', tensors))
-        load_optimizer(self.optimizer, tensors, state['optimizer'])
-        self.lr_scheduler.load_state_dict(state['lr_scheduler'])
-        if self.scaler is not None and state.get('scaler'):
-            self.scaler.load_state_dict(state['scaler'])
-        torch.set_rng_state(tensors[f'rng.cpu.{self.world.rank}'])
-        if self.device.type == 'cuda' and f'rng.cuda.{self.world.rank}' in tensors:
-            torch.cuda.set_rng_state(tensors[f'rng.cuda.{self.world.rank}'])
+        run = self.run
+        state, tensors = ckpt.read(run.out)
+        ckpt.check_run_flags(run.out, state['run'], self._run_config())
+        if run.model.sharded:
+            tensors.update(ckpt.read_shard(run.out, state, run.world.rank))
+        run.model.backbone.load_state_dict(ckpt.strip('model', tensors))
+        run.model.head.load_state_dict(ckpt.strip('head', tensors))
+        if run.model.ema is not None:
+            run.model.ema.module.load_state_dict(ckpt.strip('ema', tensors))
+        load_optimizer(run.optim.optimizer, tensors, state['optimizer'])
+        run.optim.lr_scheduler.load_state_dict(state['lr_scheduler'])
+        if run.optim.scaler is not None and state.get('scaler'):
+            run.optim.scaler.load_state_dict(state['scaler'])
+        torch.set_rng_state(tensors[f'rng.cpu.{run.world.rank}'])
+        if run.device.type == 'cuda' and f'rng.cuda.{run.world.rank}' in tensors:
+            torch.cuda.set_rng_state(tensors[f'rng.cuda.{run.world.rank}'])
         self.step = state['step']
         self.best = state.get('best')
-        if self.world.main:
-            ckpt.truncate_log(self.out, self.step)
-        _logger.info(f'resumed {self.out} at step {self.step}/{self.total_steps}')
+        if run.world.main:
+            ckpt.truncate_log(run.out, self.step)
+        _logger.info(f'resumed {run.out} at step {self.step}/{run.optim.total_steps}')
 
     def _log(self, row: Dict[str, Any]) -> None:
-        if self.world.main:
-            ckpt.append_log(self.out, row)
+        if self.run.world.main:
+            ckpt.append_log(self.run.out, row)
 
     # -- validation
-
-    def eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.backbone
 
     def fused_copy(self) -> nn.Module:
         """The validated weights in a fresh model of the architecture, reparameterized, on the device.
@@ -117,36 +140,38 @@ class Trainer(TrainSetup):
         """
         import timm
         from timm.utils import reparameterize_model
-        model = timm.create_model(self.arch, num_classes=0, **self.args.model_kwargs)
-        model.load_state_dict(self.eval_model().state_dict())
+        run = self.run
+        model = timm.create_model(run.arch, num_classes=0, **run.args.model_kwargs)
+        model.load_state_dict(run.model.eval_model().state_dict())
         model = reparameterize_model(model.eval(), inplace=True)
-        return model.to(self.device, memory_format=torch.channels_last)
+        return model.to(run.device, memory_format=torch.channels_last)
 
     def validate(self) -> Optional[Dict[str, Any]]:
         """eval.verify's protocol (a library call) on a fused copy of the (EMA) weights; keeps the best. Main
         process only. best.json's `command` reproduces the figure from best.safetensors."""
         from eval.verify import verify, verify_command
-        if not self.val_sets:
+        run = self.run
+        if not run.data.val_sets:
             return None
-        model = self.eval_model()
-        result = verify(self.fused_copy(), self.val_sets, batch_size=self.args.val_batch_size, device=self.device)
-        result.update(verify_command(self.arch, str(self.out / BEST_WEIGHTS), self.args.val,
-                                     self.args.val_batch_size), model=self.arch,
-                      checkpoint=str(self.out / BEST_WEIGHTS))
+        model = run.model.eval_model()
+        result = verify(self.fused_copy(), run.data.val_sets, batch_size=run.args.val_batch_size, device=run.device)
+        result.update(verify_command(run.arch, str(run.out / BEST_WEIGHTS), run.args.val,
+                                     run.args.val_batch_size), model=run.arch,
+                      checkpoint=str(run.out / BEST_WEIGHTS))
         accs = {r['dataset']: r['accuracy'] for r in result['results']}
         # --best-on: one set chooses (the others are curves to read, not to select on); else the mean
-        score = accs[self.args.best_on] if self.args.best_on else result['mean_accuracy']
+        score = accs[run.args.best_on] if run.args.best_on else result['mean_accuracy']
         is_best = self.best is None or score > self.best.get('score', self.best['mean_accuracy'])
         self._log(dict(step=self.step, val=accs, mean_accuracy=result['mean_accuracy'], score=score, best=is_best,
                        seconds=round(time.perf_counter() - self._t_start, 2)))
-        chosen = f' (best on {self.args.best_on})' if self.args.best_on else ' (best)'
+        chosen = f' (best on {run.args.best_on})' if run.args.best_on else ' (best)'
         _logger.info(f'step {self.step}: validation {json.dumps(accs)} mean {result["mean_accuracy"]:.5f}'
                      f'{chosen if is_best else ""}')
         if is_best:
-            ckpt.save_safetensors(self.out / BEST_WEIGHTS, model.state_dict(), metadata=dict(step=str(self.step)))
-            ckpt.json_write(self.out / BEST_RESULT, dict(result, step=self.step))
+            ckpt.save_safetensors(run.out / BEST_WEIGHTS, model.state_dict(), metadata=dict(step=str(self.step)))
+            ckpt.json_write(run.out / BEST_RESULT, dict(result, step=self.step))
             self.best = dict(step=self.step, mean_accuracy=result['mean_accuracy'], score=score,
-                             best_on=self.args.best_on or 'mean')
+                             best_on=run.args.best_on or 'mean')
         return result
 
     # -- training
@@ -154,16 +179,18 @@ class Trainer(TrainSetup):
     def _loader(self, epoch: int, start: int):
         """The run's one DataLoader, at this epoch's batches. Its workers persist across epochs: the sampler
         hands them (epoch, index) keys, so no epoch state lives in a worker's copy of the dataset."""
-        self.sampler.set_epoch(epoch, start * self.args.batch_size)
-        self.dataset.set_epoch(epoch)
-        if self.preloaded is not None:
-            return self.preloaded.batches(self.sampler, self.args.batch_size)
+        run = self.run
+        run.data.sampler.set_epoch(epoch, start * run.args.batch_size)
+        run.data.dataset.set_epoch(epoch)
+        if run.data.preloaded is not None:
+            return run.data.preloaded.batches(run.data.sampler, run.args.batch_size)
         if self._data_loader is None:
-            gen = torch.Generator().manual_seed(self.args.seed)  # worker seeds: not from the global RNG
+            gen = torch.Generator().manual_seed(run.args.seed)  # worker seeds: not from the global RNG
             self._data_loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=self.args.batch_size, sampler=self.sampler, num_workers=self.args.workers,
-                collate_fn=collate, pin_memory=self.device.type == 'cuda', drop_last=True, generator=gen,
-                persistent_workers=self.args.workers > 0, prefetch_factor=4 if self.args.workers > 0 else None)
+                run.data.dataset, batch_size=run.args.batch_size, sampler=run.data.sampler,
+                num_workers=run.args.workers, collate_fn=collate, pin_memory=run.device.type == 'cuda',
+                drop_last=True, generator=gen, persistent_workers=run.args.workers > 0,
+                prefetch_factor=4 if run.args.workers > 0 else None)
         return self._data_loader
 
     def check_finite(self) -> None:
@@ -176,82 +203,84 @@ class Trainer(TrainSetup):
         # recorded in the run's log (train.compare_blocks counts diverged runs from it), then reported
         self._log(dict(step=step, diverged=True, loss=str(loss)))
         raise UserError(f'loss is {loss} at step {step - 1} (seen at step {self.step}); lower --lr or add '
-                        f'--clip-grad (the last checkpoint, step {ckpt.last_step(self.out)}, is kept for --resume)')
+                        f'--clip-grad (the last checkpoint, step {ckpt.last_step(self.run.out)}, is kept for --resume)')
 
     def fit(self) -> Dict[str, Any]:
-        args, t_start = self.args, time.perf_counter()
+        run, args, t_start = self.run, self.run.args, time.perf_counter()
         self._t_start = t_start  # the log's `seconds`: since this process started fitting (a resume restarts it)
-        val_every = args.val_every or self.steps_per_epoch
-        ckpt_every = args.checkpoint_every or self.steps_per_epoch
+        val_every = args.val_every or run.data.steps_per_epoch
+        ckpt_every = args.checkpoint_every or run.data.steps_per_epoch
         first_loss = last_loss = None
         t_log, seen = time.perf_counter(), 0
-        self.net.train()
-        while self.step < self.total_steps:
-            epoch, start = divmod(self.step, self.steps_per_epoch)
+        run.model.net.train()
+        while self.step < run.optim.total_steps:
+            epoch, start = divmod(self.step, run.data.steps_per_epoch)
             for images, labels, errors in self._loader(epoch, start):
                 if errors:
                     raise UserError(errors[0])
                 stats = self.train_step(images, labels)
                 self.step += 1
-                seen += len(images) * self.world.world_size
+                seen += len(images) * run.world.world_size
                 if first_loss is None:
                     first_loss = stats['loss'].item()
-                if self.step % args.log_interval == 0 or self.step == self.total_steps:
+                if self.step % args.log_interval == 0 or self.step == run.optim.total_steps:
                     self.check_finite()
                     read = self.stats.read()
-                    loss = self.world.mean(read['last_loss'])
+                    loss = run.world.mean(read['last_loss'])
                     last_loss = loss
                     elapsed = time.perf_counter() - t_log
-                    row = dict(step=self.step, epoch=self.step / self.steps_per_epoch, loss=loss, lr=stats['lr'],
-                               weight_decay=stats['weight_decay'], grad_norm=read['grad_norm'],
-                               mean_loss=self.world.mean(read['loss']), images_per_second=seen / max(elapsed, 1e-9),
+                    row = dict(step=self.step, epoch=self.step / run.data.steps_per_epoch, loss=loss,
+                               lr=stats['lr'], weight_decay=stats['weight_decay'], grad_norm=read['grad_norm'],
+                               mean_loss=run.world.mean(read['loss']), images_per_second=seen / max(elapsed, 1e-9),
                                seconds=round(time.perf_counter() - t_start, 2))
                     self._log(row)
-                    _logger.info(f"step {self.step}/{self.total_steps} epoch {row['epoch']:.2f} loss {loss:.4f} "
-                                 f"lr {stats['lr']:.3g} wd {stats['weight_decay']:.3g} "
+                    _logger.info(f"step {self.step}/{run.optim.total_steps} epoch {row['epoch']:.2f} "
+                                 f"loss {loss:.4f} lr {stats['lr']:.3g} wd {stats['weight_decay']:.3g} "
                                  f"{row['images_per_second']:.1f} img/s")
                     t_log, seen = time.perf_counter(), 0
-                if self.step % val_every == 0 or self.step == self.total_steps:
+                if self.step % val_every == 0 or self.step == run.optim.total_steps:
                     self.check_finite()
                     t_val = time.perf_counter()
-                    if self.world.main:
+                    if run.world.main:
                         self.validate()
-                    self.world.barrier()
+                    run.world.barrier()
                     # images/s counts training only: the interval's clock skips the validation (its images since
                     # the last log row stay counted, over the training time they took)
                     t_log += time.perf_counter() - t_val
-                if self.step % ckpt_every == 0 or self.step == self.total_steps:
+                if self.step % ckpt_every == 0 or self.step == run.optim.total_steps:
                     self.check_finite()
                     self.save_checkpoint()
-                    self.world.barrier()
-                if self.step >= self.total_steps:
+                    run.world.barrier()
+                if self.step >= run.optim.total_steps:
                     break
-        if self.world.main:  # the final weights beside the best ones (a long run's end need not be its best)
-            ckpt.save_safetensors(self.out / FINAL_WEIGHTS, self.eval_model().state_dict(),
+        if run.world.main:  # the final weights beside the best ones (a long run's end need not be its best)
+            ckpt.save_safetensors(run.out / FINAL_WEIGHTS, run.model.eval_model().state_dict(),
                                   metadata=dict(step=str(self.step)))
         summary = dict(
-            model=args.model, data=args.data, num_images=len(self.dataset), num_classes=self.num_classes,
-            world_size=self.world.world_size, head={k: v for k, v in self.head_memory.items() if k != 'line'},
-            steps=self.step, total_steps=self.total_steps, epochs=args.epochs,
-            first_loss=first_loss, last_loss=last_loss, best=self.best, output=str(self.out),
-            peak_memory_mb=self._peak_memory_mb(), teacher=self.teacher_info, train_form=args.train_form,
-            compile=args.compile, augment=self.augment.cfg.to_dict() if self.augment is not None else None,
-            extra_data=list(args.extra_data), val_curve=ckpt.val_curve(self.out) if self.world.main else [],
-            final_weights=str(self.out / FINAL_WEIGHTS),
+            model=args.model, data=args.data, num_images=len(run.data.dataset), num_classes=run.data.num_classes,
+            world_size=run.world.world_size, head={k: v for k, v in run.head_memory.items() if k != 'line'},
+            steps=self.step, total_steps=run.optim.total_steps, epochs=args.epochs,
+            first_loss=first_loss, last_loss=last_loss, best=self.best, output=str(run.out),
+            peak_memory_mb=self._peak_memory_mb(), teacher=run.teacher_info, train_form=args.train_form,
+            compile=args.compile,
+            augment=run.inputs.augment.cfg.to_dict() if run.inputs.augment is not None else None,
+            extra_data=list(args.extra_data), val_curve=ckpt.val_curve(run.out) if run.world.main else [],
+            final_weights=str(run.out / FINAL_WEIGHTS),
             seconds=round(time.perf_counter() - t_start, 3), command=args.command)
-        if self.world.main:
+        if run.world.main:
             summary['export'] = self.export() if args.export else None
         return summary
 
     def _peak_memory_mb(self) -> float:
         """Peak memory of this process: allocated on the GPU (torch's allocator), or the peak RSS on CPU."""
-        if self.device.type == 'cuda':
-            return round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)
+        device = self.run.device
+        if device.type == 'cuda':
+            return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
         import resource
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     def _augment_words(self) -> str:
-        cfg = self.augment.cfg
+        cfg = self.run.inputs.augment.cfg
         words = [f'crops of {cfg.crop_scale[0]:g}-{cfg.crop_scale[1]:g} of the area'] if cfg.geometric else []
         words += [f'{name} {value:g}' for name, value in (('rotation up to', cfg.rotate), ('colour jitter',
                   cfg.color_jitter), ('blur p', cfg.gaussian_blur_prob), ('grayscale p', cfg.grayscale_prob),
@@ -261,11 +290,12 @@ class Trainer(TrainSetup):
     def export(self) -> Dict[str, Any]:
         """The best weights (or the final ones without --val) through timm_mobileone.hub export into OUTPUT/hub."""
         from timm_mobileone.hub import export
-        best = self.out / BEST_WEIGHTS
-        results: Sequence[str] = [str(self.out / BEST_RESULT)] if (self.out / BEST_RESULT).is_file() else []
+        run = self.run
+        best = run.out / BEST_WEIGHTS
+        results: Sequence[str] = [str(run.out / BEST_RESULT)] if (run.out / BEST_RESULT).is_file() else []
         if not results:
-            ckpt.save_safetensors(best, self.eval_model().state_dict(), metadata=dict(step=str(self.step)))
-        args = self.args
+            ckpt.save_safetensors(best, run.model.eval_model().state_dict(), metadata=dict(step=str(self.step)))
+        args = run.args
         loss = 'distill' if args.teacher and args.loss == 'none' else args.loss
         tag = args.tag or _default_tag(args.data, loss)
         how = (f'{args.loss} + ' if args.teacher and args.loss != 'none' else '') + (
@@ -275,14 +305,14 @@ class Trainer(TrainSetup):
         extra = (f' plus {", ".join(f"`{d}`" for d in args.extra_data)} (unlabeled faces)' if args.extra_data
                  else '')
         seen = ''
-        if self.augment is not None:
+        if run.inputs.augment is not None:
             seen = (f'the teacher online on the same augmented batch as the student ({self._augment_words()})'
                     if args.teacher else f'augmented on the device ({self._augment_words()})')
-        train_data = (f'`{args.data}`{extra}: {len(self.dataset)} images, {self.num_classes} identities in '
+        train_data = (f'`{args.data}`{extra}: {len(run.data.dataset)} images, {run.data.num_classes} identities in '
                       f'`{args.data}`; {how}{"; " + seen if seen else ""}, {args.epochs} '
                       f'epoch{"s" if args.epochs != 1 else ""}, trained with `{args.command}`')
         try:
-            return export(self.arch, str(best), tag, str(self.out / 'hub'), results=results,
+            return export(run.arch, str(best), tag, str(run.out / 'hub'), results=results,
                           train_data=train_data, license=args.license)
         except UserError as e:
             raise UserError(f'export: {e}') from None

@@ -1,5 +1,6 @@
-"""The training step: the model's forward and loss (`FaceTrainModel`), backward, the optimizer and EMA updates
-(`train_step`), what a step leaves on the device until a log interval reads it, and the step's speed switches.
+"""The training step: the model's forward and loss (`FaceTrainModel`), the batch's way onto the device (`prepare`),
+backward, the optimizer and EMA updates (`train_step`, on the parts of a built `train.run.Run` it uses), what a step
+leaves on the device until a log interval reads it, and the step's speed switches.
 
 A training step that reads a value on the host (`loss.item()`, `float(grad_norm)`, `if not torch.isfinite(loss)`)
 waits for the GPU to finish that step before the next can be queued; `StepStats` keeps the sums and the non-finite
@@ -14,10 +15,11 @@ import torch.nn as nn
 
 from timm_mobileone.errors import UserError, first_line
 
-from .distributed import agree_on_overflow, clip_grad_norm
+from .distributed import World, agree_on_overflow, clip_grad_norm
 from .optim import set_weight_decay, weight_decay_at
+from .run import Inputs, Model, Optim
 
-__all__ = ['FaceTrainModel', 'StepStats', 'train_step', 'set_train_form', 'check_compile']
+__all__ = ['FaceTrainModel', 'StepStats', 'prepare', 'train_step', 'set_train_form', 'check_compile']
 
 
 class FaceTrainModel(nn.Module):
@@ -122,35 +124,44 @@ def check_compile(device: torch.device, backend: str = 'inductor') -> None:
                         f'{first_line(e)}; run without --compile') from None
 
 
-def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
-    """One optimizer step of a built run (`self`: a `train.loop.Trainer`), with no host synchronisation (bar
-    GradScaler's own, float16 only): the loss, its finiteness and the gradient norm accumulate on the device
-    (`self.stats`), read at the log interval."""
-    self.lr_scheduler.step_update(self.step)
-    wd = weight_decay_at(self.step, self.total_steps, self.args.weight_decay, self.args.weight_decay_end)
-    set_weight_decay(self.optimizer, wd)
-    images = images.to(self.device, non_blocking=True).float()
-    if self.augment is not None:  # 0..255 pixels in, 0..255 pixels out: the teacher normalizes its own way
-        images = self.augment(images, self.step)
-    targets, teacher_features = self.teacher(images) if self.teacher is not None else (None, None)
-    images = images.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
-    labels = labels.to(self.device, non_blocking=True)
-    loss = self.ddp(images, labels, targets, teacher_features)  # None, None: no online teacher
-    self.optimizer.zero_grad(set_to_none=True)
+def prepare(inputs: Inputs, step: int, images: torch.Tensor,
+            labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A loader's batch as the model takes it: (images augmented, normalized and on the device in its memory
+    format, labels on the device, the online teacher's targets and feature maps or None, None)."""
+    images = images.to(inputs.device, non_blocking=True).float()
+    if inputs.augment is not None:  # 0..255 pixels in, 0..255 pixels out: the teacher normalizes its own way
+        images = inputs.augment(images, step)
+    targets, teacher_features = inputs.teacher(images) if inputs.teacher is not None else (None, None)
+    images = images.sub_(inputs.mean).div_(inputs.std).contiguous(memory_format=inputs.memory_format)
+    labels = labels.to(inputs.device, non_blocking=True)
+    return images, labels, targets, teacher_features
+
+
+def train_step(step: int, images: torch.Tensor, labels: torch.Tensor, inputs: Inputs, model: Model, optim: Optim,
+               world: World, stats: StepStats) -> Dict[str, Any]:
+    """Optimizer step `step` (0-based) of a built run, with no host synchronisation (bar GradScaler's own, float16
+    only): the loss, its finiteness and the gradient norm accumulate on the device (`stats`), read at the log
+    interval. Returns the loss (a device tensor), the learning rate and the weight decay it used."""
+    optim.lr_scheduler.step_update(step)
+    wd = weight_decay_at(step, optim.total_steps, *optim.weight_decay)
+    set_weight_decay(optim.optimizer, wd)
+    images, labels, targets, teacher_features = prepare(inputs, step, images, labels)
+    loss = model.ddp(images, labels, targets, teacher_features)  # None, None: no online teacher
+    optim.optimizer.zero_grad(set_to_none=True)
     # the total gradient norm is logged every step (a trainability signal); max_norm=inf measures, clips nothing
-    max_norm = self.args.clip_grad or float('inf')
-    if self.scaler is not None:
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        agree_on_overflow(self.scaler, self.optimizer, self.world, self.sharded)
-        grad_norm = clip_grad_norm(self.net, self.backbone, self.head, self.world, self.sharded, max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+    scaler = optim.scaler
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optim.optimizer)
+        agree_on_overflow(scaler, optim.optimizer, world, model.sharded)
+        grad_norm = clip_grad_norm(model.net, model.backbone, model.head, world, model.sharded, optim.max_norm)
+        scaler.step(optim.optimizer)
+        scaler.update()
     else:
         loss.backward()
-        grad_norm = clip_grad_norm(self.net, self.backbone, self.head, self.world, self.sharded, max_norm)
-        self.optimizer.step()
-    if self.ema is not None:
-        self.ema.update(self.backbone, step=self.step)
-    self.stats.add(self.step + 1, loss, torch.as_tensor(grad_norm, device=loss.device))
-    return dict(loss=loss, lr=self.optimizer.param_groups[0]['lr'], weight_decay=wd)
+        grad_norm = clip_grad_norm(model.net, model.backbone, model.head, world, model.sharded, optim.max_norm)
+        optim.optimizer.step()
+    if model.ema is not None:
+        model.ema.update(model.backbone, step=step)
+    stats.add(step + 1, loss, torch.as_tensor(grad_norm, device=loss.device))
+    return dict(loss=loss, lr=optim.optimizer.param_groups[0]['lr'], weight_decay=wd)
