@@ -29,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eval import _align as A  # noqa: E402
+from timm_mobileone.faces import align as A  # noqa: E402
 from eval import _photos as P  # noqa: E402
 from eval import _verification as V  # noqa: E402
 from eval import align as align_cli  # noqa: E402

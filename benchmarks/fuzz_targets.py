@@ -506,7 +506,7 @@ def _mxnet_strategy():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# photos in every mode Pillow opens (eval._align.read_photo): 8-bit RGB by the mode's range, or a per-photo refusal
+# photos in every mode Pillow opens (timm_mobileone.faces.align.read_photo): 8-bit RGB by the mode's range, or a per-photo refusal
 
 PHOTO_MODES = ['1', 'L', 'P', 'LA', 'PA', 'RGB', 'RGBA', 'CMYK', 'YCbCr', 'LAB', 'HSV', 'I;16', 'I;16B', 'I', 'F']
 PHOTO_FORMATS = ['PNG', 'TIFF', 'WEBP', 'BMP', 'GIF', 'JPEG']
@@ -547,7 +547,7 @@ def photo_in_mode(mode: str, fmt: str, seed: int, size=(24, 20), high: float = 1
 
 
 def _read_photo_mode(folder: Path, example):
-    from eval._align import read_photo
+    from timm_mobileone.faces.align import read_photo
     data, expect, opened = example
     bgr = read_photo(data)
     assert bgr.dtype == np.uint8 and bgr.ndim == 3 and bgr.shape[2] == 3, (opened, bgr.shape)
@@ -569,7 +569,7 @@ def _errors_photo():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# destinations that alias the source (eval._align.align_folder): refused before anything is written, or written
+# destinations that alias the source (timm_mobileone.faces.align.align_folder): refused before anything is written, or written
 # without changing one source file
 
 ALIAS_DESTINATIONS = ['sibling', 'sibling_used', 'inside_src', 'src', 'parent_of_src', 'src_sub', 'under_a_file',
@@ -599,7 +599,7 @@ def snapshot(root: Path) -> Dict[str, object]:
 
 def _align_paths(folder: Path, example):
     import os
-    from eval import _align as A
+    from timm_mobileone.faces import align as A
     where, hazard, nested = example
     src = folder / 'photos'
     names = ['a.jpg', 'sub/b.jpg'] + (['sub/deep/c.png'] if nested else [])

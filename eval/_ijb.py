@@ -26,7 +26,7 @@ import numpy as np
 
 from timm_mobileone.verification_data import PackError
 
-from ._align import ARCFACE_TEMPLATE, CROP_SIZE, align_landmarks, similarity_matrix  # noqa: F401 (this module's API)
+from timm_mobileone.faces.align import ARCFACE_TEMPLATE, CROP_SIZE, align_landmarks, similarity_matrix  # noqa: F401 (this module's API)
 
 _logger = logging.getLogger('eval')
 
@@ -225,7 +225,7 @@ def read_meta(data_dir: Path, target: str, landmarks: bool = True) -> IJBMeta:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# alignment: insightface's norm_crop (eval._align)
+# alignment: insightface's norm_crop (timm_mobileone.faces.align)
 
 align = align_landmarks
 

@@ -7,7 +7,7 @@
   dataset's folds, not re-cut.
 - An LFW-style folder (`pairs.txt` + `<Name>/<Name>_NNNN.jpg`) of photos that are not aligned crops yet.
 
-The photos are aligned (`eval._align`) into a cache keyed by the source folder and the alignment settings, each crop by
+The photos are aligned (`timm_mobileone.faces.align`) into a cache keyed by the source folder and the alignment settings, each crop by
 its photo's size and modification time; a second run reads the crops (and aligns a replaced photo again). A photo that
 cannot be aligned (not an image, truncated, no face with `--fallback none`) stops the evaluation with one line naming
 it: a protocol's figure over fewer pairs would not be the protocol's.
@@ -23,7 +23,7 @@ import numpy as np
 from timm_mobileone.errors import UserError
 from timm_mobileone.verification_data import PackError, VerificationSet, load_pairs_folder
 
-from . import _align as A
+from timm_mobileone.faces import align as A
 
 _logger = logging.getLogger('eval')
 

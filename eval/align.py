@@ -3,7 +3,7 @@ insightface's ArcFace template, in the same folder layout.
 
 Every photo under SRC (recursively; .jpg .jpeg .png .bmp .webp) gets a crop at the same relative path under DST,
 made as insightface's `norm_crop` makes it: YuNet's 5 landmarks of the chosen face (OpenCV's `cv2.FaceDetectorYN`;
-the detector shipped in `eval/detectors/` unless --detector names another), a least-squares similarity transform
+the detector shipped in `timm_mobileone/faces/detectors/` unless --detector names another), a least-squares similarity transform
 onto the template, `warpAffine`. A photo without a face gets its centre square (unless `--fallback none`). A
 `pairs.txt` at SRC's top is copied, so an LFW-style folder of photos becomes one `python -m eval.lfw --data DST`
 reads.
@@ -26,14 +26,14 @@ from timm_mobileone.errors import UserError
 from timm_mobileone.files import atomic_write, sha256_file
 from timm_mobileone.verification_data import list_images as list_photos
 
-from . import _align as A
+from timm_mobileone.faces import align as A
 
 
 def add_align_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The detection and alignment flags `eval.align`, `eval.cfp` and the raw-folder evals share."""
     group = parser.add_argument_group('detection and alignment (raw photos)')
     group.add_argument('--detector', default=str(A.DEFAULT_DETECTOR),
-                       help='YuNet ONNX file run by cv2.FaceDetectorYN (default: the one shipped in eval/detectors/, '
+                       help='YuNet ONNX file run by cv2.FaceDetectorYN (default: the one shipped in the package, '
                             'Apache-2.0)')
     group.add_argument('--score-threshold', type=float, default=0.5, help='lowest detector score kept')
     group.add_argument('--select', default='area_score', choices=A.SELECT,

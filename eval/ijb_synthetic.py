@@ -18,7 +18,7 @@ import numpy as np
 
 from timm_mobileone.cli import cli
 
-from ._align import ARCFACE_TEMPLATE, CROP_SIZE
+from timm_mobileone.faces.align import ARCFACE_TEMPLATE, CROP_SIZE
 
 
 def _pattern(rng: np.random.Generator) -> np.ndarray:

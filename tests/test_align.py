@@ -2,7 +2,7 @@
 
 The photos are real LFW faces (`lfw_dev` crops, shared data) put back into larger frames by a known similarity
 transform (scaled, rotated, shifted, on a textured background), so the right crop is known; the tests skip cleanly
-without the shared data. The detector is the YuNet file shipped in eval/detectors/.
+without the shared data. The detector is the YuNet file shipped in timm_mobileone/faces/detectors/.
 """
 import json
 import os
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval import _align as A
+from timm_mobileone.faces import align as A
 from eval import align as align_cli
 from eval import cfp, lfw
 

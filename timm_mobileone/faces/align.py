@@ -1,4 +1,5 @@
-"""Face detection and alignment to insightface's ArcFace 112x112 template: the part `eval.align`, `eval.cfp` on raw
+"""Face detection and alignment to insightface's ArcFace 112x112 template, in the wheel (`pip install
+'timm-mobileone[faces]'` for OpenCV and scikit-image): what `timm_mobileone.faces`, `eval.align`, `eval.cfp` on raw
 photos and `eval.ijb` share.
 
 - Detection: YuNet (Wu, Peng, Yu; libfacedetection, Apache-2.0) run by OpenCV's `cv2.FaceDetectorYN`: boxes, a score
@@ -25,8 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from timm_mobileone.errors import UserError, first_line
-from timm_mobileone.verification_data import IMAGE_EXTS, sample_bits, to_rgb8
+from ..errors import UserError, first_line
+from ..verification_data import IMAGE_EXTS, sample_bits, to_rgb8
 
 __all__ = ['ARCFACE_TEMPLATE', 'CROP_SIZE', 'SELECT', 'AlignSettings', 'Detector', 'similarity_matrix',
            'align_landmarks', 'center_crop', 'choose_face', 'read_photo', 'align_photo']
@@ -38,7 +39,8 @@ ARCFACE_TEMPLATE = np.array([
 ARCFACE_TEMPLATE[:, 0] += 8.0
 CROP_SIZE = 112
 SELECT = ('area_score', 'largest', 'score', 'central')
-# The YuNet file eval.align uses unless --detector names another, with its licence and notice beside it
+# The YuNet file used unless a detector is named (eval.align's --detector), shipped in the wheel with its licence and
+# notice beside it (Apache-2.0)
 DEFAULT_DETECTOR = Path(__file__).resolve().parent / 'detectors' / 'face_detection_yunet_2023mar.onnx'
 # Largest photo decoded (pixels): a few hundred bytes of header can declare a 100,000 x 100,000 image
 MAX_PIXELS = 100_000_000
@@ -343,7 +345,7 @@ def align_folder(src: Path, dst: Path, names: Sequence[str], settings: AlignSett
 
     from tqdm import tqdm
 
-    from timm_mobileone.files import atomic_write
+    from ..files import atomic_write
 
     check_destination(src, dst, names)
     Detector(detector_path, settings.score_threshold)  # a bad detector file: one error line, before anything
