@@ -95,3 +95,30 @@ def run_main(module: str, *argv, cwd=None):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+LFW_DEV = SHARED_DATA / 'lfw_dev'
+needs_lfw_dev = pytest.mark.skipif(not (LFW_DEV / 'pairs.txt').is_file(), reason=f'{LFW_DEV} not found')
+FACE_PEOPLE = ['Aaron_Sorkin', 'Abdoulaye_Wade', 'Abdullah_Gul', 'Abel_Pacheco', 'Adam_Sandler']  # 2+ photos each
+
+
+def lfw_crop(person: str, n: int = 1):
+    """An aligned 112x112 lfw_dev crop, BGR (OpenCV's order)."""
+    import cv2
+    return cv2.imread(str(LFW_DEV / person / f'{person}_{n:04d}.jpg'))
+
+
+def face_photo(crop, seed: int, size=(300, 260)):
+    """An aligned crop put into a larger BGR frame by a random similarity transform (1.6-2.2x, +-12 degrees) on a
+    textured background: a photo whose right crop is known."""
+    import cv2
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    h, w = size
+    scale, angle = rng.uniform(1.6, 2.2), rng.uniform(-12, 12)
+    matrix = cv2.getRotationMatrix2D((56, 56), angle, scale)
+    matrix[:, 2] += np.array([w / 2, h / 2]) - 56 + rng.uniform(-15, 15, 2)
+    background = cv2.resize(rng.integers(0, 256, (h // 20, w // 20, 3), dtype=np.uint8), (w, h))
+    face = cv2.warpAffine(crop, matrix, (w, h), flags=cv2.INTER_CUBIC)
+    mask = cv2.warpAffine(np.full((112, 112), 255, np.uint8), matrix, (w, h)) > 0
+    return np.where(mask[..., None], face, background)

@@ -17,30 +17,12 @@ from timm_mobileone.faces import align as A
 from eval import align as align_cli
 from eval import cfp, lfw
 
-from helpers import SHARED_DATA
+from helpers import FACE_PEOPLE, LFW_DEV, face_photo, lfw_crop, needs_lfw_dev
 
 cv2 = pytest.importorskip('cv2')
-LFW_DEV = SHARED_DATA / 'lfw_dev'
-needs_lfw_dev = pytest.mark.skipif(not (LFW_DEV / 'pairs.txt').is_file(), reason=f'{LFW_DEV} not found')
 REPO = Path(__file__).resolve().parents[1]
-PEOPLE = ['Aaron_Sorkin', 'Abdoulaye_Wade', 'Abdullah_Gul', 'Abel_Pacheco', 'Adam_Sandler']  # 2+ photos each
-
-
-def _crop(person: str, n: int = 1) -> np.ndarray:
-    return cv2.imread(str(LFW_DEV / person / f'{person}_{n:04d}.jpg'))  # BGR
-
-
-def _photo(crop: np.ndarray, seed: int, size=(300, 260)) -> np.ndarray:
-    """The aligned crop put into a larger BGR frame by a random similarity transform (1.6-2.2x, +-12 degrees)."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    scale, angle = rng.uniform(1.6, 2.2), rng.uniform(-12, 12)
-    matrix = cv2.getRotationMatrix2D((56, 56), angle, scale)
-    matrix[:, 2] += np.array([w / 2, h / 2]) - 56 + rng.uniform(-15, 15, 2)
-    background = cv2.resize(rng.integers(0, 256, (h // 20, w // 20, 3), dtype=np.uint8), (w, h))
-    face = cv2.warpAffine(crop, matrix, (w, h), flags=cv2.INTER_CUBIC)
-    mask = cv2.warpAffine(np.full((112, 112), 255, np.uint8), matrix, (w, h)) > 0
-    return np.where(mask[..., None], face, background)
+PEOPLE = FACE_PEOPLE
+_crop, _photo = lfw_crop, face_photo
 
 
 def _similarity(a: np.ndarray, b: np.ndarray) -> float:
