@@ -174,3 +174,41 @@ def test_compare_exit_code_of_the_process(photos):
     proc = subprocess.run([sys.executable, '-m', 'timm_mobileone.faces', 'compare', str(photos / 'nope.jpg'),
                            str(photos / 'noise.png'), *MODEL], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.strip().count('\n') == 0 and 'no such file' in proc.stderr
+
+
+def test_hostile_photos_get_a_status_each(photos, embedder, tmp_path):
+    """Every kind of photo a stranger sends: each gets a status and nothing raises for the batch; a folder with a
+    symlink loop is listed once."""
+    from PIL import Image
+
+    from benchmarks.fuzz_targets import png_declaring
+    face = Image.open(photos / FACE_PEOPLE[0] / '1.jpg')
+    files = {}
+    for name, image, kwargs in [
+            ('cmyk.jpg', face.convert('CMYK'), {}), ('palette.png', face.convert('P'), {}),
+            ('alpha.png', face.convert('RGBA'), {}), ('gray.png', face.convert('L'), {}),
+            ('sixteen.png', Image.fromarray(np.asarray(face.convert('L')).astype(np.uint16) * 257), {}),
+            ('animated.gif', face, dict(save_all=True, append_images=[face.rotate(90)])),
+            ('tiny.png', Image.new('RGB', (1, 1)), {})]:
+        image.save(tmp_path / name, **kwargs)
+        files[name] = tmp_path / name
+    exif = face.getexif()
+    exif[0x0112] = 6  # rotated: the pixels lie on their side, the tag says so
+    face.rotate(90, expand=True).save(tmp_path / 'rotated.jpg', exif=exif)
+    files['rotated.jpg'] = tmp_path / 'rotated.jpg'
+    (tmp_path / 'bomb.png').write_bytes(png_declaring(20000, 20000))
+    files['bomb.png'] = tmp_path / 'bomb.png'
+    (tmp_path / 'truncated.jpg').write_bytes((photos / FACE_PEOPLE[0] / '1.jpg').read_bytes()[:2000])
+    files['truncated.jpg'] = tmp_path / 'truncated.jpg'
+    results = dict(zip(files, embedder(list(files.values()))))
+    for name in ('cmyk.jpg', 'palette.png', 'alpha.png', 'gray.png', 'sixteen.png', 'animated.gif', 'rotated.jpg'):
+        assert results[name].status == 'ok', (name, results[name])
+    for name in ('tiny.png', 'bomb.png', 'truncated.jpg'):
+        assert results[name].status == 'error' and results[name].error, name
+    loop = tmp_path / 'loop'
+    (loop / 'a').mkdir(parents=True)
+    (loop / 'a' / 'back').symlink_to(loop)
+    (loop / 'a' / 'x.jpg').write_bytes((photos / FACE_PEOPLE[0] / '1.jpg').read_bytes())
+    out = json.loads(run_main('timm_mobileone.faces.__main__', 'embed', loop, '--out', tmp_path / 'g.npz', *MODEL,
+                              '--no-progress').stdout)
+    assert out['photos'] == 1 and out['embedded'] == 1

@@ -86,3 +86,21 @@ def test_the_extras_install_one_opencv():
     extras = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['optional-dependencies']
     names = {req.split('>')[0].split('=')[0].split('[')[0].strip() for reqs in extras.values() for req in reqs}
     assert {n for n in names if n.startswith('opencv')} == {'opencv-python'}
+
+
+def test_two_photos_one_answer_from_the_installed_wheel(wheel_env, tmp_path):
+    """What a new user does after `pip install 'timm-mobileone[faces]'`: two photos in, a cosine and an answer out,
+    with the YuNet detector the wheel ships (no checkout, no eval/)."""
+    from helpers import FACE_PEOPLE, LFW_DEV, face_photo, lfw_crop
+    cv2 = pytest.importorskip('cv2')
+    pytest.importorskip('skimage')
+    if not (LFW_DEV / 'pairs.txt').is_file():
+        pytest.skip(f'{LFW_DEV} not found')
+    python, site, work, env = wheel_env
+    for n in (1, 2):
+        cv2.imwrite(str(work / f'{n}.jpg'), face_photo(lfw_crop(FACE_PEOPLE[0], n), n))
+    out = json.loads(_run([str(python), '-m', 'timm_mobileone.faces', 'compare', '1.jpg', '2.jpg', '--model',
+                           'mobileone_112_test', '--threshold', '0.2'], work, env))
+    assert out['a']['status'] == out['b']['status'] == 'ok' and isinstance(out['same'], bool)
+    assert -1 <= out['cosine'] <= 1 and out['threshold'] == 0.2
+    assert list(site.rglob('face_detection_yunet_2023mar.onnx')) and list(site.rglob('faces/detectors/LICENSE'))

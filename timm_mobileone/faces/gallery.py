@@ -112,7 +112,7 @@ def _member(path: Path, zf: zipfile.ZipFile, name: str, size: int) -> Tuple[np.d
         version = np.lib.format.read_magic(buf)
         shape, fortran, dtype = (np.lib.format.read_array_header_1_0(buf) if version == (1, 0)
                                  else np.lib.format.read_array_header_2_0(buf))
-    except (ValueError, SyntaxError, TypeError) as e:
+    except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, tokenize.TokenError, ...
         raise GalleryError(f'{path}: {name}: not an array header ({str(e).splitlines()[0][:80]})') from None
     if fortran or dtype.hasobject or not all(isinstance(n, int) and n >= 0 for n in shape):
         raise GalleryError(f'{path}: {name}: an array layout a gallery never holds')
@@ -132,7 +132,8 @@ def open_gallery(file: Union[str, Path], dim: Optional[int] = None) -> Gallery:
     try:
         with zipfile.ZipFile(path) as zf:
             layout = {name: _member(path, zf, name, size) for name in _MEMBERS}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, ValueError) as e:
+        # NotImplementedError: a zip header naming a version or method zipfile does not read
         raise GalleryError(f'{path}: not a gallery file ({str(e).splitlines()[0][:80] if str(e) else "unreadable"})'
                            ) from None
     e_dtype, e_shape, e_at = layout['embeddings']
