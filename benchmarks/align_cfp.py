@@ -30,14 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from timm_mobileone.faces import align as A  # noqa: E402
-from eval import _photos as P  # noqa: E402
-from eval import _verification as V  # noqa: E402
-from eval import align as align_cli  # noqa: E402
+from timm_mobileone.verification_data import list_images as list_photos  # noqa: E402
+from eval.api import Alignment, CFP_PROTOCOLS, l2_normalize, pair_metrics, read_cfp_pairs  # noqa: E402
 
 
 def settings_for(min_side: int) -> A.AlignSettings:
-    args = align_cli.parse_args(['src', 'dst', '--min-side', str(min_side)])
-    return align_cli.align_settings(args)
+    return Alignment(min_side=min_side).settings()  # eval.align's defaults otherwise
 
 
 @torch.no_grad()
@@ -60,9 +58,9 @@ def embed(model, paths, batch: int = 128) -> np.ndarray:
 
 def score(root: Path, crops: Path, embeddings: dict) -> dict:
     out = {}
-    for protocol in P.CFP_PROTOCOLS:
-        images, issame, folds = P.read_cfp(root, protocol)
-        m = V.evaluate(V.l2_normalize(np.stack([embeddings[n] for n in images])), issame, num_folds=folds)
+    for protocol in CFP_PROTOCOLS:
+        images, issame, folds = read_cfp_pairs(root, protocol)
+        m = pair_metrics(l2_normalize(np.stack([embeddings[n] for n in images])), issame, num_folds=folds)
         out[f'cfp_{protocol.lower()}'] = dict(
             accuracy=round(m['accuracy'], 5), accuracy_std=round(m['accuracy_std'], 5),
             folds=[round(a, 5) for a in m['accuracies']], auc=round(m['auc'], 5), eer=round(m['eer'], 5))
@@ -71,7 +69,7 @@ def score(root: Path, crops: Path, embeddings: dict) -> dict:
 
 def make_pack(root: Path, crops: Path, path: Path) -> int:
     """An insightface .bin pack of CFP-FP's pairs from the aligned crops; the pair count."""
-    images, issame, _ = P.read_cfp(root, 'FP')
+    images, issame, _ = read_cfp_pairs(root, 'FP')
     bins = [np.frombuffer((crops / n).read_bytes(), np.uint8) for n in images]
     with open(path, 'wb') as f:
         pickle.dump((bins, issame.tolist()), f, protocol=4)
@@ -100,7 +98,7 @@ def main(argv=None):
     from timm_mobileone.checkpoints import create_model_checked
     torch.set_num_threads(os.cpu_count() or 1)
     model = timm.utils.reparameterize_model(create_model_checked(args.model, False, args.checkpoint).eval())
-    names = align_cli.list_photos(args.data / 'Data' / 'Images')
+    names = list_photos(args.data / 'Data' / 'Images')
     names = [f'Data/Images/{n}' for n in names]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

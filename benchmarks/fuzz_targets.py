@@ -336,16 +336,14 @@ IJB_VALID = {
 
 
 def _read_ijb_meta(folder: Path, files: Dict[str, bytes]):
-    from eval import _ijb
+    from eval.api import ijb_pair_scores, read_ijb_meta
     meta = folder / 'IJBC' / 'meta'
     meta.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         if data is not None:
             (meta / name).write_bytes(data)
-    result = _ijb.read_meta(folder, 'IJBC')
-    pooler = _ijb.TemplatePooler(result.templates, result.medias)
-    pooler.add(0, np.ones((len(result.names), 4), np.float32))
-    _ijb.pair_scores(pooler.template_features(), pooler.unique_templates, result.p1, result.p2)
+    result = read_ijb_meta(folder, 'IJBC')
+    ijb_pair_scores(result, np.ones((len(result.names), 4), np.float32))
     return result
 
 
@@ -357,7 +355,7 @@ def _ijb_strategy():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CFP's protocol text (eval._photos.read_cfp): Protocol/Pair_list_{F,P}.txt ("NUMBER PATH") and
+# CFP's protocol text (eval.api.read_cfp_pairs): Protocol/Pair_list_{F,P}.txt ("NUMBER PATH") and
 # Protocol/Split/{FF,FP}/NN/{same,diff}.txt ("A,B"), with digits of every script, control characters, broken lines,
 # empty and missing files, one fold or none
 
@@ -429,7 +427,7 @@ def _cfp_strategy():
 
 
 def _read_cfp_protocol(folder: Path, example):
-    from eval._photos import read_cfp
+    from eval.api import read_cfp_pairs as read_cfp
     protocol, files = example  # files: {path under the root: bytes, or None for a missing file}
     root = folder / 'cfp'
     (root / 'Protocol' / 'Split').mkdir(parents=True, exist_ok=True)
@@ -664,6 +662,40 @@ def _errors_align_paths():
     return (UserError,)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# gallery files (timm_mobileone.faces.gallery): opened and searched, or one GalleryError line
+
+
+def gallery_bytes(n: int = 5, dim: int = 8, dtype: str = 'float32') -> bytes:
+    import tempfile
+    from timm_mobileone.faces.gallery import save_gallery
+    with tempfile.TemporaryDirectory() as d:
+        path = save_gallery(Path(d) / 'g.npz', np.random.default_rng(n).standard_normal((n, dim)),
+                            [f'p/{i}.jpg' for i in range(n)], dict(model='m'), dtype)
+        return path.read_bytes()
+
+
+def _read_gallery(folder: Path, data: bytes):
+    from timm_mobileone.faces.gallery import open_gallery, search
+    path = folder / 'g.npz'
+    path.write_bytes(data)
+    g = open_gallery(path)
+    scores, rows = search(g, np.ones((2, g.dim), np.float32), k=3, chunk=2)
+    assert rows.shape == (2, min(3, len(g))) and ((rows >= 0) & (rows < len(g))).all()
+    assert all(isinstance(g.path(i), str) for i in range(len(g)))
+    return g
+
+
+def _gallery_strategy():
+    seeds = [gallery_bytes(), gallery_bytes(3, 16, 'float16'), gallery_bytes(1, 4)]
+    return st.sampled_from(seeds).flatmap(mutated)
+
+
+def _errors_gallery():
+    from timm_mobileone.faces.gallery import GalleryError
+    return (GalleryError,)
+
+
 def _errors_mxnet():
     from timm_mobileone.mxnet import MXNetError
     return (MXNetError,)
@@ -699,6 +731,7 @@ TARGETS = {t.name: t for t in [
     Target('ijb_meta', _ijb_strategy, _read_ijb_meta, _errors_pack),
     Target('photo_modes', _photo_mode_strategy, _read_photo_mode, _errors_photo),
     Target('align_paths', _align_paths_strategy, _align_paths, _errors_align_paths),
+    Target('gallery', _gallery_strategy, _read_gallery, _errors_gallery),
     Target('mxnet_params', _mxnet_strategy, _read_mxnet, _errors_mxnet),
     Target('cfp_protocol', _cfp_strategy, _read_cfp_protocol, _errors_cfp),
 ]}

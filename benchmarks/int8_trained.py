@@ -9,14 +9,14 @@ INT8 paths, on real LFW.
 For each variant (`plain`: the fused model as it is, `export --equalize off`; `equalize`: cross-layer equalization
 first, `--equalize on`, what `--int8` does by default for models that list their layer pairs), each runtime (ONNX
 Runtime static QDQ; ExecuTorch PT2E with the XNNPACK quantizer; ncnn, FP32 only) and precision: the LFW-dev accuracy
-through `python -m eval.lfw` on the exported artifact (insightface's protocol, the pairs.txt header's folds), and
-INT8 vs FP32 cosine of the flip-summed, normalized embeddings verification uses (mean, min over all 6,922 pair
+as `python -m eval.lfw` scores the exported artifact (`eval.api.verify`: insightface's protocol, the pairs.txt
+header's folds), and INT8 vs FP32 cosine of the flip-summed, normalized embeddings verification uses (mean, min over all 6,922 pair
 images). Calibration crops are people who appear in no pair of `pairs.txt` (the folder's 1,468 unpaired people), or
 of the `--calib` folder (a student's training people), one image each, the first `--calib-images` by name. The
 activation spread (largest / median per-channel max |activation|, per activation layer) names the layers a
 per-tensor INT8 scale serves worst. With `--cfp ROOT` (a raw CFP root, e.g. `../shared/data/cfp_dev`), every
-runtime and precision is also scored on CFP-FP with `python -m eval.cfp --protocol FP` (photos aligned once into
-eval's cache). Prints one JSON object.
+runtime and precision is also scored on CFP-FP as `python -m eval.cfp --protocol FP` scores it (photos aligned once
+into eval's cache). Prints one JSON object.
 """
 import argparse
 import contextlib
@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.cfp import main as cfp_main  # noqa: E402
-from eval.lfw import main as lfw_main  # noqa: E402
+from eval.api import (  # noqa: E402
+    DEFAULT_WORKERS, ArtifactSpec, EmbedOptions, load_datasets, load_model, verify)
 from timm_mobileone.export import main as export_main  # noqa: E402
 from timm_mobileone.verification_data import read_pairs_txt  # noqa: E402
 
@@ -91,18 +91,19 @@ def activation_spread(model_name: str, checkpoint: str, calib: Path, images: int
                        for k in worst])
 
 
-def lfw(args, extra, save):
-    """eval.lfw's result on --data with the artifact flags `extra` (its JSON line goes to stderr, not stdout)."""
-    with contextlib.redirect_stdout(sys.stderr):
-        return lfw_main(['--model', args.model, '--data', str(args.data), '--no-progress', '--save-embeddings',
-                         save] + extra)
+# eval.lfw's and eval.cfp's defaults: batch 64, image + flip, their decoding workers
+EVAL_OPTIONS = EmbedOptions(batch_size=64, workers=DEFAULT_WORKERS, flip=True)
 
 
-def cfp_fp(args, extra):
-    """eval.cfp's CFP-FP result on the raw CFP root --cfp (aligned once into eval's cache) with the artifact flags."""
-    with contextlib.redirect_stdout(sys.stderr):
-        return cfp_main(['--model', args.model, '--data', str(args.cfp), '--protocol', 'FP', '--no-progress']
-                        + extra)['results'][0]
+def lfw(artifact: ArtifactSpec, data: Path, save: str):
+    """eval.lfw's result (its JSON object) on `data` with the artifact, the embeddings saved to `save`."""
+    result = verify(load_model(artifact), load_datasets([data]), EVAL_OPTIONS, save_embeddings=save)
+    return result.to_json('lfw')
+
+
+def cfp_fp(artifact: ArtifactSpec, root: Path):
+    """eval.cfp's CFP-FP result on the raw CFP root (aligned once into eval's cache) with the artifact."""
+    return verify(load_model(artifact), load_datasets([root], protocols=['FP']), EVAL_OPTIONS).results[0]
 
 
 def export(argv):
@@ -140,25 +141,25 @@ def main(argv=None):
                 export(base + ['--out', fp32, '--dynamic-batch', '--int8', '--int8-onnx', int8, '--calib',
                                     str(calib), '--calib-images', str(args.calib_images),
                                     '--calib-method', args.calib_method])
-                runs = {'fp32': ['--onnx', fp32], 'int8': ['--onnx', int8]}
+                runs = {'fp32': ArtifactSpec(fp32, 'onnx', args.model), 'int8': ArtifactSpec(int8, 'onnx', args.model)}
             elif runtime == 'ncnn':  # FP32 only (ncnn's INT8 needs its own table tool); the export's pnnx path
                 fp32 = f'{stem}.param'
                 export(base + ['--format', 'ncnn', '--out', fp32])
-                runs = {'fp32': ['--runtime', 'ncnn', '--artifact', fp32]}
+                runs = {'fp32': ArtifactSpec(fp32, 'ncnn', args.model)}
             else:
                 fp32, int8 = f'{stem}.pte', f'{stem}_int8.pte'
                 export(base + ['--format', 'executorch', '--out', fp32])
                 export(base + ['--format', 'executorch', '--out', int8, '--int8', '--calib', str(calib),
                                     '--calib-images', str(args.calib_images)])
-                runs = {'fp32': ['--runtime', 'executorch', '--artifact', fp32],
-                        'int8': ['--runtime', 'executorch', '--artifact', int8]}
+                runs = {'fp32': ArtifactSpec(fp32, 'executorch', args.model),
+                        'int8': ArtifactSpec(int8, 'executorch', args.model)}
             res, emb, cfp = {}, {}, {}
-            for precision, extra in runs.items():
+            for precision, artifact in runs.items():
                 save = str(args.out / f'emb_{variant}_{runtime}_{precision}.npy')
-                res[precision] = lfw(args, extra, save)
+                res[precision] = lfw(artifact, args.data, save)
                 emb[precision] = np.load(save)
                 if args.cfp:
-                    cfp[precision] = cfp_fp(args, extra)
+                    cfp[precision] = cfp_fp(artifact, args.cfp)
             row = dict(variant=variant, runtime=runtime, fp32_accuracy=res['fp32']['accuracy'],
                        fp32_auc=res['fp32']['auc'], fp32_xnorm=res['fp32']['xnorm'])
             row.update({f'{k}_cfp_fp': v['accuracy'] for k, v in cfp.items()})

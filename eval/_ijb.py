@@ -234,7 +234,7 @@ class AlignedCrops:
     """A torch Dataset of the aligned crops of the listed images: items (index, uint8 CHW RGB tensor, error).
 
     Decoding and alignment run in DataLoader workers; a failure travels as the item's message (see
-    eval._common.embed_batches), so the main process reports it as one line naming the image.
+    eval.api.embed_batches), so the main process reports it as one line naming the image.
     """
 
     def __init__(self, image_dir: Path, names: Sequence[str], landmarks: np.ndarray) -> None:

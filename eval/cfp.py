@@ -12,9 +12,8 @@ file and line, exit code 2, while the protocol is read: before any photo is alig
 """
 from typing import Dict, List, Optional
 
-from timm_mobileone import results as R
-
-from ._common import build_parser, cli, finish, parse, resolve_data, run
+from ._flags import build_parser, cli, parse, resolve_data, verification
+from ._result import write_result
 
 TARGETS = ('cfp_fp', 'cfp_ff')
 
@@ -29,9 +28,8 @@ def parse_args(argv: Optional[List[str]] = None):
 @cli
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
-    out = run(args, resolve_data(args, TARGETS))
-    return finish(dict(out['common'], results=out['results'], seconds=out['seconds'], versions=out['versions']), args,
-                  R.rows_of(out))
+    result = verification(args, resolve_data(args, TARGETS))
+    return write_result(result.to_json('cfp'), args.results_file)
 
 
 if __name__ == '__main__':

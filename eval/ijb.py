@@ -23,9 +23,10 @@ from timm_mobileone import results as R
 from timm_mobileone.verification_data import read_npy
 
 from . import _ijb as J
-from ._common import (
-    ArtifactModel, UserError, _versions, add_model_flags, cli, create_model, embed_batches, finish,
-    input_cfg, parse, roc_figure, save_roc)
+from . import api
+from ._flags import UserError, add_model_flags, cli, embed_options, finish, load_model, parse
+from ._plots import roc_figure, save_roc
+from ._result import versions
 
 _logger = logging.getLogger('eval')
 FEATURE_CHUNK = 4096  # precomputed features pooled this many images at a time (they may be a memory-mapped file)
@@ -119,15 +120,9 @@ def _check_images(meta: J.IJBMeta) -> None:
 
 
 def _embed_and_pool(args, meta: J.IJBMeta, pooler: J.TemplatePooler, faceness) -> Dict:
-    import timm
     _check_images(meta)
-    model = create_model(args)
-    if isinstance(model, ArtifactModel):
-        args.channels_last = False
-        data_cfg = timm.data.resolve_data_config(pretrained_cfg=model.pretrained_cfg)
-    else:
-        data_cfg = timm.data.resolve_model_data_config(model)
-    data_cfg = input_cfg(data_cfg, args)
+    embedder = load_model(args)
+    data_cfg = embedder.data_cfg
     if tuple(data_cfg['input_size'][-2:]) != (J.CROP_SIZE, J.CROP_SIZE):
         raise UserError(f'--model {args.model}: input size {data_cfg["input_size"][-2:]}; the IJB alignment '
                         f'template makes {J.CROP_SIZE}x{J.CROP_SIZE} crops')
@@ -137,7 +132,7 @@ def _embed_and_pool(args, meta: J.IJBMeta, pooler: J.TemplatePooler, faceness) -
     t0 = time.perf_counter()
     forward_s = 0.0
     try:
-        for start, out, out_flip, seconds in embed_batches(model, crops, meta.target, data_cfg, args):
+        for start, out, out_flip, seconds in api.embed_batches(embedder, crops, embed_options(args), meta.target):
             forward_s += seconds
             n = len(out)
             if args.save_features:
@@ -163,7 +158,7 @@ def _embed_and_pool(args, meta: J.IJBMeta, pooler: J.TemplatePooler, faceness) -
         if tmp is not None:
             tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
-    return dict(model=model, data_cfg=data_cfg, images_per_second=round(len(meta.names) / max(seconds, 1e-9), 1),
+    return dict(embedder=embedder, data_cfg=data_cfg, images_per_second=round(len(meta.names) / max(seconds, 1e-9), 1),
                 forward_seconds=round(forward_s, 3))
 
 
@@ -195,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     pooler = J.TemplatePooler(meta.templates, meta.medias)
     _logger.info(f'{args.target}: {len(meta.names)} images, {len(pooler.unique_templates)} templates, '
                  f'{pooler.num_media} media, {len(meta.label)} pairs')
-    run = dict(model=None, data_cfg=None, images_per_second=None, forward_seconds=None)
+    run = dict(embedder=None, data_cfg=None, images_per_second=None, forward_seconds=None)
     if args.features:
         _pool_features(args, meta, pooler, faceness)
     else:
@@ -207,11 +202,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     score_s = time.perf_counter() - t_score
     if args.plot:
         _plot(args.plot, args.target, metrics)
-    model = run['model']
+    embedder = run['embedder']
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     result = dict(
         model=None if args.features else args.model,
-        tag=getattr(model, 'pretrained_cfg', {}).get('tag') if model is not None else None,
+        tag=embedder.tag if embedder is not None else None,
         onnx=args.onnx or None,
         checkpoint=args.checkpoint or None,
         features=args.features or None,
@@ -236,7 +231,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         seconds=round(time.perf_counter() - t_start, 3),
         peak_rss_mb=round(peak / 1024, 1),
         command=args.command,
-        versions=_versions(),
+        versions=versions(),
     )
     if args.save_features:
         result['saved_features'] = args.save_features

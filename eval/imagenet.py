@@ -22,7 +22,8 @@ from timm_mobileone import results as R
 from timm_mobileone.checkpoints import create_model_checked
 from timm_mobileone.errors import first_line
 
-from ._common import DEFAULT_WORKERS, RERUN_DROP, RERUN_PATHS, UserError, _versions, cli, finish
+from ._flags import DEFAULT_WORKERS, RERUN_DROP, RERUN_PATHS, UserError, cli, finish
+from ._result import versions
 
 IMG_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.JPEG')
 
@@ -145,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         loss=round(loss_sum / count, 5), img_size=list(data_config['input_size'][1:]),
         crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'],
         mean=list(data_config['mean']), std=list(data_config['std']), reparam=args.reparam,
-        seconds=round(time.perf_counter() - t_start, 3), command=args.command, versions=_versions(),
+        seconds=round(time.perf_counter() - t_start, 3), command=args.command, versions=versions(),
     )
     row = dict(dataset='imagenet', kind='classification', num=count, top1=result['top1'], top5=result['top5'])
     return finish(result, args, [row])

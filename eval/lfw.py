@@ -6,9 +6,8 @@ xnorm, ...).
 """
 from typing import Dict, List, Optional
 
-from timm_mobileone import results as R
-
-from ._common import UserError, build_parser, cli, finish, parse, resolve_data, run
+from ._flags import UserError, build_parser, cli, parse, resolve_data, verification
+from ._result import write_result
 
 TARGETS = ('lfw',)
 
@@ -22,11 +21,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     if args.data and len(args.data) > 1:
         raise UserError('eval.lfw takes one --data; use python -m eval.verify for several')
-    datasets = resolve_data(args, TARGETS)
-    out = run(args, datasets)
-    result = dict(out['common'], **out['results'][0])
-    result.update(seconds=out['seconds'], versions=out['versions'])
-    return finish(result, args, R.rows_of(out))
+    result = verification(args, resolve_data(args, TARGETS))
+    return write_result(result.to_json('lfw'), args.results_file)
 
 
 if __name__ == '__main__':

@@ -4,14 +4,10 @@
 agedb_30) picks the packs found there. Prints one JSON object whose `results` list holds one entry per dataset,
 plus `mean_accuracy`.
 """
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
-import torch
-
-from timm_mobileone import results as R
-from timm_mobileone.verification_data import VerificationSet
-
-from ._common import build_parser, cli, finish, parse, resolve_data, run
+from ._flags import build_parser, cli, parse, resolve_data, verification
+from ._result import write_result
 
 TARGETS = ('lfw', 'cfp_fp', 'agedb_30')
 
@@ -20,27 +16,8 @@ def parse_args(argv: Optional[List[str]] = None):
     return parse(build_parser('python -m eval.verify', __doc__.splitlines()[0], TARGETS, multi=True), argv)
 
 
-def summarize(out: Dict) -> Dict:
-    """The eval.verify JSON object from `run`'s output: common keys, `results`, `mean_accuracy`."""
-    accs = [r['accuracy'] for r in out['results']]
-    return dict(out['common'], results=out['results'], mean_accuracy=round(sum(accs) / len(accs), 5),
-                seconds=out['seconds'], versions=out['versions'])
-
-
-def verify(model: torch.nn.Module, sets: Sequence[VerificationSet], batch_size: int = 64,
-           device: Union[str, torch.device] = 'cpu', flip: bool = True) -> Dict[str, Any]:
-    """eval.verify's protocol (flip test, insightface's 10-fold metric) on a built model in eval mode on `device`:
-    the JSON object the CLI prints, schema rows included (no `command`/`rerun`: the caller knows what reproduces it,
-    see `verify_command`)."""
-    args = parse_args(['-b', str(batch_size), '-j', '0', '--device', str(device), '--no-progress']
-                      + ([] if flip else ['--no-flip']))
-    out = run(args, list(sets), model=model)
-    return dict(summarize(out), command=None, schema=R.SCHEMA, rows=R.rows_of(out), rerun=None)
-
-
-def verify_command(model_name: str, checkpoint: str, data: Sequence[str], batch_size: int = 64) -> Dict[str, Any]:
-    """`command` (the local command line) and `rerun` (the portable one, see timm_mobileone.results) of eval.verify on
-    a checkpoint: what a result of `verify` records so that it can be reproduced from the weights alone."""
+def command_line(model_name: str, checkpoint: str, data: Sequence[str], batch_size: int = 64) -> Dict[str, Any]:
+    """`command` and `rerun` of this CLI on a checkpoint (`eval.api.verify_command`)."""
     argv = ['--model', model_name, '--checkpoint', checkpoint, '-b', str(batch_size)]
     for path in data:
         argv += ['--data', str(path)]
@@ -51,8 +28,8 @@ def verify_command(model_name: str, checkpoint: str, data: Sequence[str], batch_
 @cli
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
-    out = run(args, resolve_data(args, TARGETS))
-    return finish(summarize(out), args, R.rows_of(out))
+    result = verification(args, resolve_data(args, TARGETS))
+    return write_result(result.to_json('verify'), args.results_file)
 
 
 if __name__ == '__main__':

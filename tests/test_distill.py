@@ -231,7 +231,7 @@ def test_augmented_run_resumes_exactly_and_keeps_curve_best_and_final(setup, aug
 
 
 def test_what_consistent_teaching_refuses(setup, augmented, tmp_path, capsys):
-    from eval._common import ArtifactModel
+    from eval.api import ArtifactModel
     from timm_mobileone.errors import UserError
     from train.distill import OnlineTeacher
     base = _flags(setup, tmp_path / 'x', '--no-export')

@@ -11,7 +11,7 @@ import torch
 
 import timm
 from eval import cfp, lfw, verify
-from eval import _verification as V
+from eval.api import combine_views, l2_normalize
 
 from helpers import SMALL_LFW, calibrate_bn, needs_small_lfw, run_main
 from train.synthetic import make_pack
@@ -91,13 +91,13 @@ def test_embeddings_follow_the_protocol(pack, checkpoint, tmp_path):
     x = (imgs.float() / 255 - 0.5) / 0.5
     with torch.no_grad():  # the train-time model: the CLI's fused one must agree within reparam tolerance
         raw, raw_flip = model(x).numpy(), model(x.flip(3)).numpy()
-    expected = V.combine_views(raw, raw_flip)
+    expected = combine_views(raw, raw_flip)
     assert emb.shape == (50, 512)
     np.testing.assert_allclose(emb, expected, atol=1e-4)
     # --no-flip embeds the image alone
     lfw.main(COMMON + ['--checkpoint', str(checkpoint), '--data', str(pack), '--save-embeddings', str(saved),
                        '--no-flip', '--no-reparam'])
-    np.testing.assert_allclose(np.load(saved), V.l2_normalize(raw), atol=1e-5)
+    np.testing.assert_allclose(np.load(saved), l2_normalize(raw), atol=1e-5)
 
 
 def test_saved_embeddings_score_the_same(pack, checkpoint, tmp_path, capsys):

@@ -18,7 +18,7 @@ from benchmarks import fuzz_targets as F  # noqa: E402
 
 EXAMPLES = {'bin_pack': 250, 'image': 150, 'pairs_txt': 200, 'recordio': 200, 'checkpoint': 250, 'npy': 250,
             'ijb_meta': 200, 'mxnet_params': 250, 'photo_modes': 120, 'align_paths': 40,
-            'cfp_protocol': 150}
+            'cfp_protocol': 150, 'gallery': 200}
 SLOWEST_EXAMPLE_S = 10.0  # generous: a shared 2-core machine; a hang or a quadratic blow-up is far above it
 GROWTH_MB = 300  # no example may raise the process's peak RSS by more than this
 
@@ -371,7 +371,7 @@ def test_cfp_protocol_text_is_one_line_before_alignment(folds, edits, message, t
 
 def test_cfp_protocol_with_a_bom_and_crlf_line_ends_reads(tmp_path):
     # as a Windows editor saves it; line numbers count '\n' only (form feeds, U+2028 and the like split no line)
-    from eval._photos import read_cfp
+    from eval.api import read_cfp_pairs as read_cfp
     from timm_mobileone.verification_data import PackError
     files = {name: b'\xef\xbb\xbf' + data.replace(b'\n', b'\r\n') for name, data in F.cfp_files(2).items()}
     root = _cfp_root(tmp_path, 2, files)

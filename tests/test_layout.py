@@ -198,3 +198,128 @@ def test_relative_links_of_the_readme_and_docs_resolve():
             elif anchor and dest.suffix == '.md' and anchor not in _anchors(dest):
                 broken.append(f'{page.relative_to(REPO)}: {target} (no such heading)')
     assert not broken, '\n'.join(broken)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eval as a library (issue 47): `eval.api` is eval's one public module. Outside eval/, nothing imports eval's private
+# modules (`eval._x`) or reaches an eval CLI's parser to get a Namespace; training calls the API only.
+
+EVAL = REPO / 'eval'
+# test modules that unit-test a private module of eval directly (what they test is not part of the API)
+PRIVATE_EVAL_TESTS = {
+    'tests/test_ijb.py': "eval._ijb: insightface's IJB protocol against a transcription of its loops",
+    'tests/test_eval_metrics.py': 'eval._verification: the 10-fold metric, function by function',
+    'tests/test_fuzz.py': "eval._ijb's readers of single meta files (read_pairs, read_template_media)",
+}
+# what builds or reads an eval CLI's flags: calling one outside eval/ means handing eval an argv to get a Namespace
+EVAL_PARSER_NAMES = {'parse_args', 'build_parser', 'parse', 'add_model_flags', 'add_align_flags', 'align_settings',
+                     'command_line'}
+
+
+def _outside_eval_files():
+    skip = {'.venv', 'build', 'dist', '.git', '__pycache__', 'eval'}
+    for path in sorted(REPO.rglob('*.py')):
+        rel = path.relative_to(REPO)
+        if not skip & set(rel.parts[:-1]) and not rel.parts[0].startswith('.'):
+            yield path, rel.as_posix()
+
+
+def _eval_bindings(tree: ast.AST) -> Dict[str, str]:
+    """local name -> what of eval it is bound to ('eval.lfw' for a module, 'eval.lfw:main' for a name in one)."""
+    bound: Dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split('.')[0] == 'eval':
+                    bound[a.asname or a.name] = a.name
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or '').split('.')[0] == 'eval':
+            for a in node.names:
+                target = f'{node.module}.{a.name}' if node.module == 'eval' else f'{node.module}:{a.name}'
+                bound[a.asname or a.name] = target
+    return bound
+
+
+def _private_eval_imports(tree: ast.AST) -> List[str]:
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bad += [a.name for a in node.names if re.match(r'eval\._', a.name)]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            module = node.module or ''
+            if re.match(r'eval\._', module):
+                bad.append(module)
+            elif module == 'eval':
+                bad += [f'eval.{a.name}' for a in node.names if a.name.startswith('_')]
+        elif isinstance(node, ast.Call) and getattr(node.func, 'attr', getattr(node.func, 'id', '')) == \
+                'import_module' and node.args and isinstance(node.args[0], ast.Constant) \
+                and re.match(r'eval\._', str(node.args[0].value)):
+            bad.append(node.args[0].value)
+    return bad
+
+
+def test_private_eval_modules_are_imported_inside_eval_only():
+    seen = 0
+    for path, rel in _outside_eval_files():
+        if rel in PRIVATE_EVAL_TESTS:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        seen += bool(_eval_bindings(tree))
+        bad = _private_eval_imports(tree)
+        assert not bad, f'{rel} imports {sorted(set(bad))}: outside eval/, use eval.api (its one public module)'
+    assert seen > 10  # the walk sees the eval users (train, benchmarks, tests)
+    for rel in PRIVATE_EVAL_TESTS:  # the exceptions are live, not stale
+        assert _private_eval_imports(ast.parse((REPO / rel).read_text())), f'{rel} no longer needs its exception'
+
+
+def _calls(tree: ast.AST):
+    """(bound name, attribute or None) of every call `name(...)` / `name.attr(...)`."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Name):
+                yield f.id, None
+            elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+                yield f.value.id, f.attr
+
+
+def _eval_parser_calls(tree: ast.AST) -> List[str]:
+    bound = _eval_bindings(tree)
+    bad = []
+    for name, attr in _calls(tree):
+        target = bound.get(name)
+        if target is None:
+            continue
+        called = target.rpartition(':')[2] if attr is None else attr
+        if (attr is None and ':' in target or attr is not None and ':' not in target) and called in EVAL_PARSER_NAMES:
+            bad.append(f'{target}{"." + attr if attr else ""}')
+    return bad
+
+
+def test_nothing_outside_eval_reaches_an_eval_parser():
+    # flags -> spec -> API call: eval's CLIs parse their own argv; a caller builds an eval.api spec (ModelSpec,
+    # ArtifactSpec, EmbedOptions, Alignment), never an argv for eval's parser. Tests exercise the CLIs, parsers
+    # included (test_hub checks the `rerun` each parser writes), so tests/ is exempt.
+    assert _eval_parser_calls(ast.parse('from eval import lfw\nfrom eval.align import align_settings\n'
+                                        'lfw.parse_args([])\nalign_settings(a)\nlfw.main([])')) == \
+        ['eval.lfw.parse_args', 'eval.align:align_settings']  # the checker itself
+    for path, rel in _outside_eval_files():
+        if rel.startswith('tests/'):
+            continue
+        bad = _eval_parser_calls(ast.parse(path.read_text(), str(path)))
+        assert not bad, f'{rel} calls {bad}: build an eval.api spec instead of an argv for an eval parser'
+
+
+def test_training_calls_eval_through_its_api_only():
+    # train/ imports eval.api and nothing else of eval: no CLI module, no main(argv)
+    for path in sorted((REPO / 'train').rglob('*.py')):
+        bound = _eval_bindings(ast.parse(path.read_text(), str(path)))
+        other = sorted({t for t in bound.values() if t.partition(':')[0] != 'eval.api'})
+        assert not other, f'train/{path.name} uses {other}: call eval.api'
+
+
+def test_eval_has_one_light_public_module():
+    import eval.api as api
+    assert api.__all__ and all(hasattr(api, n) for n in api.__all__)
+    # eval/__init__.py imports nothing: `import eval.x` stays cheap, and no name there shadows a CLI module
+    init = ast.parse((EVAL / '__init__.py').read_text())
+    assert not [n for n in ast.walk(init) if isinstance(n, (ast.Import, ast.ImportFrom))]

@@ -106,8 +106,8 @@ def portable_args(parser, argv: Sequence[str], drop: Sequence[str], paths: Seque
 
 
 def rows_of(out: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Schema rows of the verification results of `eval._common.run`'s output (one per dataset; whether the flip
-    test ran is one of its `common` keys)."""
+    """Schema rows of verification results, `{'common': ..., 'results': [...]}` (eval's `VerificationResult.rows`: one
+    per dataset; whether the flip test ran is one of the `common` keys)."""
     flip = out['common'].get('flip')
     return [dict(dataset=r['dataset'], kind='verification', num=r.get('num_pairs'), flip=flip,
                  accuracy=r['accuracy'], accuracy_std=r.get('accuracy_std'), tar_at_far=r.get('tar_at_far'),

@@ -159,9 +159,7 @@ def teacher_agreement(runs: List[Dict[str, Any]], specs, labels: List[str], val:
     embedding on the validation crops (people the runs never trained on). Per image, the cosine between the
     student's and the teacher's flip-summed embeddings; `run['teacher_agreement']` gets its mean and 5th
     percentile. A finer measure of what distillation learned than pair accuracy on a few hundred pairs."""
-    import timm
-    from eval._common import add_model_flags, create_model, embed, input_cfg
-    from eval._verification import combine_views
+    from eval.api import EmbedOptions, Embedder, ModelSpec, combine_views, embed, load_model
     from timm_mobileone.verification_data import load_verification_set
     from .distill import build_teacher
     cfg = runs[0]['config']
@@ -170,23 +168,20 @@ def teacher_agreement(runs: List[Dict[str, Any]], specs, labels: List[str], val:
                                teacher_raw_pixels=cfg.get('teacher_raw_pixels', False), val_batch_size=64,
                                workers=0, device=device)
     teacher = build_teacher(targs, (112, 112))
-    teacher.eval_args.flip = True
+    options = EmbedOptions(batch_size=64, workers=0, flip=True)
 
-    def unit(model, data_cfg, eval_args, dataset):  # eval's flip rule: image + flip summed, then normalized
-        raw, flip, _ = embed(model, dataset, data_cfg, eval_args)
+    def unit(embedder, dataset):  # eval's flip rule: image + flip summed, then normalized
+        raw, flip, _ = embed(embedder, dataset, options)
         return combine_views(raw, flip)
 
     sets = [load_verification_set(p) for p in val]
-    reference = [unit(teacher.model, teacher.cfg, teacher.eval_args, d) for d in sets]
+    reference = [unit(Embedder(teacher.eval_args, teacher.model, teacher.cfg), d) for d in sets]
     for run in runs:
         if run['diverged'] or not run['weights']:
             continue
         name = specs[labels.index(run['model'])][0]
-        sargs = add_model_flags(argparse.ArgumentParser(add_help=False)).parse_args(
-            ['--model', name, '--checkpoint', run['weights'], '-j', '0', '--device', device, '--no-progress'])
-        student = create_model(sargs)
-        scfg = input_cfg(timm.data.resolve_data_config(pretrained_cfg=dict(student.pretrained_cfg)), sargs)
-        cos = np.concatenate([np.sum(unit(student, scfg, sargs, d) * t, axis=1) for d, t in zip(sets, reference)])
+        student = load_model(ModelSpec(model=name, checkpoint=run['weights'], device=device))
+        cos = np.concatenate([np.sum(unit(student, d) * t, axis=1) for d, t in zip(sets, reference)])
         run['teacher_agreement'] = dict(cosine_mean=round(float(cos.mean()), 4),
                                         cosine_p05=round(float(np.percentile(cos, 5)), 4), images=len(cos))
 
@@ -195,8 +190,7 @@ def int8_check(run: Dict[str, Any], spec, val: Sequence[str], calib: np.ndarray,
                folder: Path) -> Dict[str, Any]:
     """FP32 and INT8 ONNX of the run's best weights: verification accuracy of each, embedding cosine, weights."""
     from timm.utils import reparameterize_model
-    from eval._common import ArtifactModel
-    from eval.verify import verify
+    from eval.api import ArtifactModel, verify, wrap_model
     from timm_mobileone.deploy import formats
     from timm_mobileone.verification_data import load_verification_set
     fused = reparameterize_model(_build(spec, run['weights']).eval())
@@ -207,8 +201,8 @@ def int8_check(run: Dict[str, Any], spec, val: Sequence[str], calib: np.ndarray,
     sets = [load_verification_set(p) for p in val]
     acc = {}
     for label, path in (('fp32', fp32_path), ('int8', int8_path)):
-        res = verify(ArtifactModel('onnx', str(path), dict(fused.pretrained_cfg)), sets)
-        acc[label] = {r['dataset']: r['accuracy'] for r in res['results']}
+        res = verify(wrap_model(ArtifactModel('onnx', str(path), dict(fused.pretrained_cfg))), sets)
+        acc[label] = {r['dataset']: r['accuracy'] for r in res.results}
     return dict(accuracy_fp32=acc['fp32'], accuracy_int8=acc['int8'], reduce_range=q['reduce_range'],
                 cosine_mean=round(q['cosine_mean'], 5), cosine_min=round(q['cosine_min'], 5),
                 weights=weight_stats(fused))

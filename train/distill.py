@@ -150,24 +150,21 @@ def check_flags(args) -> None:
 # the teacher
 
 
-def teacher_eval_args(args) -> argparse.Namespace:
-    """The teacher as eval's model flags: eval builds and runs it (any model or artifact eval can score)."""
-    from eval._common import add_model_flags
-    argv = ['--model', args.teacher, '-b', str(args.val_batch_size), '-j', str(args.workers), '--device',
-            str(args.device), '--no-progress']
-    if args.teacher_checkpoint:
-        argv += ['--checkpoint', args.teacher_checkpoint]
+def teacher_eval_args(args):
+    """The teacher as eval's model spec (`eval.api.ModelSpec`, or `ArtifactSpec` for --teacher-onnx): eval builds
+    and runs it (any model or artifact eval can score)."""
+    from eval.api import ArtifactSpec, ModelSpec
     if args.teacher_onnx:
-        argv += ['--onnx', args.teacher_onnx]
-    if args.teacher_raw_pixels:
-        argv.append('--raw-pixels')
-    return add_model_flags(argparse.ArgumentParser(add_help=False)).parse_args(argv)
+        return ArtifactSpec(path=args.teacher_onnx, runtime='onnx', model=args.teacher,
+                            raw_pixels=bool(args.teacher_raw_pixels), via_onnx_flag=True)
+    return ModelSpec(model=args.teacher, checkpoint=args.teacher_checkpoint or '', device=str(args.device),
+                     raw_pixels=bool(args.teacher_raw_pixels))
 
 
-def teacher_fingerprint(targs: argparse.Namespace, data_cfg: Dict[str, Any]) -> Dict[str, Any]:
+def teacher_fingerprint(targs, data_cfg: Dict[str, Any]) -> Dict[str, Any]:
     """What makes the teacher's outputs what they are: model, weight files' contents, preprocessing."""
     files = {}
-    for flag, path in (('checkpoint', targs.checkpoint), ('onnx', targs.onnx)):
+    for flag, path in (('checkpoint', getattr(targs, 'checkpoint', '')), ('onnx', getattr(targs, 'path', ''))):
         if path:
             files[flag] = sha256_file(path)
             if flag == 'checkpoint' and Path(path).suffix == '.params':
@@ -202,7 +199,7 @@ class Teacher:
     """A built teacher (`build_teacher`): what it is, how it is fed, and what it gives."""
     model: Any  # the teacher module (eval mode, on --device) or eval's ArtifactModel (an ONNX file)
     cfg: Dict[str, Any]  # its input cfg (eval's input_cfg): input_size, mean, std, raw_pixels
-    eval_args: argparse.Namespace  # eval's model flags naming it and its weights (`teacher_eval_args`)
+    eval_args: Any  # eval's model spec naming it and its weights (`teacher_eval_args`: eval.api.ModelSpec/ArtifactSpec)
     embed_dim: int  # the size of its embedding
 
     def fingerprint(self) -> Dict[str, Any]:
@@ -214,22 +211,22 @@ def build_teacher(args, input_size: Tuple[int, int]) -> Teacher:
     """The teacher the flags name, run once on the student's input size, or UserError (it must run on that size
     and return (B, D) embeddings)."""
     import timm
-    from eval._common import create_model, input_cfg
+    from eval.api import load_model
     targs = teacher_eval_args(args)
     if not timm.is_model(targs.model):
         raise UserError(f'--teacher {targs.model}: not a registered model (e.g. mobilefacenet with '
                         f'--teacher-checkpoint, or a mobileone_112 model)')
     try:
-        teacher = create_model(targs)
+        embedder = load_model(targs)
     except UserError as e:  # eval's message names its own flags (--checkpoint, --onnx): say whose they are
         raise UserError(f'--teacher {targs.model}: {e}') from None
-    cfg = input_cfg(timm.data.resolve_data_config(pretrained_cfg=dict(teacher.pretrained_cfg)), targs)
+    teacher, cfg = embedder.model, embedder.data_cfg
     if tuple(cfg['input_size'][-2:]) != tuple(input_size):
         raise UserError(f'--teacher {targs.model} takes {cfg["input_size"][-2]}x{cfg["input_size"][-1]} images, the '
                         f'student {input_size[0]}x{input_size[1]}: distillation feeds both the same crops')
     try:
         with torch.no_grad():
-            out = teacher(torch.zeros(2, 3, *input_size, device=targs.device))
+            out = teacher(torch.zeros(2, 3, *input_size, device=embedder.device))
     except UserError:
         raise
     except Exception as e:  # the runtime's own complaint (an artifact exported for another shape, ...)
@@ -257,7 +254,7 @@ class OnlineTeacher:
 
     def __init__(self, teacher, cfg: Dict[str, Any], args, device: torch.device, features: bool = False) -> None:
         from timm.utils import reparameterize_model
-        from eval._common import ArtifactModel
+        from eval.api import ArtifactModel
         self.artifact = isinstance(teacher, ArtifactModel)
         if self.artifact and device.type != 'cpu':
             raise UserError(f'--teacher-onnx {args.teacher_onnx}: an online teacher must run each step on the '
@@ -333,7 +330,7 @@ def teacher_targets(dataset, args, cache: Path, input_size: Tuple[int, int], com
     reads a cache the main process wrote; `teacher` is build_teacher's result when the caller has it."""
     import time
     from safetensors.torch import save_file
-    from eval._common import embed_batches
+    from eval.api import EmbedOptions, Embedder, embed_batches
     teacher = teacher if teacher is not None else build_teacher(args, input_size)
     cfg, targs = teacher.cfg, teacher.eval_args
     fingerprint = dict(teacher=json.dumps(teacher.fingerprint(), sort_keys=True),
@@ -348,13 +345,14 @@ def teacher_targets(dataset, args, cache: Path, input_size: Tuple[int, int], com
     if not compute:
         raise UserError(f'--teacher-cache {cache}: missing (the main process writes it)')
     t0 = time.perf_counter()
-    targs.flip = True
     targets = flipped = None
     images = Unflipped(dataset, labels=False)
     _logger.info(f'teacher targets: embedding {len(images)} images and their flips with {targs.model}')
     from timm_mobileone.verification_data import PackError
     try:
-        for start, out, out_flip, _ in embed_batches(teacher.model, images, 'teacher', cfg, targs):
+        for start, out, out_flip, _ in embed_batches(  # image and flip, as the validation batches
+                Embedder(targs, teacher.model, cfg), images,
+                EmbedOptions(batch_size=args.val_batch_size, workers=args.workers, flip=True), 'teacher'):
             if targets is None:
                 targets = torch.empty(len(images), out.shape[1], dtype=torch.float16)
                 flipped = torch.empty_like(targets)

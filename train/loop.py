@@ -149,12 +149,13 @@ class Trainer:
     def validate(self) -> Optional[Dict[str, Any]]:
         """eval.verify's protocol (a library call) on a fused copy of the (EMA) weights; keeps the best. Main
         process only. best.json's `command` reproduces the figure from best.safetensors."""
-        from eval.verify import verify, verify_command
+        from eval.api import EmbedOptions, verify, verify_command, wrap_model
         run = self.run
         if not run.data.val_sets:
             return None
         model = run.model.eval_model()
-        result = verify(self.fused_copy(), run.data.val_sets, batch_size=run.args.val_batch_size, device=run.device)
+        result = verify(wrap_model(self.fused_copy(), device=run.device), run.data.val_sets,
+                        EmbedOptions(batch_size=run.args.val_batch_size)).to_json()
         result.update(verify_command(run.arch, str(run.out / BEST_WEIGHTS), run.args.val,
                                      run.args.val_batch_size), model=run.arch,
                       checkpoint=str(run.out / BEST_WEIGHTS))

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import UserError, first_line
 from ..files import sha256_file
-from . import align as A
+import timm_mobileone.faces.align as A
 
 __all__ = ['Face', 'PhotoFaces', 'FaceEmbedder', 'STATUSES']
 
