@@ -66,12 +66,25 @@ def score(dataset: VerificationSet, embeddings: np.ndarray, num_folds: Optional[
     return dict(_score(dataset, embeddings, folds[0]), num_folds=folds[0], folds_from=folds[1])
 
 
+def _sha256(path: str) -> Optional[str]:
+    from timm_mobileone.files import sha256_file
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
 def _setup(model: Optional[str], tag: Optional[str], spec: Optional[Spec], embeddings: Optional[List[str]],
            flip: bool, data_cfg: Optional[Dict], results: List[Dict], num_folds: Optional[int]) -> Dict[str, Any]:
     artifact = spec if isinstance(spec, ArtifactSpec) else None
+    # an artifact is named by itself (path, runtime, sha256), not by the model whose input cfg it was given: a
+    # third-party ncnn file is not 'mobileone_112_s0', 'untrained'
+    named = dict(artifact_sha256=_sha256(artifact.path), input_cfg_from=artifact.model) if artifact is not None \
+        else {}
     return dict(
-        model=model,
-        tag=tag,
+        model=None if artifact is not None else model,
+        tag=None if artifact is not None else tag,
+        **named,
         onnx=artifact.path if artifact is not None and artifact.via_onnx_flag else None,
         runtime=artifact.runtime if artifact is not None else ('pytorch' if spec is not None else None),
         artifact=artifact.path if artifact is not None else None,

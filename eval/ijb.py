@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from timm_mobileone import results as R
+from timm_mobileone.files import sha256_file
 from timm_mobileone.verification_data import read_npy
 
 from . import _ijb as J
@@ -204,10 +205,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         _plot(args.plot, args.target, metrics)
     embedder = run['embedder']
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    artifact = args.onnx or getattr(args, 'artifact', '') or ''
     result = dict(
-        model=None if args.features else args.model,
-        tag=embedder.tag if embedder is not None else None,
+        model=None if args.features or artifact else args.model,  # an artifact is named by itself, not a model
+        tag=embedder.tag if embedder is not None and not artifact else None,
         onnx=args.onnx or None,
+        artifact=artifact or None,
+        artifact_sha256=sha256_file(artifact) if artifact else None,
         checkpoint=args.checkpoint or None,
         features=args.features or None,
         dataset=args.target.lower(),

@@ -103,6 +103,10 @@ def test_eval_on_onnx_artifacts_matches_pytorch(exported, quantized, checkpoint,
     torch_run = lfw.main(common + ['--checkpoint', str(checkpoint)])
     onnx_run = lfw.main(common + ['--onnx', str(path)])
     assert onnx_run['onnx'] == str(path) and onnx_run['reparam'] is False
+    # the result names the artifact it scored (path, sha256), not the model whose input cfg it was given
+    from timm_mobileone.files import sha256_file
+    assert onnx_run['model'] is None and onnx_run['tag'] is None and onnx_run['artifact'] == str(path)
+    assert onnx_run['artifact_sha256'] == sha256_file(path) and onnx_run['input_cfg_from'] == 'mobileone_112_s0'
     assert onnx_run['accuracy'] == torch_run['accuracy']
     assert onnx_run['xnorm'] == pytest.approx(torch_run['xnorm'], rel=1e-4)
     int8_run = lfw.main(common + ['--onnx', quantized[1]['int8']['onnx']])
