@@ -58,3 +58,11 @@ def test_bad_head_arguments():
         MarginHead(8, 4, kind='sphereface')
     with pytest.raises(ValueError, match='>= 2 classes'):
         MarginHead(8, 1)
+
+
+def test_train_face_offers_every_margin_kind_and_only_those(capsys):
+    """--loss choices come from the margin module's registry (one list): a new kind is offered where it is built."""
+    from train import face, margin
+    with pytest.raises(SystemExit):
+        face.parse_args(['--help'])
+    assert '--loss {' + ','.join((*margin.KINDS, 'none')) + '}' in capsys.readouterr().out

@@ -44,7 +44,7 @@ from timm_mobileone.cli import cli
 from timm_mobileone.errors import UserError
 from timm_mobileone.models.merged import TRAIN_FORMS
 
-from . import augment, distill
+from . import augment, distill, margin
 from .checkpoint import STATE_NAME
 from .distributed import World
 from .loop import Trainer
@@ -64,10 +64,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    '.rec file, or an ImageFolder tree (one folder per identity)')
     p.add_argument('--num-classes', type=int, default=None,
                    help='identities (default: the pack\'s property file or header, or the ImageFolder\'s folders)')
-    p.add_argument('--loss', default='arcface', choices=('arcface', 'cosface', 'adaface', 'none'),
+    p.add_argument('--loss', default='arcface', choices=(*margin.KINDS, 'none'),
                    help='margin loss (none: distillation only, with --teacher)')
     p.add_argument('--margin', type=float, default=None,
-                   help='margin m (default: 0.5 arcface, 0.4 cosface, 0.4 adaface)')
+                   help='margin m (default: ' + ', '.join(f'{v} {k}' for k, v in margin.DEFAULT_MARGIN.items()) + ')')
     p.add_argument('--scale', type=float, default=64.0, help='logit scale s')
     p.add_argument('--adaface-h', type=float, default=0.333, help='AdaFace: h, the spread of the norm-adaptive margin')
     p.add_argument('--adaface-t-alpha', type=float, default=0.01,

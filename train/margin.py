@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-KINDS = ('arcface', 'cosface', 'adaface')
+KINDS = ('arcface', 'cosface', 'adaface')  # the registry: train.face's --loss choices come from here
 DEFAULT_MARGIN = dict(arcface=0.5, cosface=0.4, adaface=0.4)
 
 
@@ -48,7 +48,7 @@ class MarginLoss(nn.Module):
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f'sample_rate must be in (0, 1], got {sample_rate}')
         if kind not in KINDS:
-            raise ValueError(f"kind must be 'arcface', 'cosface' or 'adaface', got {kind!r}")
+            raise ValueError(f'kind must be one of {", ".join(map(repr, KINDS))}, got {kind!r}')
         self.kind = kind
         self.s = s
         self.m = m if m is not None else DEFAULT_MARGIN[kind]
