@@ -40,7 +40,7 @@ def exported(trained, tmp_path_factory):
     results = out.parent / 'lfw.json'
     results.write_text(json.dumps(dict(schema=R.SCHEMA, rows=[dict(
         dataset='lfw', kind='verification', num=6000, accuracy=0.99517, accuracy_std=0.00361, tar_at_far=0.981,
-        far_target=0.001, flip=True)], rerun=eval_lfw.parse_args(shlex.split(
+        far_target=0.001, flip=True, threshold=0.3125)], rerun=eval_lfw.parse_args(shlex.split(
             '--model mobileone_112_s0 --checkpoint /tmp/run7/ck.safetensors --data /home/me/faces/lfw.bin '
             '--results-file /tmp/run7/lfw.json -b 32')).rerun)))
     ijb = out.parent / 'ijbc.json'
@@ -354,3 +354,24 @@ def test_card_command_writes_a_card(tmp_path, exported):
     card = ModelCard.load(out_card)
     assert card.data.library_name == 'timm'
     assert 'No evaluation results were recorded' in card.text
+
+
+def test_export_records_the_verification_threshold_and_compare_uses_it(exported, tmp_path):
+    """hub export --results puts the model's own same / different threshold into config.json; `faces compare` on the
+    exported model answers at it when no threshold is given."""
+    from helpers import FACE_PEOPLE, LFW_DEV, face_photo, lfw_crop, run_main
+    out, _ = exported
+    config = json.loads((out / 'config.json').read_text())
+    assert config['face_verification'] == dict(threshold=0.3125, dataset='lfw', accuracy=0.99517,
+                                               rule='same when cosine >= threshold')
+    assert timm.create_model(f'local-dir:{out}', pretrained=True).pretrained_cfg['tag'] == 'test_tag'  # still loads
+    cv2 = pytest.importorskip('cv2')
+    if not (LFW_DEV / 'pairs.txt').is_file():
+        pytest.skip(f'{LFW_DEV} not found')
+    for n in (1, 2):
+        cv2.imwrite(str(tmp_path / f'{n}.jpg'), face_photo(lfw_crop(FACE_PEOPLE[0], n), n))
+    proc = run_main('timm_mobileone.faces.__main__', 'compare', tmp_path / '1.jpg', tmp_path / '2.jpg', '--model',
+                    f'local-dir:{out}')
+    result = json.loads(proc.stdout)
+    assert result['threshold'] == 0.3125 and 'config.json' in result['threshold_from']
+    assert result['same'] == (result['cosine'] >= 0.3125)

@@ -39,7 +39,7 @@ from .cli import cli
 from .deploy.profile import count_macs, count_params, fusion_error
 from .errors import UserError, first_line
 from .files import atomic_write
-from .hub_files import CARD_NAME, EXPORT_FILES, FUSED_WEIGHTS_NAME
+from .hub_files import CARD_NAME, CONFIG_NAME, EXPORT_FILES, FUSED_WEIGHTS_NAME
 from .models.heads import infer_model_args
 
 _logger = logging.getLogger(__name__)
@@ -218,6 +218,10 @@ def export(model_name: str, checkpoint: str, tag: str, out: str, results: Sequen
         # timm writes the train-time model.safetensors and config.json; the fused file is ours
         model.pretrained_cfg = dict(model.pretrained_cfg, tag=tag, license=license, notes=None)
         save_for_hf(model, str(tmp), model_config=dict(pretrained_cfg=dict(tag=tag)), safe_serialization=True)
+        verification = face_verification(rows)
+        if verification:  # where the model's own verification said same / different (timm ignores the key)
+            config = json.loads((tmp / CONFIG_NAME).read_text())
+            (tmp / CONFIG_NAME).write_text(json.dumps(dict(config, face_verification=verification), indent=2))
         save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, str(tmp / FUSED_WEIGHTS_NAME),
                   metadata={'format': 'pt'})
         (tmp / CARD_NAME).write_text(render_card(model, tag, repo_id, rows, license, datasets, train_data))
@@ -231,6 +235,16 @@ def export(model_name: str, checkpoint: str, tag: str, out: str, results: Sequen
         params=count_params(model), fused_params=count_params(fused),
         fusion_rel_err_float64=err64, fusion_rel_err_float32=err32, results=len(rows),
     )
+
+
+def face_verification(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """config.json's `face_verification`: the cosine threshold of the first verification result that has one (what
+    `python -m timm_mobileone.faces compare` answers same / different at for this model), its dataset and rule."""
+    for r in rows:
+        if r.get('kind') == 'verification' and isinstance(r.get('threshold'), (int, float)):
+            return dict(threshold=float(r['threshold']), dataset=r['dataset'], accuracy=r.get('accuracy'),
+                        rule='same when cosine >= threshold')
+    return None
 
 
 def push(folder: str, repo_id: str, private: bool = False, revision: Optional[str] = None,

@@ -6,7 +6,8 @@ with its own detail (folds, thresholds, timings, versions) and, for the Hub tool
     "schema": "timm_mobileone.eval/1",
     "rows": [                                  # one per dataset scored
       {"dataset": "lfw", "kind": "verification", "num": 6000, "flip": true,
-       "accuracy": 0.995, "accuracy_std": 0.003, "tar_at_far": 0.98, "far_target": 0.001},
+       "accuracy": 0.995, "accuracy_std": 0.003, "tar_at_far": 0.98, "far_target": 0.001,
+       "threshold": 0.31},                   # the cosine of same / different (optional; `cosine_threshold`)
       {"dataset": "ijbc", "kind": "ijb", "num": 15658489, "flip": true,
        "tar_at_far": {"1e-6": ..., "1e-5": ..., "1e-4": ..., "1e-3": ..., "1e-2": ..., "1e-1": ...}, "auc": ...},
       {"dataset": "imagenet", "kind": "classification", "num": 50000, "top1": 71.4, "top5": 90.2}
@@ -111,4 +112,18 @@ def rows_of(out: Dict[str, Any]) -> List[Dict[str, Any]]:
     flip = out['common'].get('flip')
     return [dict(dataset=r['dataset'], kind='verification', num=r.get('num_pairs'), flip=flip,
                  accuracy=r['accuracy'], accuracy_std=r.get('accuracy_std'), tar_at_far=r.get('tar_at_far'),
-                 far_target=r.get('far_target', 1e-3)) for r in out['results']]
+                 far_target=r.get('far_target', 1e-3), threshold=cosine_threshold(r.get('thresholds')))
+            for r in out['results']]
+
+
+def cosine_threshold(thresholds: Any) -> Optional[float]:
+    """The cosine at and above which a pair is 'same', from insightface's per-fold best thresholds (squared L2
+    distances t of unit embeddings: same when |a - b|^2 < t, i.e. cosine > 1 - t / 2): the folds' median. None where
+    there are none."""
+    if not (isinstance(thresholds, list) and thresholds
+            and all(isinstance(t, _NUMBER) and 0 <= t <= 4 for t in thresholds)):
+        return None
+    ordered = sorted(float(t) for t in thresholds)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return round(1.0 - median / 2.0, 6)

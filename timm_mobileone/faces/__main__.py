@@ -1,20 +1,25 @@
-"""Photos in, answers out: `python -m timm_mobileone.faces compare|embed|search` (needs the `[faces]` extra).
+"""Photos in, answers out: `python -m timm_mobileone.faces compare|embed|search|demo` (needs the `[faces]` extra).
 
     python -m timm_mobileone.faces compare A.jpg B.jpg --model hf-hub:<repo> [--threshold 0.3 | --results eval.json]
     python -m timm_mobileone.faces embed PHOTOS/ --out gallery.npz --model ... [--dtype float16]
     python -m timm_mobileone.faces search --gallery gallery.npz --query Q.jpg -k 5 --model ...
+    python -m timm_mobileone.faces demo --model ... [--threshold 0.3 | --results eval.json] [--port 7860]
 
 Each prints one JSON object on stdout (progress on stderr); a user mistake is one `error:` line and exit code 2.
 
 - `compare`: the cosine of the two photos' faces, and `same` at a threshold: `--threshold` (a cosine), else the one
   an eval result of this model gives (`--results FILE`, what `python -m eval.* --results-file` writes: the median of
-  its folds' best thresholds), else the cosine alone and a `note` saying why there is no answer.
+  its folds' best thresholds), else the one a Hub / local-dir model's config.json records (`hub export --results`),
+  else the cosine alone and a `note` saying why there is no answer.
 - `embed`: every photo under PHOTOS (recursively) to a gallery file (`timm_mobileone.faces.gallery`: the chosen
   face's embedding, the paths, the model) and FILE.records.jsonl (each photo's status, box, score, landmarks).
   Resumable: the records and embeddings land photo by photo in FILE.partial/; a rerun embeds only what is missing,
   and the gallery is written (atomically) when every photo has a record.
 - `search`: the -k nearest gallery entries of the query photo's face by cosine, exact (chunked matrix products over
   the memory-mapped gallery: no index).
+- `demo`: a web page (Gradio, the `[demo]` extra) on --host:--port until Ctrl-C: two photos uploaded, each shown
+  with its faces found (the compared one highlighted), the aligned crops, the cosine and the answer at the threshold
+  (`compare`'s flags); `timm_mobileone.faces.demo.build_demo` is the page, for a Space's app.py.
 """
 import argparse
 import json
@@ -71,8 +76,9 @@ def _photo_file(path: str, flag: str) -> Path:
 
 
 def threshold_from_results(path: str) -> float:
-    """The cosine threshold of an eval result: the median of its verification rows' fold thresholds (insightface's
-    squared-distance thresholds t on unit embeddings: same when |a - b|^2 < t, i.e. cosine > 1 - t / 2)."""
+    """The cosine threshold of an eval result (`--results-file` of eval.lfw / cfp / verify): the median of its
+    verification results' fold thresholds (`timm_mobileone.results.cosine_threshold`)."""
+    from ..results import cosine_threshold
     try:
         obj = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -81,12 +87,12 @@ def threshold_from_results(path: str) -> float:
     found: List[float] = []
     for r in (obj.get('results') if isinstance(obj, dict) and isinstance(obj.get('results'), list) else [obj]):
         t = r.get('thresholds') if isinstance(r, dict) else None
-        if isinstance(t, list) and t and all(isinstance(v, (int, float)) and 0 <= v <= 4 for v in t):
-            found += [float(v) for v in t]
+        if cosine_threshold(t) is not None:
+            found += t
     if not found:
         raise UserError(f'--results {path}: no verification thresholds in it (an eval.lfw / eval.cfp / eval.verify '
                         f'--results-file holds them)')
-    return 1.0 - float(np.median(found)) / 2.0
+    return cosine_threshold(found)
 
 
 def compare(args) -> Dict:
@@ -100,6 +106,10 @@ def compare(args) -> Dict:
     if args.results:
         threshold, source = threshold_from_results(args.results), f'{args.results} (median fold threshold)'
     faces = _embedder(args)
+    if threshold is None and faces.verification is not None:
+        found = faces.verification
+        threshold = float(found['threshold'])
+        source = f'{args.model} config.json (its eval on {found.get("dataset", "?")})'
     a, b = faces(paths, all_faces=False)
     out: Dict = dict(a=a.to_json(), b=b.to_json(), embedder=faces.info)
     missing = [r for r in (a, b) if r.face is None]
@@ -251,6 +261,69 @@ def search(args) -> Dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# demo
+
+
+def _check_address(host: str, port: int) -> None:
+    """UserError unless this machine can listen on host:port (a taken port, another machine's address)."""
+    import socket
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+            s.bind(address)
+    except OSError as e:
+        raise UserError(f'--host {host} --port {port}: cannot serve there ({e.strerror or e})') from None
+
+
+def demo(args) -> Dict:
+    import contextlib
+    import time
+    if args.threshold is not None and args.results:
+        raise UserError('--threshold and --results: give one')
+    if args.threshold is not None and not -1 <= args.threshold <= 1:
+        raise UserError(f'--threshold {args.threshold}: a cosine, in [-1, 1]')
+    if not 1 <= args.port <= 65535:
+        raise UserError(f'--port {args.port}: a TCP port, 1 to 65535')
+    threshold, source = args.threshold, ''
+    if args.results:
+        threshold, source = threshold_from_results(args.results), f'{args.results}, its median fold threshold'
+    try:
+        from .demo import build_demo
+    except ModuleNotFoundError as e:
+        if (e.name or '').split('.')[0] != 'gradio':
+            raise
+        raise UserError("the demo needs gradio: pip install 'timm-mobileone[demo]'") from None
+    _check_address(args.host, args.port)  # before the model loads
+    faces = _embedder(args)
+    recorded = getattr(faces, 'verification', None)  # as compare: a Hub / local-dir model's own threshold
+    if threshold is None and recorded is not None:
+        threshold = float(recorded['threshold'])
+        source = f'{args.model} config.json, its eval on {recorded.get("dataset", "?")}'
+    page = build_demo(faces, threshold, threshold_from=source)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # gradio's own lines: stdout carries the one JSON object
+            page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
+                        show_error=True)
+    except OSError as e:  # the port taken, the host not this machine's
+        raise UserError(f'--host {args.host} --port {args.port}: cannot serve there ({str(e).split(". ")[0]})') \
+            from None
+    url = f'http://{args.host}:{args.port}'
+    print(f'demo: serving {url} (Ctrl-C stops it)', file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print('demo: stopped', file=sys.stderr)
+    finally:
+        with contextlib.redirect_stdout(sys.stderr):
+            page.close()
+    return dict(url=url, threshold=None if threshold is None else round(threshold, 6),
+                threshold_from=source or ('given' if threshold is not None else None), embedder=faces.info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -279,6 +352,13 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument('-k', type=int, default=5)
     p.add_argument('--chunk', type=int, default=32768, help='gallery rows per matrix product')
     _model_flags(p)
+    p = commands.add_parser('demo', help='a web page to try it: two photos, same person or not (the [demo] extra)',
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--threshold', type=float, default=None, help='cosine at and above which the answer is "same"')
+    p.add_argument('--results', default='', help='an eval result of this model (--results-file): its threshold')
+    p.add_argument('--host', default='127.0.0.1', help='address to serve on (0.0.0.0: every interface)')
+    p.add_argument('--port', type=int, default=7860, help='TCP port to serve on')
+    _model_flags(p)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UserError('--batch-size must be >= 1')
@@ -288,7 +368,7 @@ def parse_args(argv: Optional[List[str]] = None):
 @cli
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
-    result = dict(compare=compare, embed=embed, search=search)[args.command](args)
+    result = dict(compare=compare, embed=embed, search=search, demo=demo)[args.command](args)
     result = dict(command=args.command, **result)
     print(json.dumps(result))
     return result

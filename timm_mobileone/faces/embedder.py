@@ -88,6 +88,9 @@ class FaceEmbedder:
         if batch_size < 1:
             raise UserError('batch size must be >= 1')
         self.flip, self.batch_size, self.select, self.channel_order = flip, batch_size, select, channel_order
+        # a Hub / local-dir model's own verification result (config.json's face_verification, written by `hub
+        # export --results`): the cosine threshold `compare` answers at when none is given
+        self.verification: Optional[Dict[str, Any]] = None
         self.device = torch.device(device)
         hub = model.startswith(('hf-hub:', 'local-dir:'))
         if bool(artifact) != bool(runtime):
@@ -126,6 +129,8 @@ class FaceEmbedder:
             self.raw_pixels = bool(raw_pixels)
             self.info = dict(model=model, checkpoint=str(checkpoint) if checkpoint else None,
                              checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None)
+            if hub:
+                self.verification = _hub_verification(model)
         if tuple(self.cfg.get('input_size', (3, 112, 112))[-2:]) != (A.CROP_SIZE, A.CROP_SIZE):
             raise UserError(f'{model}: takes {self.cfg["input_size"]} inputs; faces are aligned to '
                             f'{A.CROP_SIZE}x{A.CROP_SIZE} crops')
@@ -229,3 +234,21 @@ def _bgr(photo: Photo) -> np.ndarray:
     if min(rgb.shape[:2]) < 8:
         raise ValueError(f'is {rgb.shape[1]}x{rgb.shape[0]} pixels, too small to hold a face')
     return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def _hub_verification(model: str) -> Optional[Dict[str, Any]]:
+    """config.json's `face_verification` of an `hf-hub:` / `local-dir:` model (its threshold a number), else None."""
+    import json
+    try:
+        if model.startswith('local-dir:'):
+            path = Path(model[len('local-dir:'):]) / 'config.json'
+        else:
+            from huggingface_hub import hf_hub_download
+            repo, _, revision = model[len('hf-hub:'):].partition('@')
+            path = Path(hf_hub_download(repo, 'config.json', revision=revision or None))  # cached by timm's load
+        found = json.loads(path.read_text()).get('face_verification')
+    except Exception:  # no config, offline, not JSON: the threshold is simply unknown
+        return None
+    if isinstance(found, dict) and isinstance(found.get('threshold'), (int, float)) and -1 <= found['threshold'] <= 1:
+        return found
+    return None
