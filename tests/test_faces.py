@@ -142,8 +142,8 @@ def test_embed_resumes_and_search_finds_the_same_person(photos, tmp_path, monkey
     order = [c.paths.index(p) for p in g.paths]
     assert np.allclose(np.asarray(g.embeddings), np.asarray(c.embeddings)[order], atol=1e-6)
     query = photos / FACE_PEOPLE[1] / '2.jpg'
-    out = json.loads(run_main('timm_mobileone.faces.__main__', 'search', '--gallery', gallery, '--query', query, '-k', '3',
-                              *MODEL).stdout)
+    out = json.loads(run_main('timm_mobileone.faces.__main__', 'search', '--gallery', gallery, '--query', query,
+                              '-k', '3', *MODEL).stdout)
     assert out['matches'][0]['photo'] == f'{FACE_PEOPLE[1]}/2.jpg' and out['matches'][0]['cosine'] > 0.999
     assert len(out['matches']) == 3 and out['entries'] == 6
     records = [json.loads(line) for line in gallery.with_name('g.npz.records.jsonl').read_text().splitlines()]

@@ -8,11 +8,12 @@ The file is an uncompressed `.npz` (numpy's own container, readable by `np.load`
 - `meta`: a UTF-8 JSON object (the model that made the embeddings, its embedding size, the flip setting, ...).
 
 `open_gallery` memory-maps `embeddings` straight from the file (a stored zip member is the `.npy` bytes at an offset),
-so a million 512-d entries are searched chunk by chunk with no more memory than one chunk, and no index to build or
-keep in step: `search` is exact, not approximate (chunked matrix products, the running top-k merged per chunk): no
-entry scoring above the k-th is missed; scores are float32 products (a BLAS kernel rounds a product of another
-shape differently, ~1e-7, so copies of one embedding can swap places). Every field is checked against the file's size and the others before anything
-is read, so a truncated or tampered file is one `GalleryError` line, never a traceback or a huge allocation.
+so a million 512-d entries are searched chunk by chunk with no more memory than one chunk, and no index to build or keep
+in step: `search` is exact, not approximate (chunked matrix products, the running top-k merged per chunk): no entry
+scoring above the k-th is missed; scores are float32 products (a BLAS kernel rounds a product of another shape
+differently, ~1e-7, so copies of one embedding can swap places). Every field is checked against the file's size and the
+others before anything is read, so a truncated or tampered file is one `GalleryError` line, never a traceback or a huge
+allocation.
 """
 import io
 import json
