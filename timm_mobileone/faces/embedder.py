@@ -124,7 +124,9 @@ class FaceEmbedder:
                              input_cfg_from=model)
         else:
             net = create_model_checked(model, pretrained=hub, checkpoint=checkpoint)
-            self.model = timm.utils.reparameterize_model(net.eval()).to(self.device)
+            # channels_last, as eval runs it: CPU depthwise convs are 2-3x faster in it (MobileFaceNet, MobileOne)
+            self.model = timm.utils.reparameterize_model(net.eval()).to(self.device,
+                                                                        memory_format=torch.channels_last)
             self.cfg = dict(self.model.pretrained_cfg)
             self.raw_pixels = bool(raw_pixels)
             self.info = dict(model=model, checkpoint=str(checkpoint) if checkpoint else None,
@@ -147,7 +149,8 @@ class FaceEmbedder:
             return np.asarray(self._run(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float32)
         import torch
         with torch.inference_mode():
-            return self.model(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
+            x = torch.from_numpy(x).to(self.device).contiguous(memory_format=torch.channels_last)
+            return self.model(x).float().cpu().numpy()
 
     def embed_crops(self, crops: np.ndarray) -> np.ndarray:
         """(N, D) float32 unit embeddings of (N, 112, 112, 3) uint8 RGB aligned crops, in batches: the model's
@@ -163,12 +166,14 @@ class FaceEmbedder:
                 x = x[:, ::-1]
             if not self.raw_pixels:
                 x = (x / 255 - self.mean) / self.std
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            raw = self._forward(x).astype(np.float64)
+            n = len(x)
+            if self.flip:  # the image and its mirror in one forward pass, as eval batches them
+                x = np.concatenate([x, x[..., ::-1]])
+            raw = self._forward(np.ascontiguousarray(x, dtype=np.float32)).astype(np.float64)
             if raw.ndim != 2:
                 raise UserError(f'the model returns {raw.ndim}-D outputs; faces need (B, D) embeddings')
             if self.flip:
-                raw = raw + self._forward(np.ascontiguousarray(x[..., ::-1])).astype(np.float64)
+                raw = raw[:n] + raw[n:]
             norms = np.linalg.norm(raw, axis=1, keepdims=True)
             out.append((raw / np.where(norms > 0, norms, 1)).astype(np.float32))
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
