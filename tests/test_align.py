@@ -398,3 +398,27 @@ def test_ctrl_c_while_starting_exits_130(tmp_path):
                           env={**os.environ, 'PYTHONPATH': str(tmp_path / 'fake')})
     assert proc.returncode == 130 and proc.stderr == 'error: interrupted\n' and proc.stdout == ''
     assert not (tmp_path / 'crops').exists()
+
+
+def test_overwrite_removes_nothing_a_record_leads_out_to(tmp_path, capsys):
+    """Records are a file a user can edit: --overwrite removes a recorded crop only where it really lies inside the
+    destination (not through a linked folder into the photos), and a records file hard-linked to another file is
+    refused before a line is appended to it."""
+    import os
+    from benchmarks.fuzz_targets import snapshot
+    src, dst = tmp_path / 'photos', tmp_path / 'crops'
+    _noise(src / 'a.jpg', 0)
+    _noise(src / 'sub' / 'b.jpg', 1)
+    _align(capsys, src, dst)
+    (dst / 'link').symlink_to(src / 'sub')
+    with open(dst / A.RECORDS_FILE, 'a') as f:
+        f.write(json.dumps(dict(image='link/b.jpg', served='center')) + '\n')
+    before = snapshot(src)
+    _align(capsys, src, dst, '--overwrite', '--fallback', 'none')
+    assert snapshot(src) == before
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('mine')
+    (dst / A.RECORDS_FILE).unlink()
+    os.link(notes, dst / A.RECORDS_FILE)
+    assert 'hard link' in _exit_2(capsys, align_cli.main, [str(src), str(dst), '--align-workers', '1'])
+    assert notes.read_text() == 'mine'

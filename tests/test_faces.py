@@ -46,9 +46,9 @@ def weights(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def embedder():
+def embedder(weights):
     from timm_mobileone.faces import FaceEmbedder
-    return FaceEmbedder('mobileone_112_test', batch_size=4)
+    return FaceEmbedder('mobileone_112_test', str(weights), batch_size=4)
 
 
 def test_each_photo_gets_a_status_and_its_faces(photos, embedder):
@@ -105,8 +105,17 @@ def test_compare(photos, tmp_path):
     (['search', '--gallery', '{p}/noise.png', '--query', '{p}/noise.png'], 'not a gallery file'),
     (['embed', '{p}', '--out', '{p}/g.txt'], 'a gallery is a .npz file'),
     (['compare', '{p}/noise.png', '{p}/noise.png', '--artifact', '{p}/noise.png'], 'needs its runtime'),
+    (['compare', '{p}/noise.png', '{p}/noise.png', '--device', 'bogus'], "device 'bogus'"),
+    (['compare', '{p}/noise.png', '{p}/noise.png', '--results', '{p}/deep.json'], 'not a readable JSON'),
+    (['compare', '{p}/noise.png', '{p}/noise.png', '--results', '{p}/bools.json'], 'no verification thresholds'),
+    (['compare', '{p}', '{p}/noise.png'], 'not a regular file'),
+    (['search', '--gallery', '{p}/noise.png', '--query', '{p}/noise.png', '--chunk', '0'], '--chunk 0'),
+    (['embed', '{p}', '--out', '{p}/folder.npz', '--overwrite'], 'exists and is not a file'),
 ])
 def test_user_errors_are_one_line(photos, argv, message):
+    (photos / 'deep.json').write_text('[' * 200000)
+    (photos / 'bools.json').write_text('{"thresholds": [true, false]}')
+    (photos / 'folder.npz').mkdir(exist_ok=True)
     proc = run_main('timm_mobileone.faces.__main__', *[a.format(p=photos) for a in argv], *MODEL)
     assert proc.returncode == 2 and proc.stdout == '', proc
     assert proc.stderr.startswith('error: ') and proc.stderr.count('\n') == 1 and message in proc.stderr, proc.stderr
@@ -212,3 +221,59 @@ def test_hostile_photos_get_a_status_each(photos, embedder, tmp_path):
     out = json.loads(run_main('timm_mobileone.faces.__main__', 'embed', loop, '--out', tmp_path / 'g.npz', *MODEL,
                               '--no-progress').stdout)
     assert out['photos'] == 1 and out['embedded'] == 1
+
+
+def test_no_weights_no_embeddings(photos):
+    """A model without weights (no checkpoint, Hub name or artifact) is refused: random weights give confident
+    cosines of nothing, and two runs (embed, then search) would be two different models."""
+    proc = run_main('timm_mobileone.faces.__main__', 'compare', photos / 'noise.png', photos / 'noise.png',
+                    '--model', 'mobileone_112_test')
+    assert proc.returncode == 2 and 'no weights given' in proc.stderr and proc.stderr.count('\n') == 1
+
+
+def test_a_model_that_outputs_nan_is_a_photo_error(photos, embedder, monkeypatch):
+    monkeypatch.setattr(type(embedder), '_forward', lambda self, x: np.full((len(x), 8), np.nan, np.float32))
+    result = embedder([photos / FACE_PEOPLE[0] / '1.jpg'])[0]
+    assert result.status == 'error' and 'not finite' in result.error and result.face is None
+
+
+def test_two_faces_are_counted_as_two(photos, embedder, tmp_path):
+    left, right = (cv2.imread(str(photos / FACE_PEOPLE[i] / '1.jpg')) for i in (0, 1))
+    cv2.imwrite(str(tmp_path / 'two.jpg'), np.concatenate([left, right], axis=1))
+    result = embedder([tmp_path / 'two.jpg'], all_faces=False)[0]
+    assert result.status == 'several_faces' and result.to_json()['faces'] == 2 and len(result.faces) == 1
+
+
+def test_embed_keeps_odd_names_and_redoes_replaced_photos(photos, embedder, tmp_path, monkeypatch):
+    """A file name that is not UTF-8 keeps its bytes in the gallery; a photo replaced under its name between an
+    interrupted run and its resume is embedded again (its size and time are recorded), not kept stale."""
+    import os
+
+    from timm_mobileone.faces import embedder as E
+    from timm_mobileone.faces.gallery import open_gallery
+    src = tmp_path / 'src'
+    src.mkdir()
+    odd = os.fsdecode(b'odd\xffname.jpg')
+    (src / 'b.jpg').write_bytes((photos / FACE_PEOPLE[1] / '1.jpg').read_bytes())
+    (src / odd).write_bytes((photos / FACE_PEOPLE[0] / '1.jpg').read_bytes())
+    out = tmp_path / 'g.npz'
+    argv = ['embed', src, '--out', out, *MODEL, '--no-progress', '-b', '1']
+    real, calls = E.FaceEmbedder.__call__, {'n': 0}
+
+    def interrupted(self, photos, all_faces=True):
+        calls['n'] += 1
+        if calls['n'] == 2:
+            raise KeyboardInterrupt
+        return real(self, photos, all_faces)
+
+    monkeypatch.setattr(E.FaceEmbedder, '__call__', interrupted)
+    assert run_main('timm_mobileone.faces.__main__', *argv).returncode == 130  # b.jpg embedded, then Ctrl-C
+    monkeypatch.setattr(E.FaceEmbedder, '__call__', real)
+    (src / 'b.jpg').write_bytes((photos / FACE_PEOPLE[2] / '1.jpg').read_bytes())
+    st = (src / 'b.jpg').stat()
+    os.utime(src / 'b.jpg', ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # a coarse clock could leave it equal
+    assert json.loads(run_main('timm_mobileone.faces.__main__', *argv).stdout)['embedded'] == 2
+    g = open_gallery(out)
+    assert odd in g.paths
+    now = embedder([src / 'b.jpg'])[0].face.embedding
+    assert np.allclose(np.asarray(g.embeddings)[g.paths.index('b.jpg')], now, atol=1e-5)

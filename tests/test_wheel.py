@@ -96,11 +96,14 @@ def test_two_photos_one_answer_from_the_installed_wheel(wheel_env, tmp_path):
     pytest.importorskip('skimage')
     if not (LFW_DEV / 'pairs.txt').is_file():
         pytest.skip(f'{LFW_DEV} not found')
+    import timm
+    import torch
     python, site, work, env = wheel_env
     for n in (1, 2):
         cv2.imwrite(str(work / f'{n}.jpg'), face_photo(lfw_crop(FACE_PEOPLE[0], n), n))
+    torch.save(timm.create_model('mobileone_112_test').state_dict(), work / 'weights.pth')  # any weights: not random
     out = json.loads(_run([str(python), '-m', 'timm_mobileone.faces', 'compare', '1.jpg', '2.jpg', '--model',
-                           'mobileone_112_test', '--threshold', '0.2'], work, env))
+                           'mobileone_112_test', '--checkpoint', 'weights.pth', '--threshold', '0.2'], work, env))
     assert out['a']['status'] == out['b']['status'] == 'ok' and isinstance(out['same'], bool)
     assert -1 <= out['cosine'] <= 1 and out['threshold'] == 0.2
     assert list(site.rglob('face_detection_yunet_2023mar.onnx')) and list(site.rglob('faces/detectors/LICENSE'))

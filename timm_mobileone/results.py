@@ -121,7 +121,7 @@ def cosine_threshold(thresholds: Any) -> Optional[float]:
     distances t of unit embeddings: same when |a - b|^2 < t, i.e. cosine > 1 - t / 2): the folds' median. None where
     there are none."""
     if not (isinstance(thresholds, list) and thresholds
-            and all(isinstance(t, _NUMBER) and 0 <= t <= 4 for t in thresholds)):
+            and all(isinstance(t, _NUMBER) and not isinstance(t, bool) and 0 <= t <= 4 for t in thresholds)):
         return None
     ordered = sorted(float(t) for t in thresholds)
     mid = len(ordered) // 2

@@ -67,7 +67,8 @@ def _embedder(args):
 def _photo_file(path: str, flag: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f'{flag}{" " if flag else ""}{path}: no such file')
+        what = 'not a regular file' if p.exists() else 'no such file'
+        raise UserError(f'{flag}{" " if flag else ""}{path}: {what}')
     return p
 
 
@@ -81,7 +82,7 @@ def threshold_from_results(path: str) -> float:
     from ..results import cosine_threshold
     try:
         obj = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f'--results {path}: not a readable JSON file ({str(e).splitlines()[0] if str(e) else e})') \
             from None
     found: List[float] = []
@@ -145,6 +146,15 @@ def _records(path: Path) -> Dict[str, Dict]:
     return out
 
 
+def _source_key(path: Path) -> Optional[List[int]]:
+    """A photo's size and modification time (ns): what says an embedding was made from the file there now."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
 def embed(args) -> Dict:
     from tqdm import tqdm
 
@@ -155,6 +165,8 @@ def embed(args) -> Dict:
         raise UserError(f'{src}: no such folder')
     if out.suffix != '.npz':
         raise UserError(f'--out {out}: a gallery is a .npz file')
+    if out.exists() and not out.is_file():
+        raise UserError(f'--out {out}: exists and is not a file')
     if out.exists() and not args.overwrite:
         raise UserError(f'--out {out}: exists (--overwrite to replace it)')
     if args.dtype not in ('float32', 'float16'):
@@ -175,30 +187,41 @@ def embed(args) -> Dict:
     faces = _embedder(args)
     stated = dict(faces.info, select=args.select, score_threshold=args.score_threshold)
     info_path = work / 'embedder.json'
-    if info_path.is_file() and json.loads(info_path.read_text()) != json.loads(json.dumps(stated)):
-        raise UserError(f'{work} holds embeddings of another model or settings: remove it, or give those again')
+    try:
+        before = json.loads(info_path.read_text()) if info_path.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        before = 'unreadable'
+    if before is not None and before != json.loads(json.dumps(stated)):
+        raise UserError(f'{work} holds embeddings of another model or settings (or its embedder.json is damaged): '
+                        f'remove it, or give those again')
     atomic_write(info_path, lambda f: f.write(json.dumps(stated).encode()))
-    dim: Optional[int] = None
-    # the embeddings file holds one row per record with an embedding, in record order: rows past the last record
-    # (a crash between the two writes) are cut
+    # the embeddings file holds one row per record with an embedding, appended in order: rows past the last record
+    # (a crash between the two writes) are cut; a hand-edited record that does not fit is refused, nothing cut
     with_rows = [r for r in done.values() if 'row' in r]
+    dims = {r.get('dim') for r in with_rows}
+    if any(type(r['row']) is not int or r['row'] < 0 for r in with_rows) or \
+            any(type(d) is not int or d < 1 for d in dims) or len(dims) > 1:
+        raise UserError(f'{records_path}: records whose rows or sizes do not fit (edited?): remove {work} to start '
+                        f'again')
+    dim: Optional[int] = dims.pop() if dims else None
+    next_row = max((r['row'] for r in with_rows), default=-1) + 1
     if with_rows:
-        dim = int(with_rows[0]['dim'])
-        keep = (max(r['row'] for r in with_rows) + 1) * dim * 4
-        if vectors_path.stat().st_size < keep:
+        keep = next_row * dim * 4
+        if not vectors_path.is_file() or vectors_path.stat().st_size < keep:
             raise UserError(f'{vectors_path}: shorter than its records (remove {work} to start again)')
         with open(vectors_path, 'r+b') as f:
             f.truncate(keep)
-    todo = [n for n in names if n not in done]
-    next_row = sum(1 for r in done.values() if 'row' in r)
+    # a photo is done when recorded from the same file: one replaced under its name (size, mtime) is embedded again
+    todo = [n for n in names if n not in done or done[n].get('source') != _source_key(src / n)]
     bar = tqdm(total=len(names), initial=len(names) - len(todo), desc='embed', unit='photo', file=sys.stderr,
                disable=not (args.progress and sys.stderr.isatty()))
     try:
         with open(records_path, 'a', encoding='utf-8') as log, open(vectors_path, 'ab') as vectors:
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start:start + args.batch_size]
-                for name, result in zip(batch, faces([src / n for n in batch], all_faces=False)):
-                    record = dict(result.to_json(), photo=name)
+                sources = [_source_key(src / n) for n in batch]  # before reading: a later change is seen next time
+                for name, source, result in zip(batch, sources, faces([src / n for n in batch], all_faces=False)):
+                    record = dict(result.to_json(), photo=name, source=source)
                     if result.face is not None:
                         vector = result.face.embedding.astype(np.float32)
                         dim = dim or len(vector)
@@ -222,7 +245,7 @@ def embed(args) -> Dict:
     if not rows:
         raise UserError(f'{src}: no face found in any of its {len(names)} photos (records: {records_path})')
     save_gallery(out, embeddings, [r['photo'] for r in rows], dict(stated, source=str(src)), args.dtype)
-    report = sorted(done.values(), key=lambda r: r['photo'])
+    report = sorted((r for r in done.values() if r['photo'] in listed), key=lambda r: r['photo'])
     atomic_write(out.with_name(out.name + '.records.jsonl'),
                  lambda f: f.write(''.join(json.dumps(r) + '\n' for r in report).encode()))
     for p in (records_path, vectors_path, info_path):
@@ -239,6 +262,8 @@ def search(args) -> Dict:
     from .gallery import open_gallery, search as top_k
     if args.k < 1:
         raise UserError(f'-k {args.k}: must be >= 1')
+    if args.chunk < 1:
+        raise UserError(f'--chunk {args.chunk}: must be >= 1')
     query = _photo_file(args.query, '--query')
     gallery = open_gallery(args.gallery)  # checked before the model loads: a bad file costs nothing
     faces = _embedder(args)

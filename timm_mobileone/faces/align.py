@@ -269,6 +269,8 @@ def _plain_name(name: str) -> bool:
 def _check_target(path: Path) -> None:
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise UserError(f'{path}: exists and is not a plain file (the crops and records are written there)')
+    if path.name == RECORDS_FILE and path.exists() and path.stat().st_nlink > 1:  # appended in place, not replaced
+        raise UserError(f'{path}: is a hard link to another file, which appending records would change')
 
 
 def check_destination(src: Path, dst: Path, names: Sequence[str]) -> None:
@@ -368,9 +370,12 @@ def align_folder(src: Path, dst: Path, names: Sequence[str], settings: AlignSett
     records_path = dst / RECORDS_FILE
     try:
         if overwrite:  # the destination becomes exactly what these settings make: no crop of an earlier run stays
-            for name in _read_records(records_path):
-                if _plain_name(name) and (dst / name).is_file() and not (dst / name).is_symlink():
-                    (dst / name).unlink()
+            inside = dst.resolve()
+            for name in _read_records(records_path):  # a file a user can edit: each name checked before a removal
+                crop = dst / name
+                if _plain_name(name) and crop.is_file() and not crop.is_symlink() \
+                        and crop.parent.resolve().is_relative_to(inside):
+                    crop.unlink()
             records_path.unlink(missing_ok=True)
         done = _read_records(records_path)
         atomic_write(settings_path, lambda f: f.write((json.dumps(stated, indent=1) + '\n').encode()))

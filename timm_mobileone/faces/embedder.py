@@ -17,6 +17,7 @@ The model: a registered name with a checkpoint (`.safetensors`, `.pth`, insightf
 model name given beside it. `info` names what embeds: the artifact's path, runtime and sha256, or the model and its
 checkpoint's sha256.
 """
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -52,6 +53,7 @@ class PhotoFaces:
     status: str
     faces: List[Face] = field(default_factory=list)
     error: str = ''
+    found: int = 0  # faces the detector found and aligned (`faces` may hold the chosen one only)
 
     @property
     def face(self) -> Optional[Face]:
@@ -59,7 +61,7 @@ class PhotoFaces:
         return self.faces[0] if self.faces else None
 
     def to_json(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = dict(photo=self.source, status=self.status, faces=len(self.faces))
+        out: Dict[str, Any] = dict(photo=self.source, status=self.status, faces=max(self.found, len(self.faces)))
         if self.error:
             out['error'] = self.error
         if self.faces:
@@ -74,7 +76,7 @@ class FaceEmbedder:
     def __init__(self, model: str = 'mobileone_112_s0', checkpoint: str = '', *, artifact: str = '', runtime: str = '',
                  device: str = 'cpu', flip: bool = True, batch_size: int = 32, detector: str = '',
                  score_threshold: float = 0.5, min_side: int = 320, max_side: int = 640, select: str = 'area_score',
-                 raw_pixels: Optional[bool] = None, channel_order: str = 'rgb') -> None:
+                 raw_pixels: Optional[bool] = None, channel_order: str = 'rgb', allow_random: bool = False) -> None:
         import timm
         import torch
 
@@ -91,8 +93,14 @@ class FaceEmbedder:
         # a Hub / local-dir model's own verification result (config.json's face_verification, written by `hub
         # export --results`): the cosine threshold `compare` answers at when none is given
         self.verification: Optional[Dict[str, Any]] = None
-        self.device = torch.device(device)
         hub = model.startswith(('hf-hub:', 'local-dir:'))
+        if not (checkpoint or hub or artifact or allow_random):
+            raise UserError(f'{model}: no weights given (a checkpoint, an hf-hub: / local-dir: name or an artifact); '
+                            f'random weights embed nothing')
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise UserError(f'device {device!r}: {first_line(e)}') from None
         if bool(artifact) != bool(runtime):
             raise UserError('an artifact needs its runtime (e.g. runtime="onnx") and a runtime an artifact')
         if artifact:
@@ -125,8 +133,11 @@ class FaceEmbedder:
         else:
             net = create_model_checked(model, pretrained=hub, checkpoint=checkpoint)
             # channels_last, as eval runs it: CPU depthwise convs are 2-3x faster in it (MobileFaceNet, MobileOne)
-            self.model = timm.utils.reparameterize_model(net.eval()).to(self.device,
-                                                                        memory_format=torch.channels_last)
+            try:
+                self.model = timm.utils.reparameterize_model(net.eval()).to(self.device,
+                                                                            memory_format=torch.channels_last)
+            except (RuntimeError, AssertionError) as e:  # no such device here (cuda without a driver, ...)
+                raise UserError(f'device {device!r}: {first_line(e)}') from None
             self.cfg = dict(self.model.pretrained_cfg)
             self.raw_pixels = bool(raw_pixels)
             self.info = dict(model=model, checkpoint=str(checkpoint) if checkpoint else None,
@@ -197,7 +208,7 @@ class FaceEmbedder:
                 faces.append(Face(box=rows[i, :4].tolist(), score=float(rows[i, 14]), landmarks=landmarks, crop=crop))
         if not faces:
             return PhotoFaces(source, 'no_face')
-        return PhotoFaces(source, 'several_faces' if len(faces) > 1 else 'ok', faces)
+        return PhotoFaces(source, 'several_faces' if len(faces) > 1 else 'ok', faces, found=len(faces))
 
     def __call__(self, photos: Union[Photo, Sequence[Photo]], all_faces: bool = True) -> List[PhotoFaces]:
         """Detect, align and embed every face of every photo (`all_faces=False`: the chosen face only). A photo that
@@ -206,7 +217,7 @@ class FaceEmbedder:
             photos = [photos]
         results = []
         for i, photo in enumerate(photos):
-            source = str(photo) if isinstance(photo, (str, Path)) else f'<photo {i}>'
+            source = os.fsdecode(photo) if isinstance(photo, (str, Path)) else f'<photo {i}>'
             result = self.detect(photo, source)
             if not all_faces:
                 result.faces = result.faces[:1]
@@ -215,6 +226,9 @@ class FaceEmbedder:
         if faces:
             for f, e in zip(faces, self.embed_crops(np.stack([f.crop for f in faces]))):
                 f.embedding = e
+        for r in results:  # a model that outputs NaN or inf for a face: that photo's error, not a cosine of NaN
+            if any(not np.isfinite(f.embedding).all() for f in r.faces):
+                r.status, r.error, r.faces = 'error', 'the model\'s embedding of its face is not finite', []
         return results
 
 

@@ -57,12 +57,13 @@ class Gallery:
 
     def path(self, i: int) -> str:
         start, end = int(self._offsets[i]), int(self._offsets[i + 1])
-        return bytes(self._blob[start:end]).decode('utf-8', errors='replace')
+        return bytes(self._blob[start:end]).decode('utf-8', errors='surrogateescape')
 
     @property
     def paths(self) -> List[str]:
         blob = bytes(self._blob)
-        return [blob[a:b].decode('utf-8', errors='replace') for a, b in zip(self._offsets[:-1], self._offsets[1:])]
+        return [blob[a:b].decode('utf-8', errors='surrogateescape')
+                for a, b in zip(self._offsets[:-1], self._offsets[1:])]
 
 
 def save_gallery(file: Union[str, Path], embeddings: np.ndarray, paths: Sequence[str],
@@ -78,7 +79,7 @@ def save_gallery(file: Union[str, Path], embeddings: np.ndarray, paths: Sequence
         raise ValueError('embeddings hold NaN or infinite values')
     norms = np.linalg.norm(e, axis=1, keepdims=True)
     e = (e / np.where(norms > 0, norms, 1)).astype(dtype)
-    encoded = [p.encode('utf-8') for p in paths]
+    encoded = [p.encode('utf-8', 'surrogateescape') for p in paths]  # a file name's undecodable bytes, as they were
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in encoded], out=offsets[1:])
     meta = dict(meta or {}, version=GALLERY_VERSION, count=int(e.shape[0]), dim=int(e.shape[1]), dtype=dtype)
