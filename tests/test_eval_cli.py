@@ -12,6 +12,7 @@ import torch
 import timm
 from eval import cfp, lfw, verify
 from eval.api import combine_views, l2_normalize
+from timm_mobileone import results as R
 
 from helpers import SMALL_LFW, calibrate_bn, needs_small_lfw, run_main
 from train.synthetic import make_pack
@@ -56,7 +57,9 @@ def test_lfw_json_keys_and_types(pack, checkpoint, capsys, tmp_path):
     read = results.read(str(results_file))
     assert read['rows'] == [dict(dataset='lfw', kind='verification', num=25, flip=True, accuracy=printed['accuracy'],
                                  accuracy_std=printed['accuracy_std'], tar_at_far=printed['tar_at_far'],
-                                 far_target=0.001)]
+                                 far_target=0.001, threshold=R.cosine_threshold(printed['thresholds']))]
+    t = sorted(printed['thresholds'])  # the cosine of the folds' median squared-distance threshold
+    assert read['rows'][0]['threshold'] == pytest.approx(1 - (t[4] + t[5]) / 4, abs=1e-6)
     assert read['rerun']['module'] == 'eval.lfw' and '--checkpoint' not in read['rerun']['args']
     assert read['rerun']['args'][read['rerun']['args'].index('--data') + 1] == pack.name
 

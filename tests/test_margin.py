@@ -54,7 +54,7 @@ def test_margin_loss_falls_on_separable_toy_data():
 
 
 def test_bad_head_arguments():
-    with pytest.raises(ValueError, match="'arcface', 'cosface' or 'adaface'"):
+    with pytest.raises(ValueError, match="one of 'arcface', 'cosface', 'adaface', got 'sphereface'"):
         MarginHead(8, 4, kind='sphereface')
     with pytest.raises(ValueError, match='>= 2 classes'):
         MarginHead(8, 1)
