@@ -121,13 +121,10 @@ def test_user_errors_are_one_line(photos, argv, message):
     assert proc.stderr.startswith('error: ') and proc.stderr.count('\n') == 1 and message in proc.stderr, proc.stderr
 
 
-def test_embed_resumes_and_search_finds_the_same_person(photos, tmp_path, monkeypatch):
+def _embed_interrupted_at_second_batch(monkeypatch, argv):
+    """`faces embed argv` with Ctrl-C raised as its second batch starts: the process's result."""
     from timm_mobileone.faces import embedder as E
-    from timm_mobileone.faces.gallery import open_gallery
-    gallery = tmp_path / 'g.npz'
-    argv = ['embed', photos, '--out', gallery, *MODEL, '-b', '2', '--no-progress']
-    calls = {'n': 0}
-    real = E.FaceEmbedder.__call__
+    real, calls = E.FaceEmbedder.__call__, {'n': 0}
 
     def interrupted(self, photos, all_faces=True):
         calls['n'] += 1
@@ -135,10 +132,17 @@ def test_embed_resumes_and_search_finds_the_same_person(photos, tmp_path, monkey
             raise KeyboardInterrupt
         return real(self, photos, all_faces)
 
-    monkeypatch.setattr(E.FaceEmbedder, '__call__', interrupted)
-    proc = run_main('timm_mobileone.faces.__main__', *argv)
+    with monkeypatch.context() as m:
+        m.setattr(E.FaceEmbedder, '__call__', interrupted)
+        return run_main('timm_mobileone.faces.__main__', *argv)
+
+
+def test_embed_resumes_and_search_finds_the_same_person(photos, tmp_path, monkeypatch):
+    from timm_mobileone.faces.gallery import open_gallery
+    gallery = tmp_path / 'g.npz'
+    argv = ['embed', photos, '--out', gallery, *MODEL, '-b', '2', '--no-progress']
+    proc = _embed_interrupted_at_second_batch(monkeypatch, argv)
     assert proc.returncode == 130 and 'resumes' in proc.stderr and not gallery.exists()
-    monkeypatch.setattr(E.FaceEmbedder, '__call__', real)
     out = json.loads(run_main('timm_mobileone.faces.__main__', *argv).stdout)
     assert out['photos'] == 8 and out['embedded'] == 6 and out['statuses'] == {'ok': 6, 'no_face': 1, 'error': 1}
     g = open_gallery(gallery, 512)
@@ -249,7 +253,6 @@ def test_embed_keeps_odd_names_and_redoes_replaced_photos(photos, embedder, tmp_
     interrupted run and its resume is embedded again (its size and time are recorded), not kept stale."""
     import os
 
-    from timm_mobileone.faces import embedder as E
     from timm_mobileone.faces.gallery import open_gallery
     src = tmp_path / 'src'
     src.mkdir()
@@ -258,17 +261,7 @@ def test_embed_keeps_odd_names_and_redoes_replaced_photos(photos, embedder, tmp_
     (src / odd).write_bytes((photos / FACE_PEOPLE[0] / '1.jpg').read_bytes())
     out = tmp_path / 'g.npz'
     argv = ['embed', src, '--out', out, *MODEL, '--no-progress', '-b', '1']
-    real, calls = E.FaceEmbedder.__call__, {'n': 0}
-
-    def interrupted(self, photos, all_faces=True):
-        calls['n'] += 1
-        if calls['n'] == 2:
-            raise KeyboardInterrupt
-        return real(self, photos, all_faces)
-
-    monkeypatch.setattr(E.FaceEmbedder, '__call__', interrupted)
-    assert run_main('timm_mobileone.faces.__main__', *argv).returncode == 130  # b.jpg embedded, then Ctrl-C
-    monkeypatch.setattr(E.FaceEmbedder, '__call__', real)
+    assert _embed_interrupted_at_second_batch(monkeypatch, argv).returncode == 130  # b.jpg embedded, then Ctrl-C
     (src / 'b.jpg').write_bytes((photos / FACE_PEOPLE[2] / '1.jpg').read_bytes())
     st = (src / 'b.jpg').stat()
     os.utime(src / 'b.jpg', ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # a coarse clock could leave it equal

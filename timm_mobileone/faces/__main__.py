@@ -96,21 +96,32 @@ def threshold_from_results(path: str) -> float:
     return cosine_threshold(found)
 
 
-def compare(args) -> Dict:
+def _flag_threshold(args):
+    """(threshold, where it came from) as the flags give it, checked before any model loads: `--threshold` (a
+    cosine) or `--results` (an eval result of the model); (None, None) with neither."""
     if args.threshold is not None and args.results:
         raise UserError('--threshold and --results: give one')
     if args.threshold is not None and not -1 <= args.threshold <= 1:
         raise UserError(f'--threshold {args.threshold}: a cosine, in [-1, 1]')
-    paths = [_photo_file(p, '') for p in (args.a, args.b)]
-    threshold = args.threshold
-    source = 'given' if threshold is not None else None
     if args.results:
-        threshold, source = threshold_from_results(args.results), f'{args.results} (median fold threshold)'
+        return threshold_from_results(args.results), f'{args.results} (median fold threshold)'
+    return args.threshold, ('given' if args.threshold is not None else None)
+
+
+def _recorded_threshold(args, faces, threshold, source):
+    """Without a threshold from the flags: the one a Hub / local-dir model's config.json records (`hub export
+    --results`), else still none."""
+    found = faces.verification
+    if threshold is None and found is not None:
+        return float(found['threshold']), f'{args.model} config.json (its eval on {found.get("dataset", "?")})'
+    return threshold, source
+
+
+def compare(args) -> Dict:
+    threshold, source = _flag_threshold(args)
+    paths = [_photo_file(p, '') for p in (args.a, args.b)]
     faces = _embedder(args)
-    if threshold is None and faces.verification is not None:
-        found = faces.verification
-        threshold = float(found['threshold'])
-        source = f'{args.model} config.json (its eval on {found.get("dataset", "?")})'
+    threshold, source = _recorded_threshold(args, faces, threshold, source)
     a, b = faces(paths, all_faces=False)
     out: Dict = dict(a=a.to_json(), b=b.to_json(), embedder=faces.info)
     missing = [r for r in (a, b) if r.face is None]
@@ -133,32 +144,11 @@ def compare(args) -> Dict:
 # embed (resumable) and search
 
 
-def _records(path: Path) -> Dict[str, Dict]:
-    out: Dict[str, Dict] = {}
-    if path.is_file():
-        for line in path.read_text(encoding='utf-8', errors='replace').splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash: its photo runs again
-            if isinstance(r, dict) and isinstance(r.get('photo'), str):
-                out[r['photo']] = r
-    return out
-
-
-def _source_key(path: Path) -> Optional[List[int]]:
-    """A photo's size and modification time (ns): what says an embedding was made from the file there now."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [int(st.st_size), int(st.st_mtime_ns)]
-
-
 def embed(args) -> Dict:
     from tqdm import tqdm
 
     from ..verification_data import list_images
+    from .align import read_records, source_key
     from .gallery import save_gallery
     src, out = Path(args.photos), Path(args.out)
     if not src.is_dir():
@@ -183,7 +173,7 @@ def embed(args) -> Dict:
     except OSError as e:
         raise UserError(f'{work}: cannot create the folder ({e.strerror or e})') from None
     records_path, vectors_path = work / 'records.jsonl', work / 'embeddings.f32'
-    done = _records(records_path)
+    done = read_records(records_path, key='photo')
     faces = _embedder(args)
     stated = dict(faces.info, select=args.select, score_threshold=args.score_threshold)
     info_path = work / 'embedder.json'
@@ -212,14 +202,14 @@ def embed(args) -> Dict:
         with open(vectors_path, 'r+b') as f:
             f.truncate(keep)
     # a photo is done when recorded from the same file: one replaced under its name (size, mtime) is embedded again
-    todo = [n for n in names if n not in done or done[n].get('source') != _source_key(src / n)]
+    todo = [n for n in names if n not in done or done[n].get('source') != source_key(src / n)]
     bar = tqdm(total=len(names), initial=len(names) - len(todo), desc='embed', unit='photo', file=sys.stderr,
                disable=not (args.progress and sys.stderr.isatty()))
     try:
         with open(records_path, 'a', encoding='utf-8') as log, open(vectors_path, 'ab') as vectors:
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start:start + args.batch_size]
-                sources = [_source_key(src / n) for n in batch]  # before reading: a later change is seen next time
+                sources = [source_key(src / n) for n in batch]  # before reading: a later change is seen next time
                 for name, source, result in zip(batch, sources, faces([src / n for n in batch], all_faces=False)):
                     record = dict(result.to_json(), photo=name, source=source)
                     if result.face is not None:
@@ -305,15 +295,9 @@ def _check_address(host: str, port: int) -> None:
 def demo(args) -> Dict:
     import contextlib
     import time
-    if args.threshold is not None and args.results:
-        raise UserError('--threshold and --results: give one')
-    if args.threshold is not None and not -1 <= args.threshold <= 1:
-        raise UserError(f'--threshold {args.threshold}: a cosine, in [-1, 1]')
+    threshold, source = _flag_threshold(args)
     if not 1 <= args.port <= 65535:
         raise UserError(f'--port {args.port}: a TCP port, 1 to 65535')
-    threshold, source = args.threshold, ''
-    if args.results:
-        threshold, source = threshold_from_results(args.results), f'{args.results}, its median fold threshold'
     try:
         from .demo import build_demo
     except ModuleNotFoundError as e:
@@ -322,11 +306,8 @@ def demo(args) -> Dict:
         raise UserError("the demo needs gradio: pip install 'timm-mobileone[demo]'") from None
     _check_address(args.host, args.port)  # before the model loads
     faces = _embedder(args)
-    recorded = getattr(faces, 'verification', None)  # as compare: a Hub / local-dir model's own threshold
-    if threshold is None and recorded is not None:
-        threshold = float(recorded['threshold'])
-        source = f'{args.model} config.json, its eval on {recorded.get("dataset", "?")}'
-    page = build_demo(faces, threshold, threshold_from=source)
+    threshold, source = _recorded_threshold(args, faces, threshold, source)
+    page = build_demo(faces, threshold, threshold_from='' if source in (None, 'given') else source)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # gradio's own lines: stdout carries the one JSON object
             page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
@@ -345,7 +326,7 @@ def demo(args) -> Dict:
         with contextlib.redirect_stdout(sys.stderr):
             page.close()
     return dict(url=url, threshold=None if threshold is None else round(threshold, 6),
-                threshold_from=source or ('given' if threshold is not None else None), embedder=faces.info)
+                threshold_from=source, embedder=faces.info)
 
 
 # ----------------------------------------------------------------------------------------------------------------

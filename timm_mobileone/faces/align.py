@@ -252,7 +252,9 @@ def _stat_key(st: os.stat_result) -> List[int]:
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 
-def _source_key(path: Path) -> Optional[List[int]]:
+def source_key(path: Path) -> Optional[List[int]]:
+    """A photo's size and modification time (ns), None where it cannot be read: what says a crop or an embedding
+    was made from the file there now."""
     try:
         return _stat_key(path.stat())
     except OSError:
@@ -312,8 +314,9 @@ def _check_destination(src: Path, dst: Path, names: Sequence[str]) -> None:
         _check_target(out)
 
 
-def _read_records(path: Path) -> Dict[str, Dict]:
-    """The records of an earlier run, by image; a line cut short by a crash is ignored (its photo runs again)."""
+def read_records(path: Path, key: str = 'image') -> Dict[str, Dict]:
+    """The records of an earlier run (a JSON object a line), by their `key` field; a line cut short by a crash is
+    ignored (its photo runs again). Shared by `align_folder` and `faces embed`'s resumable runs."""
     import json
     records: Dict[str, Dict] = {}
     if path.is_file():
@@ -322,8 +325,8 @@ def _read_records(path: Path) -> Dict[str, Dict]:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get('image'), str):
-                records[record['image']] = record
+            if isinstance(record, dict) and isinstance(record.get(key), str):
+                records[record[key]] = record
     return records
 
 
@@ -371,19 +374,19 @@ def align_folder(src: Path, dst: Path, names: Sequence[str], settings: AlignSett
     try:
         if overwrite:  # the destination becomes exactly what these settings make: no crop of an earlier run stays
             inside = dst.resolve()
-            for name in _read_records(records_path):  # a file a user can edit: each name checked before a removal
+            for name in read_records(records_path):  # a file a user can edit: each name checked before a removal
                 crop = dst / name
                 if _plain_name(name) and crop.is_file() and not crop.is_symlink() \
                         and crop.parent.resolve().is_relative_to(inside):
                     crop.unlink()
             records_path.unlink(missing_ok=True)
-        done = _read_records(records_path)
+        done = read_records(records_path)
         atomic_write(settings_path, lambda f: f.write((json.dumps(stated, indent=1) + '\n').encode()))
     except OSError as e:
         raise UserError(f'{dst}: cannot be written ({e.strerror or first_line(e)})') from None
     # a photo is done when its crop is in place and its source is the one the crop was made from
     todo = [n for n in names if not (n in done and 'error' not in done[n] and (dst / n).is_file()
-                                     and done[n].get('source') == _source_key(src / n))]
+                                     and done[n].get('source') == source_key(src / n))]
     landmarks = landmarks or {}
     jobs = [(n, str(src / n), landmarks.get(n)) for n in todo]
     t0 = time.perf_counter()
