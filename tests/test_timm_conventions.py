@@ -70,4 +70,4 @@ def test_every_head_that_needs_112_says_so():
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg.fixed_input_size, name
         with pytest.raises(ValueError, match='112'):  # the GDC kernel is the 7x7 map of a 112x112 input
-            timm.create_model(name).eval()(torch.randn(1, 3, 128, 128))
+            timm.create_model(name).eval()(torch.randn(1, 3, 64, 64))
