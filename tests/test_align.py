@@ -6,6 +6,7 @@ without the shared data. The detector is the YuNet file shipped in timm_mobileon
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from timm_mobileone.faces import align as A
 from eval import align as align_cli
 from eval import cfp, lfw
 
-from helpers import FACE_PEOPLE, LFW_DEV, face_photo, lfw_crop, needs_lfw_dev
+from helpers import FACE_PEOPLE, LFW_DEV, face_photo, lfw_crop, needs_lfw_dev, run_main
 
 cv2 = pytest.importorskip('cv2')
 REPO = Path(__file__).resolve().parents[1]
@@ -92,12 +93,19 @@ def photos(tmp_path_factory):
     return root
 
 
-def _run(args, **kw):
-    return subprocess.run([sys.executable, '-m', 'eval.align', *args], cwd=REPO, capture_output=True, text=True,
-                          **kw)
+def _run(capfd, args):
+    """`python -m eval.align args` in-process (run_main; the process itself is test_ctrl_c_while_starting_exits_130's
+    subject): what it printed, with anything written to the file descriptors themselves (OpenCV's native log, the
+    align workers' output) added to its stderr, as a subprocess's would hold it."""
+    capfd.readouterr()
+    proc = run_main('eval.align', *args, cwd=REPO)
+    native = capfd.readouterr()
+    proc.stdout += native.out
+    proc.stderr += native.err
+    return proc
 
 
-def test_align_cli_resumes_and_reports(photos, tmp_path):
+def test_align_cli_resumes_and_reports(photos, tmp_path, capfd):
     src = tmp_path / 'src'
     subprocess.run(['cp', '-r', str(photos), str(src)], check=True)
     (src / 'not_a_photo.jpg').write_bytes(b'hello, not a JPEG')
@@ -105,7 +113,7 @@ def test_align_cli_resumes_and_reports(photos, tmp_path):
     (src / 'truncated.jpg').write_bytes(whole[:len(whole) // 2])
     cv2.imwrite(str(src / 'noise.png'), np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
     dst = tmp_path / 'dst'
-    proc = _run([str(src), str(dst), '--align-workers', '2'])
+    proc = _run(capfd, [str(src), str(dst), '--align-workers', '2'])  # the spawned pool
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     photos_total = len(align_cli.list_photos(src))
@@ -121,19 +129,19 @@ def test_align_cli_resumes_and_reports(photos, tmp_path):
     assert not list(dst.rglob('*.tmp')) and 'Traceback' not in proc.stderr
     # resumed: only what is missing (a deleted crop, the two broken files) runs again
     (dst / PEOPLE[1] / f'{PEOPLE[1]}_0001.jpg').unlink()
-    again = json.loads(_run([str(src), str(dst), '--align-workers', '1']).stdout)
+    again = json.loads(_run(capfd, [str(src), str(dst), '--align-workers', '1']).stdout)
     assert again['aligned_now'] == 3 and again['served'] == out['served']
     # other settings: refused in one line, nothing touched; --overwrite aligns everything again
     before = (dst / 'align_settings.json').read_text()
-    proc = _run([str(src), str(dst), '--min-side', '200'])
+    proc = _run(capfd, [str(src), str(dst), '--min-side', '200'])
     assert proc.returncode == 2 and proc.stderr.strip().count('\n') == 0 and 'min_side differ' in proc.stderr
     assert (dst / 'align_settings.json').read_text() == before
-    proc = _run([str(src), str(dst), '--min-side', '200', '--overwrite', '--align-workers', '1'])
+    proc = _run(capfd, [str(src), str(dst), '--min-side', '200', '--overwrite', '--align-workers', '1'])
     assert json.loads(proc.stdout)['aligned_now'] == photos_total
 
 
 @pytest.mark.parametrize('case', ['text', 'onnx', 'missing'])
-def test_bad_detector_file(tmp_path, case):
+def test_bad_detector_file(tmp_path, case, capfd):
     (tmp_path / 'src').mkdir()
     cv2.imwrite(str(tmp_path / 'src' / 'a.jpg'), np.zeros((64, 64, 3), np.uint8))
     path = tmp_path / 'det.onnx'
@@ -146,7 +154,7 @@ def test_bad_detector_file(tmp_path, case):
                                   [helper.make_tensor_value_info('input', TensorProto.FLOAT, [1, 3, 320, 320])],
                                   [helper.make_tensor_value_info('output', TensorProto.FLOAT, [1, 3, 320, 320])])
         onnx.save(helper.make_model(graph), str(path))
-    proc = _run([str(tmp_path / 'src'), str(tmp_path / 'dst'), '--detector', str(path)])
+    proc = _run(capfd, [str(tmp_path / 'src'), str(tmp_path / 'dst'), '--detector', str(path)])
     assert proc.returncode == 2 and proc.stderr.startswith('error: --detector') and 'Traceback' not in proc.stderr
     assert proc.stderr.strip().count('\n') == 0 and not (tmp_path / 'dst').exists()
 
@@ -251,7 +259,7 @@ def test_cfp_broken_protocol(photos, tmp_path, capsys, damage, message):
 
 def test_lfw_style_photo_folder(photos, tmp_path, capsys):
     argv = CFP_COMMON + ['--data', str(photos), '--align-cache', str(tmp_path / 'cache')]
-    proc = subprocess.run([sys.executable, '-m', 'eval.lfw', *argv], cwd=REPO, capture_output=True, text=True)
+    proc = run_main('eval.lfw', *argv, cwd=REPO)
     assert proc.returncode == 2 and 'eval.align' in proc.stderr  # photos are not aligned crops: the hint says how
     result = lfw.main(argv + ['--align'])
     assert result['num_pairs'] == 4 and result['num_folds'] == 2
@@ -395,7 +403,10 @@ def test_ctrl_c_while_starting_exits_130(tmp_path):
     (tmp_path / 'photos').mkdir()
     proc = subprocess.run([sys.executable, '-m', 'eval.align', str(tmp_path / 'photos'), str(tmp_path / 'crops')],
                           cwd=REPO, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, 'PYTHONPATH': str(tmp_path / 'fake')})
+                          env={**os.environ, 'PYTHONPATH': str(tmp_path / 'fake')},
+                          # as a shell starts it: pytest-xdist's workers ignore SIGINT, and a child inherits that
+                          # (Python then leaves SIGINT ignored and the command, rightly, installs no handler)
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 130 and proc.stderr == 'error: interrupted\n' and proc.stdout == ''
     assert not (tmp_path / 'crops').exists()
 

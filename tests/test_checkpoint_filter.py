@@ -27,7 +27,20 @@ def _to_apple_keys(state_dict):
 
 def _timm_mobileone(variant, **kwargs):
     """timm's own ImageNet MobileOne with calibrated (non-default) BN statistics, standing in for Apple's weights."""
-    return calibrate_bn(timm.create_model(variant, **kwargs), size=64)
+    return calibrate_bn(timm.create_model(variant, **kwargs), batch_size=2, size=64)
+
+
+@pytest.fixture(scope='module')
+def sources():
+    """`_timm_mobileone(variant)`, built once per variant for the module: the tests read it (state_dict, a forward in
+    eval mode) or copy it (`reparameterize_model` returns a fused copy)."""
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            built[variant] = _timm_mobileone(variant)
+        return built[variant]
+    return get
 
 
 def _assert_backbone_loaded(model, source_sd):
@@ -42,8 +55,8 @@ def _assert_backbone_loaded(model, source_sd):
 
 
 @pytest.mark.parametrize('variant', ['mobileone_s0', 'mobileone_s4'])
-def test_apple_unfused_checkpoint_via_checkpoint_path(tmp_path, variant):
-    source = _timm_mobileone(variant)
+def test_apple_unfused_checkpoint_via_checkpoint_path(tmp_path, variant, sources):
+    source = sources(variant)
     apple_sd = _to_apple_keys(source.state_dict())
     assert any(k.startswith('stage0.rbr_conv.') for k in apple_sd)
     path = tmp_path / f'{variant}_unfused.pth.tar'
@@ -62,8 +75,8 @@ def test_apple_unfused_checkpoint_via_checkpoint_path(tmp_path, variant):
         torch.testing.assert_close(model.stem(x), source.stem(x))
 
 
-def test_apple_checkpoint_via_pretrained_cfg_overlay_keeps_classifier(tmp_path):
-    source = _timm_mobileone('mobileone_s1')
+def test_apple_checkpoint_via_pretrained_cfg_overlay_keeps_classifier(tmp_path, sources):
+    source = sources('mobileone_s1')
     path = tmp_path / 'mobileone_s1_unfused.pth.tar'
     torch.save(_to_apple_keys(source.state_dict()), path)
     model = timm.create_model(
@@ -74,8 +87,8 @@ def test_apple_checkpoint_via_pretrained_cfg_overlay_keeps_classifier(tmp_path):
     assert model(torch.randn(1, 3, 112, 112)).shape == (1, 1000)
 
 
-def test_apple_fused_checkpoint_into_inference_mode(tmp_path):
-    source = reparameterize_model(_timm_mobileone('mobileone_s0'))
+def test_apple_fused_checkpoint_into_inference_mode(tmp_path, sources):
+    source = reparameterize_model(sources('mobileone_s0'))  # a fused copy
     apple_sd = _to_apple_keys(source.state_dict())
     assert 'stage0.reparam_conv.weight' in apple_sd and 'linear.weight' in apple_sd
     path = tmp_path / 'mobileone_s0.pth.tar'
@@ -88,8 +101,8 @@ def test_apple_fused_checkpoint_into_inference_mode(tmp_path):
 
 
 @pytest.mark.parametrize('variant', ['mobileone_s0', 'mobileone_s2'])
-def test_apple_in1k_loader_on_timm_state_dict(tmp_path, variant):
-    source = _timm_mobileone(variant)
+def test_apple_in1k_loader_on_timm_state_dict(tmp_path, variant, sources):
+    source = sources(variant)
     path = tmp_path / 'model.safetensors'
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     name = variant.replace('mobileone_', 'mobileone_112_') + '.apple_in1k'
@@ -117,7 +130,7 @@ def test_apple_in1k_loader_on_timm_state_dict(tmp_path, variant):
 
 
 def test_own_checkpoint_round_trip_is_untouched(tmp_path):
-    model = calibrate_bn(timm.create_model('mobileone_112_s0', num_classes=3))
+    model = calibrate_bn(timm.create_model('mobileone_112_s0', num_classes=3), batch_size=2)  # non-default stats
     path = tmp_path / 'ours.pth'
     torch.save(model.state_dict(), path)
     loaded = timm.create_model('mobileone_112_s0', num_classes=3, checkpoint_path=str(path)).eval()

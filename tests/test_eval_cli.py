@@ -18,7 +18,10 @@ from helpers import SMALL_LFW, calibrate_bn, needs_small_lfw, run_main
 from train.synthetic import make_pack
 
 REPO = Path(__file__).resolve().parents[1]
-COMMON = ['--model', 'mobileone_112_s0', '--batch-size', '16', '--workers', '0', '--no-progress']
+# the tiny test model: these tests are about the CLIs' machinery (protocol, flip, fusion, files), not an architecture;
+# it has the train-time branches (two conv branches, scale and skip branches, an SE block) that --reparam fuses
+MODEL = 'mobileone_112_test'
+COMMON = ['--model', MODEL, '--batch-size', '16', '--workers', '0', '--no-progress']
 KEYS = {'model': str, 'checkpoint': (str, type(None)), 'dataset': str, 'num_pairs': int, 'flip': bool,
         'accuracy': float, 'accuracy_std': float, 'thresholds': list, 'tar_at_far': (float, type(None)),
         'auc': (float, type(None)), 'xnorm': float, 'seconds': float, 'versions': dict, 'reparam': bool,
@@ -32,10 +35,10 @@ def pack(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
-    """A train-time S0 with calibrated BN statistics, so that its embeddings are well conditioned."""
+    """A train-time model with calibrated BN statistics, so that its embeddings are well conditioned."""
     torch.manual_seed(0)
-    model = calibrate_bn(timm.create_model('mobileone_112_s0'))
-    path = tmp_path_factory.mktemp('ckpt') / 's0.pth'
+    model = calibrate_bn(timm.create_model(MODEL))
+    path = tmp_path_factory.mktemp('ckpt') / 'model.pth'
     torch.save(model.state_dict(), path)
     return path
 
@@ -51,7 +54,7 @@ def test_lfw_json_keys_and_types(pack, checkpoint, capsys, tmp_path):
     assert printed['num_pairs'] == 25 and printed['dataset'] == 'lfw' and printed['flip'] and printed['reparam']
     assert len(printed['thresholds']) == 10 and 0 <= printed['accuracy'] <= 1
     assert printed['input_size'] == [3, 112, 112] and printed['tag'] == 'untrained'
-    assert printed['command'].startswith('python -m eval.lfw --model mobileone_112_s0')
+    assert printed['command'].startswith(f'python -m eval.lfw --model {MODEL}')
     # the result schema the Hub tools read: one verification row, and the command as others rerun it
     from timm_mobileone import results
     read = results.read(str(results_file))
@@ -84,7 +87,7 @@ def test_embeddings_follow_the_protocol(pack, checkpoint, tmp_path):
     saved = tmp_path / 'emb.npy'
     lfw.main(COMMON + ['--checkpoint', str(checkpoint), '--data', str(pack), '--save-embeddings', str(saved)])
     emb = np.load(saved)
-    model = timm.create_model('mobileone_112_s0', checkpoint_path=str(checkpoint)).eval()
+    model = timm.create_model(MODEL, checkpoint_path=str(checkpoint)).eval()
     with open(pack, 'rb') as f:
         bins, _ = pickle.load(f)
     from PIL import Image

@@ -1,7 +1,5 @@
 """ONNX export of the fused form, INT8 quantization, and the verification eval on the ONNX artifacts."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from helpers import run_main
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
-REPO = Path(__file__).resolve().parents[1]
+TINY = 'mobileone_112_test'  # where the export machinery, not S0's architecture, is under test
 
 
 @pytest.fixture(scope='module')
@@ -26,8 +24,20 @@ def pack(face_pack):
 
 
 @pytest.fixture(scope='module')
-def checkpoint(calibrated_s0):
-    return calibrated_s0
+def checkpoint(tmp_path_factory):
+    """An S0 state dict with BN statistics calibrated on face-like crops, as conftest's `calibrated_s0` but on 8 crops
+    (a quarter of its cost): fresh-init statistics make the outputs meaningless."""
+    from train.synthetic import make_pack
+    torch.manual_seed(0)
+    images = export.load_face_images(str(make_pack(tmp_path_factory.mktemp('calib') / 'bn.bin', num_pairs=4,
+                                                   seed=9)), (3, 112, 112), (0.5,) * 3, (0.5,) * 3, 8)
+    model = timm.create_model('mobileone_112_s0').train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.from_numpy(images))
+    path = tmp_path_factory.mktemp('ckpt') / 's0.pth'
+    torch.save(model.state_dict(), path)
+    return path
 
 
 @pytest.fixture(scope='module')
@@ -40,10 +50,12 @@ def exported(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def quantized(pack, tmp_path_factory):
-    """INT8 of a fresh-init S0 (no trained weights exist here). Random weights with data-calibrated BN statistics
-    make a chaotic network whose INT8 cosine is ~0.46 whatever the calibration: not a property of trained models."""
-    out = tmp_path_factory.mktemp('onnx') / 's0_fresh.onnx'
-    result = export.main(['--model', 'mobileone_112_s0', '--onnx', str(out), '--int8', '--calib', str(pack),
+    """INT8 of a fresh-init tiny model (no trained weights exist here; the INT8 machinery is under test: cosine mean /
+    min 0.995-0.999 / 0.993-0.998 over seeds, a fresh-init S0's 0.995 / 0.994). Random weights with data-calibrated
+    BN statistics make S0 a chaotic network whose INT8 cosine is ~0.46 whatever the calibration: not a property of
+    trained models."""
+    out = tmp_path_factory.mktemp('onnx') / 'tiny_fresh.onnx'
+    result = export.main(['--model', TINY, '--onnx', str(out), '--int8', '--calib', str(pack),
                           '--calib-images', '24', '--heldout-images', '16'])
     return out, result
 
@@ -71,14 +83,6 @@ def test_onnx_runtime_matches_pytorch_with_dynamic_batch(exported, checkpoint):
     got = formats.ort_run(formats.ort_session(str(path)), x.numpy())
     assert got.shape == (3, 512)
     assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-4
-
-
-def test_s4_graph_has_only_the_se_ops_extra(tmp_path):
-    out = tmp_path / 's4.onnx'
-    result = export.main(['--model', 'mobileone_112_s4', '--onnx', str(out)])
-    ops = set(_node_ops(out))
-    assert {'Sigmoid', 'Mul'} <= ops and 'BatchNormalization' not in ops and 'Add' not in ops
-    assert ops <= formats.ALLOWED_ONNX_OPS and result['max_rel_err'] <= 1e-4
 
 
 def test_int8_model_is_quantized_and_close(quantized):
@@ -113,18 +117,18 @@ def test_eval_on_onnx_artifacts_matches_pytorch(exported, quantized, checkpoint,
     assert int8_run['num_pairs'] == 20
 
 
-def test_fixed_batch_onnx_runs_image_by_image(tmp_path, checkpoint, pack):
+def test_fixed_batch_onnx_runs_image_by_image(tmp_path, pack):
     out = tmp_path / 'fixed.onnx'
-    export.main(['--model', 'mobileone_112_s0', '--checkpoint', str(checkpoint), '--onnx', str(out)])
+    export.main(['--model', TINY, '--onnx', str(out)])
     run = lfw.main(['--data', str(pack), '--workers', '0', '--no-progress', '--onnx', str(out)])
     assert run['num_pairs'] == 20
 
 
 @pytest.mark.parametrize('argv, match', [
-    (['--model', 'mobileone_112_s0', '--onnx', 'x.onnx', '--int8'], '--int8 needs --calib'),
-    (['--model', 'mobileone_112_s0', '--onnx', 'x.onnx', '--int8', '--calib', 'nope/'], 'no such file or folder'),
+    (['--model', TINY, '--onnx', 'x.onnx', '--int8'], '--int8 needs --calib'),
+    (['--model', TINY, '--onnx', 'x.onnx', '--int8', '--calib', 'nope/'], 'no such file or folder'),
     (['--model', 'nope', '--onnx', 'x.onnx'], "cannot create model 'nope'"),
-    (['--model', 'mobileone_112_s0', '--checkpoint', 'no.pth', '--onnx', 'x.onnx'], 'no.pth: no such file'),
+    (['--model', TINY, '--checkpoint', 'no.pth', '--onnx', 'x.onnx'], 'no.pth: no such file'),
 ])
 def test_export_user_errors(argv, match, tmp_path):
     proc = run_main('timm_mobileone.export', *argv, cwd=tmp_path)
@@ -139,15 +143,20 @@ def test_eval_onnx_missing_file_exits_2(tmp_path, pack):
     assert proc.returncode == 2 and 'x.onnx: no such file' in proc.stderr
 
 
-def test_export_json_is_the_only_stdout(tmp_path):
-    proc = subprocess.run([sys.executable, '-m', 'timm_mobileone.export', '--model', 'mobileone_112_s0', '--onnx',
-                           str(tmp_path / 'a.onnx')], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    assert result['ops'] == ['Conv', 'Gemm', 'Relu', 'Reshape']
+def test_export_json_is_the_only_stdout_and_se_ops_the_only_extra(tmp_path, capfd):
+    """All of stdout, file descriptor 1 included (the converters' C++ parts write there), is the one JSON object (in
+    a fresh process: tests/test_wheel.py). The tiny model's SE blocks (S4 has them too) fuse to SE ops only: no
+    BatchNormalization, no Add of branches (S0's graph: test_fused_graph_holds_only_plain_ops)."""
+    out = tmp_path / 'tiny.onnx'
+    result = export.main(['--model', TINY, '--onnx', str(out)])
+    assert json.loads(capfd.readouterr().out) == json.loads(json.dumps(result))
+    ops = set(_node_ops(out))
+    assert result['ops'] == ['Conv', 'Gemm', 'Mul', 'ReduceMean', 'Relu', 'Reshape', 'Sigmoid'] == sorted(ops)
+    assert {'Sigmoid', 'Mul'} <= ops and 'BatchNormalization' not in ops and 'Add' not in ops
+    assert ops <= formats.ALLOWED_ONNX_OPS and result['max_rel_err'] <= 1e-4
 
 
-def test_fp32_acceptance_gates_on_cosine_and_a_reordering_proof_bound(checkpoint, tmp_path, monkeypatch, capsys):
+def test_fp32_acceptance_gates_on_cosine_and_a_reordering_proof_bound(tmp_path, monkeypatch, capsys):
     """Float32 reordering (other kernels, other summation orders) moves outputs by ~1e-4 of their largest value and
     must pass; a conversion bug moves them by far more and must fail, leaving no file."""
     real_run = formats.ort_run
@@ -157,7 +166,7 @@ def test_fp32_acceptance_gates_on_cosine_and_a_reordering_proof_bound(checkpoint
             out = real_run(session, x)
             return out + scale * np.abs(out).max() * np.sign(np.random.default_rng(0).standard_normal(out.shape))
         return run
-    argv = ['--model', 'mobileone_112_s0', '--checkpoint', str(checkpoint), '--onnx', str(tmp_path / 'a.onnx')]
+    argv = ['--model', TINY, '--onnx', str(tmp_path / 'a.onnx')]
     monkeypatch.setattr(formats, 'ort_run', perturbed(2e-4))  # like ncnn's 1.2e-4 on a random-BN S0: accepted
     result = export.main(argv)
     assert 1e-4 < result['max_rel_err'] <= 1e-3 and result['min_cosine'] >= 0.99999
@@ -180,7 +189,7 @@ def test_converters_print_nothing_to_a_cli_that_logs_at_info(tmp_path, caplog):
     onnx_ir's per-pass lines ("unused_removal: Removed 1 unused nodes") to its stderr."""
     import logging
     caplog.set_level(logging.INFO)
-    model = timm.create_model('mobileone_112_s0', inference_mode=True).eval()
+    model = timm.create_model(TINY, inference_mode=True).eval()
     formats.export_onnx(model, str(tmp_path / 'a.onnx'))
     formats.quantize_int8(str(tmp_path / 'a.onnx'), str(tmp_path / 'a_int8.onnx'),
                           np.random.default_rng(0).standard_normal((2, 3, 112, 112)).astype(np.float32))
@@ -196,7 +205,7 @@ def test_deploy_table_int8_onnx_column_runs_the_quantized_model(tmp_path):
     from timm_mobileone.deploy import runtimes
     from timm_mobileone.__main__ import _calibrate
     torch.manual_seed(0)
-    fused = timm.utils.reparameterize_model(_calibrate(timm.create_model('mobileone_112_s0'), (3, 112, 112)))
+    fused = timm.utils.reparameterize_model(_calibrate(timm.create_model(TINY), (3, 112, 112)))
     x = torch.randn(1, 3, 112, 112)
     outs = {}
     for column in ('onnx_fp32', 'onnx_int8'):

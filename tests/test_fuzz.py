@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from benchmarks import fuzz_targets as F  # noqa: E402
 
-EXAMPLES = {'bin_pack': 250, 'image': 150, 'pairs_txt': 200, 'recordio': 200, 'checkpoint': 250, 'npy': 250,
-            'ijb_meta': 200, 'mxnet_params': 250, 'photo_modes': 120, 'align_paths': 40,
-            'cfp_protocol': 150, 'gallery': 200}
+# derandomized, so the same inputs on every run; the depth is benchmarks/fuzz_soak.py's (minutes per reader)
+EXAMPLES = {'bin_pack': 125, 'image': 75, 'pairs_txt': 100, 'recordio': 100, 'checkpoint': 125, 'npy': 125,
+            'ijb_meta': 100, 'mxnet_params': 125, 'photo_modes': 60, 'align_paths': 40,
+            'cfp_protocol': 75, 'gallery': 100}
 SLOWEST_EXAMPLE_S = 10.0  # generous: a shared 2-core machine; a hang or a quadratic blow-up is far above it
 GROWTH_MB = 300  # no example may raise the process's peak RSS by more than this
 
@@ -157,19 +158,32 @@ def test_ijb_features_file_declaring_more_than_it_holds(tmp_path):
     assert np.load(F.io.BytesIO(F.npy_bytes())).shape == (6, 8)
 
 
-def test_ijb_pair_list_with_non_ascii_field_is_one_line_not_a_segfault(tmp_path):
-    # numpy 2.4's loadtxt crashed the process (SIGSEGV, about one run in three) on this line: it runs in a fresh
-    # interpreter, several times, so that a crash fails the test instead of killing the suite
+@pytest.fixture(scope='module')
+def fresh_process(tmp_path_factory):
+    """The inputs that crashed the process itself (SIGSEGV), read in one fresh interpreter, several times each, so
+    that a crash fails the tests instead of killing the suite; one interpreter for both (a Python + torch start is
+    seconds): each line of its output is '<case>: <what the reader said>'. A crash fails both tests."""
     import subprocess
     import sys
-    path = tmp_path / 'ijbc_template_pair_label.txt'
-    path.write_bytes(b'5 3 \xf1\xa5\x95\x8e\xc3\xa9\xc2\x9b\xf0\xa0\x88\x92\xc3\xaa -inf 9223372036854775807\n')
+    folder = tmp_path_factory.mktemp('crashers')
+    ijb = folder / 'ijbc_template_pair_label.txt'
+    ijb.write_bytes(b'5 3 \xf1\xa5\x95\x8e\xc3\xa9\xc2\x9b\xf0\xa0\x88\x92\xc3\xaa -inf 9223372036854775807\n')
+    pack = F.REPO / 'tests' / 'data' / 'pack_numpy_setstate_segfault.bin'
     code = ('import sys; from pathlib import Path; from eval._ijb import read_pairs\n'
-            'from timm_mobileone.verification_data import PackError\n'
-            'for _ in range(5):\n    try: read_pairs(Path(sys.argv[1]))\n    except PackError as e: print(e)')
-    proc = subprocess.run([sys.executable, '-c', code, str(path)], cwd=F.REPO, capture_output=True, text=True)
+            'from timm_mobileone.verification_data import PackError, load_pack\n'
+            'for _ in range(5):\n    try: read_pairs(Path(sys.argv[1]))\n    except PackError as e: print("ijb:", e)\n'
+            'for _ in range(3):\n    try: print("pack:", load_pack(sys.argv[2]).num_pairs)\n'
+            '    except PackError as e: print("pack: refused")')
+    proc = subprocess.run([sys.executable, '-c', code, str(ijb), str(pack)], cwd=F.REPO, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr[-500:]
-    assert proc.stdout.count('expected 3 fields') == 5
+    return proc.stdout.splitlines()
+
+
+def test_ijb_pair_list_with_non_ascii_field_is_one_line_not_a_segfault(fresh_process):
+    # numpy 2.4's loadtxt crashed the process (SIGSEGV, about one run in three) on this line (read 5 times)
+    said = [line for line in fresh_process if line.startswith('ijb: ')]
+    assert len(said) == 5 and all('expected 3 fields' in line for line in said), fresh_process
 
 
 def test_npy_header_with_an_unclosed_bracket_is_one_line(tmp_path):
@@ -183,22 +197,25 @@ def test_npy_header_with_an_unclosed_bracket_is_one_line(tmp_path):
         read_npy(path)
 
 
+CHECKPOINT_MODEL = 'mobileone_112_test'  # tiny: the checks are per tensor (names, shapes, dtypes), not per variant
+
+
 @pytest.fixture(scope='module')
-def s0_state_dict():
+def model_state_dict():
     import timm
     import timm_mobileone  # noqa: F401
-    return timm.create_model('mobileone_112_s0').state_dict()
+    return timm.create_model(CHECKPOINT_MODEL).state_dict()
 
 
-def test_checkpoint_with_wrong_shapes_or_dtypes_is_one_line(s0_state_dict, tmp_path_factory):
-    # a real S0 state dict with tensors of other shapes and dtypes, for every --checkpoint and for hub export
+def test_checkpoint_with_wrong_shapes_or_dtypes_is_one_line(model_state_dict, tmp_path_factory):
+    # a real model's state dict with tensors of other shapes and dtypes, for every --checkpoint and for hub export
     import torch
     from hypothesis import strategies as st
     from safetensors.torch import save_file
     from timm_mobileone import hub
     from timm_mobileone.checkpoints import create_model_checked
     from timm_mobileone.errors import UserError
-    keys = sorted(k for k, v in s0_state_dict.items() if v.is_floating_point())
+    keys = sorted(k for k, v in model_state_dict.items() if v.is_floating_point())
     dtypes = [torch.float16, torch.float64, torch.int8, torch.bool, torch.complex64, torch.uint8]
 
     @settings(max_examples=12, deadline=None, database=None, derandomize=True,
@@ -207,7 +224,7 @@ def test_checkpoint_with_wrong_shapes_or_dtypes_is_one_line(s0_state_dict, tmp_p
                                             st.lists(st.integers(0, 9), max_size=4).map(lambda s: ('shape', s))),
            st.sampled_from(['.safetensors', '.pth']))
     def prop(key, change, suffix):
-        state = dict(s0_state_dict)
+        state = dict(model_state_dict)
         kind, value = change
         state[key] = state[key].to(value) if kind == 'dtype' else torch.zeros(value)
         path = tmp_path_factory.mktemp('ck') / f'ck{suffix}'
@@ -216,11 +233,11 @@ def test_checkpoint_with_wrong_shapes_or_dtypes_is_one_line(s0_state_dict, tmp_p
         else:
             torch.save(state, path)
         try:
-            create_model_checked('mobileone_112_s0', checkpoint=str(path))
+            create_model_checked(CHECKPOINT_MODEL, checkpoint=str(path))
         except UserError as e:
             assert '\n' not in str(e).strip()
         try:
-            hub._load_checked('mobileone_112_s0', str(path))
+            hub._load_checked(CHECKPOINT_MODEL, str(path))
         except UserError as e:
             assert '\n' not in str(e).strip()
 
@@ -285,18 +302,11 @@ def test_recordio_index_with_a_key_of_2_to_the_64_is_one_line(tmp_path):
         RecordIOReader(tmp_path / 'train.rec')
 
 
-def test_pack_that_crashed_numpy_setstate_loads_in_a_fresh_process():
+def test_pack_that_crashed_numpy_setstate_loads_in_a_fresh_process(fresh_process):
     # found by benchmarks/fuzz_soak.py: a mutated pack (tests/data/pack_numpy_setstate_segfault.bin) killed the
     # process with a segmentation fault inside numpy's C __setstate__; packs now build arrays with checked stand-ins
-    import subprocess
-    import sys
-    path = F.REPO / 'tests' / 'data' / 'pack_numpy_setstate_segfault.bin'
-    code = ('import sys; from timm_mobileone.verification_data import PackError, load_pack\n'
-            'for _ in range(3):\n    try: print(load_pack(sys.argv[1]).num_pairs)\n'
-            '    except PackError as e: print("refused")')
-    proc = subprocess.run([sys.executable, '-c', code, str(path)], cwd=F.REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-500:]
-    assert len(proc.stdout.split()) == 3
+    said = [line for line in fresh_process if line.startswith('pack: ')]
+    assert len(said) == 3 and all(len(line.split()) == 2 for line in said), fresh_process
 
 
 def test_pack_arrays_are_built_only_from_checked_state(tmp_path):

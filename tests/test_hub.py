@@ -22,10 +22,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    """A train-time S0 checkpoint with calibrated BN statistics, as safetensors."""
+    """A train-time S0 checkpoint with calibrated BN statistics, as safetensors (3 train-mode passes of 4 images:
+    statistics of the activations, at half the cost of the default 8)."""
     torch.manual_seed(0)
-    model = calibrate_bn(timm.create_model('mobileone_112_s0'))
+    model = calibrate_bn(timm.create_model('mobileone_112_s0'), batch_size=4)
     path = tmp_path_factory.mktemp('ckpt') / 's0.safetensors'
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """The same for the tiny `mobileone_112_test` (train-time branches, SE block): for the tests of what export does
+    when it stops or refuses, where S0's float64 fusion check would be most of the cost."""
+    torch.manual_seed(0)
+    model = calibrate_bn(timm.create_model('mobileone_112_test'))
+    path = tmp_path_factory.mktemp('ckpt') / 'test.safetensors'
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model, path
 
@@ -235,13 +247,10 @@ def test_real_hf_endpoint_env_var_in_a_fresh_process(exported, tmp_path):
 # bad input: one clear line, exit code 2, nothing half-written
 
 
-def _cli(*args, env=None):
-    """`python -m timm_mobileone.hub`: in a subprocess with its own environment (huggingface_hub reads HF_* on
-    import), else in-process."""
-    if env is None:
-        return run_main('timm_mobileone.hub', *args)
-    return subprocess.run([sys.executable, '-m', 'timm_mobileone.hub', *args], capture_output=True, text=True,
-                          cwd=REPO, env=env)
+def _cli(*args):
+    """`python -m timm_mobileone.hub args` in-process (run_main; tests/test_wheel.py runs the module as `-m` does,
+    from the installed wheel)."""
+    return run_main('timm_mobileone.hub', *args)
 
 
 def _assert_user_error(proc, match):
@@ -279,20 +288,20 @@ def test_export_of_a_fused_checkpoint_is_refused(trained, tmp_path):
     _assert_user_error(proc, 'already fused')
 
 
-def test_export_refuses_when_fusion_fails(trained, tmp_path):
-    model, _ = trained
+def test_export_refuses_when_fusion_fails(tiny, tmp_path):
+    model, _ = tiny
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd['stages.1.0.conv_kxk.0.bn.running_var'].fill_(float('nan'))
     ckpt = tmp_path / 'nan.pth'
     torch.save(sd, ckpt)
     out = tmp_path / 'out'
     with pytest.raises(UserError, match='refusing to export'):
-        hub.export('mobileone_112_s0', str(ckpt), 't', str(out))
+        hub.export('mobileone_112_test', str(ckpt), 't', str(out))
     assert not out.exists()  # nothing written, not even the folder
 
 
-def test_interrupted_export_leaves_no_final_file(trained, tmp_path, monkeypatch):
-    _, ckpt = trained
+def test_interrupted_export_leaves_no_final_file(tiny, tmp_path, monkeypatch):
+    _, ckpt = tiny
     out = tmp_path / 'out'
 
     def boom(*args, **kwargs):
@@ -300,15 +309,23 @@ def test_interrupted_export_leaves_no_final_file(trained, tmp_path, monkeypatch)
 
     monkeypatch.setattr(hub, 'render_card', boom)
     with pytest.raises(KeyboardInterrupt):
-        hub.export('mobileone_112_s0', str(ckpt), 't', str(out))
+        hub.export('mobileone_112_test', str(ckpt), 't', str(out))
     assert list(out.iterdir()) == []
 
 
-def test_push_without_token(exported, tmp_path):
+def test_push_without_token(exported, tmp_path, monkeypatch):
+    """In-process, with the environment a subprocess would get (no HF_TOKEN, HF_HOME an empty folder): the token
+    file's path is what huggingface_hub made of HF_HOME on import, so it is set as that import would set it."""
+    import huggingface_hub.constants as constants
     out, _ = exported
-    env = {k: v for k, v in os.environ.items() if k not in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN')}
-    env['HF_HOME'] = str(tmp_path / 'empty_home')
-    proc = _cli('push', str(out), '--repo-id', 'testorg/x', env=env)
+    home = tmp_path / 'empty_home'
+    for name in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('HF_HOME', str(home))
+    monkeypatch.setattr(constants, 'HF_HOME', str(home))
+    monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(home / 'token'))
+    monkeypatch.setattr(constants, 'HF_STORED_TOKENS_PATH', str(home / 'stored_tokens'))
+    proc = _cli('push', str(out), '--repo-id', 'testorg/x')
     _assert_user_error(proc, 'no Hugging Face token')
 
 

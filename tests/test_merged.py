@@ -11,6 +11,7 @@ import timm
 
 from helpers import calibrate_bn, rel_err
 from timm_mobileone.models.merged import patch_moments, plan
+from timm_mobileone.models.mobileone_112 import MobileOneBlock
 
 SIZE = 32  # 32 -> 16 -> 16 -> 8 -> 4 -> 2: every block kind (stride 1 and 2, depthwise and 1x1, the stem) at 2x2+
 
@@ -64,11 +65,60 @@ def _gaps(a, b, model_a, model_b) -> dict:
                             for p, q in zip(model_a.parameters(), model_b.parameters())))
 
 
-@pytest.mark.parametrize('name', [f'mobileone_112_s{i}' for i in range(5)])
-def test_merged_equals_branches_in_float64(name):
+@pytest.fixture(scope='module')
+def s0_pair():
+    """One BN-calibrated float64 S0 pair, built once (the calibration is most of `_pair`'s time): tests take
+    copies (`_copies`)."""
+    return _pair('mobileone_112_s0')
+
+
+def _copy(model, **kwargs):
+    """A float64 S0 (with `kwargs`: e.g. drop_path_rate) holding `model`'s weights and statistics, in its form and
+    mode: a fresh build plus load_state_dict (strict) is a third of a deepcopy's time."""
+    out = timm.create_model('mobileone_112_s0', img_size=SIZE, train_form=model.train_form, **kwargs).double()
+    out.load_state_dict(model.state_dict())
+    return out.train(model.training)
+
+
+def _copies(pair, **kwargs):
+    return _copy(pair[0], **kwargs), _copy(pair[1], **kwargs)
+
+
+def _block_kinds(name):
+    """Every distinct MobileOne block of `name` at SIZE x SIZE (batch 5): conv kernel, stride, depthwise, conv
+    branches, scale and skip branches, its map size and the merged form's plan for it. The SE module is left out: it
+    acts on the block's output, after the branches or the merged conv, the same in either form."""
+    model = timm.create_model(name, img_size=SIZE)
+    kinds = set()
+
+    def record(block, args):
+        conv = block.conv_kxk[0].conv
+        kinds.add((conv.kernel_size, conv.stride, conv.groups == conv.in_channels > 1, len(block.conv_kxk),
+                   block.conv_scale is not None, block.identity is not None, args[0].shape[-1],
+                   plan(block, tuple(args[0].shape))))
+    for m in model.modules():
+        if isinstance(m, MobileOneBlock):
+            m.register_forward_pre_hook(record)
+    with torch.no_grad():
+        model.eval()(torch.randn(5, 3, SIZE, SIZE))
+    return kinds
+
+
+def test_s1_to_s3_hold_no_block_that_s0_and_s4_lack():
+    # the whole-model float64 check below runs S0 (4 conv branches) and S4 (1 branch, SE): S1-S3 differ from S4 in
+    # widths alone, which changes no block kind, map size or plan here (the block-level property test covers every
+    # state of each kind); `python benchmarks/merged_models.py` runs the whole-model check on all five
+    covered = _block_kinds('mobileone_112_s0') | _block_kinds('mobileone_112_s4')
+    for name in ('mobileone_112_s1', 'mobileone_112_s2', 'mobileone_112_s3'):
+        assert _block_kinds(name) <= covered, (name, _block_kinds(name) - covered)
+
+
+@pytest.mark.parametrize('name', ['mobileone_112_s0', 'mobileone_112_s4'])
+def test_merged_equals_branches_in_float64(name, request):
     # bounded by the branches form's own rounding on this machine (the same batch in another order: 3e-12 on the
     # output, 1e-9 on the head's running statistics), not by a fixed number: that gap depends on the CPU's kernels
-    model, merged = _pair(name)
+    model, merged = _copies(request.getfixturevalue('s0_pair')) if name == 'mobileone_112_s0' else _pair(name)
+    torch.manual_seed(1)  # the batch below, whichever test built the shared pair
     assert list(model.state_dict()) == list(merged.state_dict())
     x = torch.randn(5, 3, SIZE, SIZE, dtype=torch.float64)
     target = torch.randn(5, 512, dtype=torch.float64)
@@ -187,8 +237,6 @@ def test_train_form_refusals():
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from timm_mobileone.models.mobileone_112 import MobileOneBlock  # noqa: E402
-
 # in, out, kernel, stride, group size (1: depthwise, None: full), conv branches: the merged form's three paths
 # (depthwise and pointwise statistics, timm's branches for the rest) and its fused conv in every case
 BLOCKS = {'depthwise': (4, 4, 3, 1, 1, 2), 'depthwise_s2': (4, 4, 3, 2, 1, 2), 'pointwise': (5, 5, 1, 1, None, 3),
@@ -289,10 +337,10 @@ def test_merged_block_equals_branches_in_every_state(kind, seed, bn_train, untra
     assert all(e <= b for e, b in zip(errors, bound)), [(n, e, b) for n, e, b in zip(names, errors, bound) if e > b]
 
 
-def test_frozen_batchnorm_fine_tuning_with_drop_path_equals_branches():
+def test_frozen_batchnorm_fine_tuning_with_drop_path_equals_branches(s0_pair):
     # every BatchNorm in eval while the model trains (DropPath on by its own mode): the fused conv from the running
     # statistics, stochastic depth on the conv branches with its 1/keep scaling, the skip added after it
-    model, merged = _pair('mobileone_112_s0', drop_path_rate=0.3)
+    model, merged = _copies(s0_pair, drop_path_rate=0.3)
     for m in (model, merged):
         m.train()
         for bn in m.modules():
@@ -316,8 +364,8 @@ def test_frozen_batchnorm_fine_tuning_with_drop_path_equals_branches():
     (lambda b: setattr(b.identity, 'act', torch.nn.ReLU()), 'identity.act is ReLU, not nn.Identity'),
 ])
 @pytest.mark.parametrize('mode', ['train', 'eval'])
-def test_merged_refuses_what_it_does_not_compute_before_changing_anything(change, message, mode):
-    _, merged = _pair('mobileone_112_s0')
+def test_merged_refuses_what_it_does_not_compute_before_changing_anything(change, message, mode, s0_pair):
+    merged = _copy(s0_pair[1])
     getattr(merged, mode)()
     change(merged.stages[0][0])
     before = copy.deepcopy(merged.state_dict())
@@ -327,8 +375,8 @@ def test_merged_refuses_what_it_does_not_compute_before_changing_anything(change
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith('stages.0.0'))
 
 
-def test_untracked_statistics_set_after_construction_are_not_updated():
-    model, merged = _pair('mobileone_112_s0')
+def test_untracked_statistics_set_after_construction_are_not_updated(s0_pair):
+    model, merged = _copies(s0_pair)
     for m in (model, merged):
         for bn in m.modules():
             if isinstance(bn, torch.nn.BatchNorm2d):

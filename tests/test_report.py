@@ -1,14 +1,14 @@
 """`python -m timm_mobileone`: the zoo report."""
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import timm
 
 from timm_mobileone.__main__ import main
 from timm_mobileone.deploy.profile import count_macs, count_params
+
+from helpers import run_main
 
 
 def test_report_sizes_json(capsys):
@@ -26,18 +26,20 @@ def test_report_sizes_json(capsys):
 
 
 def test_report_timing_and_fusion_error(capsys):
+    """The timed report's machinery (calibration, float64 fusion check, ONNX export, round-robin timing, a peer row)
+    on the tiny `mobileone_112_test`: what is under test is the machinery, not S0's figures."""
     pytest.importorskip('onnxruntime')
-    result = main(['--json', '-m', 'mobileone_112_s0', '--peer', 'mobilefacenet', '--repeats', '2',
+    result = main(['--json', '-m', 'mobileone_112_test', '--peer', 'mobilefacenet', '--repeats', '2',
                    '--batch-size', '4', '--train-batch'])
     # not a terminal: progress as one line per step, so a log shows where the run is
     err = capsys.readouterr().err
-    assert re.search(r'zoo: \[1/8\] +\d+ s  mobileone_112_s0: fused ONNX export', err)
+    assert re.search(r'zoo: \[1/8\] +\d+ s  mobileone_112_test: fused ONNX export', err)
     assert 'timing batch 1, round 1/2' in err and 'timing batch 4, mobilefacenet, round 1/3' in err
     rows = {r['model']: r for r in result['models']}
-    s0 = rows['mobileone_112_s0']
-    assert s0['fusion_rel_err_f64'] <= 1e-8
+    tiny = rows['mobileone_112_test']
+    assert tiny['fusion_rel_err_f64'] <= 1e-8
     for form in ('train_eager', 'fused_eager', 'fused_ort'):
-        assert s0[f'{form}_latency_ms'] > 0 and s0[f'{form}_per_image_ms'] > 0
+        assert tiny[f'{form}_latency_ms'] > 0 and tiny[f'{form}_per_image_ms'] > 0
     assert rows['mobilefacenet']['kind'] == 'peer' and rows['mobilefacenet']['fused_ort_latency_ms'] > 0
 
 
@@ -56,11 +58,12 @@ def test_count_macs_depthwise():
 
 
 def test_report_table_and_bad_model():
-    ok = subprocess.run([sys.executable, '-m', 'timm_mobileone', '--sizes-only', '-m', 'mobileone_112_s0'],
-                        capture_output=True, text=True)
+    """What the command prints and returns, run in this process (`python -m timm_mobileone` as a process: the installed
+    wheel's test, tests/test_wheel.py)."""
+    ok = run_main('timm_mobileone.__main__', '--sizes-only', '-m', 'mobileone_112_s0')
     assert ok.returncode == 0
     assert ok.stdout.startswith('| model |') and '| mobileone_112_s0 |' in ok.stdout
-    bad = subprocess.run([sys.executable, '-m', 'timm_mobileone', '-m', 'resnet50'], capture_output=True, text=True)
+    bad = run_main('timm_mobileone.__main__', '-m', 'resnet50')
     assert bad.returncode == 2
     assert bad.stderr.strip().count('\n') == 0 and 'unknown model' in bad.stderr and 'Traceback' not in bad.stderr
 

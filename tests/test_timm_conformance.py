@@ -24,7 +24,15 @@ def test_no_tests_to_be_had_is_one_line(tmp_path, monkeypatch, capsys):
     assert code == 2 and line.startswith('error: no cached ') and 'test_models.py' in line and '--timm-tests' in line
 
 
-def test_a_test_file_without_feat_inter_filters_runs_its_first_pass(tmp_path, capsys):
+@pytest.fixture
+def own_plugins_only(monkeypatch):
+    """The inner pytest runs (the runner passes its environment on) without the third-party plugins installed here
+    (hypothesis, hydra, anyio, kgb, xdist: over a second of imports per run, and nothing these test files use; `-n 0`
+    needs no xdist): what is under test is the runner with pytest, not the plugins of this environment."""
+    monkeypatch.setenv('PYTEST_DISABLE_PLUGIN_AUTOLOAD', '1')
+
+
+def test_a_test_file_without_feat_inter_filters_runs_its_first_pass(tmp_path, capsys, own_plugins_only):
     (tmp_path / 'test_models.py').write_text(
         'import pytest, torch\n'
         'from timm import list_models, create_model\n\n\n'
@@ -54,7 +62,7 @@ def test_a_test_file_without_feat_inter_filters_runs_its_first_pass(tmp_path, ca
     ('import timm\nimport no_such_module_here\n', "pytest cannot collect it: ModuleNotFoundError: No module "
                                                   "named 'no_such_module_here' (line 2)"),
 ], ids=['no_model_test', 'syntax_error', 'binary', 'import_error'])
-def test_a_file_that_gives_no_model_test_fails_in_one_line(text, message, tmp_path, capsys):
+def test_a_file_that_gives_no_model_test_fails_in_one_line(text, message, tmp_path, capsys, own_plugins_only):
     path = tmp_path / 'test_models.py'
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(SystemExit) as e:

@@ -118,8 +118,11 @@ def _onnx_available() -> bool:
 
 def report_row(name: str, model: torch.nn.Module, args, kind: str, bar: Optional[Progress] = None) -> Dict[str, Any]:
     input_size = tuple(model.pretrained_cfg['input_size'])
-    torch.manual_seed(0)
-    _calibrate(model, input_size)
+    if args.sizes_only:  # BN statistics change no parameter or MAC count: no calibration passes
+        model.eval()
+    else:
+        torch.manual_seed(0)
+        _calibrate(model, input_size)
     fused = reparameterize_model(model)
     row: Dict[str, Any] = dict(
         model=name, kind=kind, input_size=input_size,

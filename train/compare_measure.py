@@ -86,7 +86,14 @@ def step_memory_mb(spec, batch_size: int, num_classes: int, device: torch.device
             step()
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     import multiprocessing as mp
-    ctx = mp.get_context('spawn')
+    # a fresh process per model: forked from one server that has imported train.face and computed nothing (its
+    # OpenMP threads not yet started), instead of a Python + torch start per model (spawn, where there is no
+    # forkserver)
+    if 'forkserver' in mp.get_all_start_methods():
+        ctx = mp.get_context('forkserver')
+        ctx.set_forkserver_preload(['train.face', 'train.compare_measure'])
+    else:
+        ctx = mp.get_context('spawn')
     queue = ctx.Queue()
     proc = ctx.Process(target=_memory_worker, args=(spec, batch_size, num_classes, steps, queue))
     proc.start()
