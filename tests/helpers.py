@@ -25,6 +25,24 @@ def calibrate_bn(model: torch.nn.Module, steps: int = 3, batch_size: int = 8, dt
     return model.eval()
 
 
+def calibrated_checkpoint(folder: Path, model_name: str, images: int = 32) -> Path:
+    """`folder/<model_name>.pth`: a state dict of `model_name` with BN statistics calibrated (3 train-mode passes) on
+    `images` generated face-like crops, as training would leave them: no trained face weights exist, and fresh-init
+    statistics make the outputs meaningless."""
+    from timm_mobileone import export
+    from train.synthetic import make_pack
+    torch.manual_seed(0)
+    pack = make_pack(folder / 'bn.bin', num_pairs=images // 2, seed=9)
+    crops = torch.from_numpy(export.load_face_images(str(pack), (3, 112, 112), (0.5,) * 3, (0.5,) * 3, images))
+    model = timm.create_model(model_name).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(crops)
+    path = folder / f'{model_name}.pth'
+    torch.save(model.state_dict(), path)
+    return path
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 

@@ -15,6 +15,8 @@ from timm_mobileone import export
 from timm_mobileone.deploy import formats
 from timm_mobileone.errors import UserError
 
+from helpers import calibrated_checkpoint
+
 pytest.importorskip('executorch')
 pytest.importorskip('ncnn')
 pytest.importorskip('coremltools')
@@ -38,18 +40,8 @@ def _fused(checkpoint):
 
 @pytest.fixture(scope='module')
 def calibrated_tiny(tmp_path_factory):
-    """The tiny model with BN statistics calibrated on face-like crops, as conftest's `calibrated_s0` for S0."""
-    from train.synthetic import make_pack
-    torch.manual_seed(0)
-    images = export.load_face_images(str(make_pack(tmp_path_factory.mktemp('calib') / 'bn.bin', num_pairs=16,
-                                                   seed=9)), (3, 112, 112), (0.5,) * 3, (0.5,) * 3, 32)
-    model = timm.create_model(TINY).train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.from_numpy(images))
-    path = tmp_path_factory.mktemp('ckpt') / 'tiny.pth'
-    torch.save(model.state_dict(), path)
-    return path
+    """The tiny model with BN statistics calibrated on 32 face-like crops."""
+    return calibrated_checkpoint(tmp_path_factory.mktemp('calib'), TINY)
 
 
 @pytest.fixture(scope='module')

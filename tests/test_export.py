@@ -11,7 +11,7 @@ from eval import lfw
 from timm_mobileone import export
 from timm_mobileone.deploy import formats
 
-from helpers import run_main
+from helpers import calibrated_checkpoint, run_main
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -25,19 +25,8 @@ def pack(face_pack):
 
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
-    """An S0 state dict with BN statistics calibrated on face-like crops, as conftest's `calibrated_s0` but on 8 crops
-    (a quarter of its cost): fresh-init statistics make the outputs meaningless."""
-    from train.synthetic import make_pack
-    torch.manual_seed(0)
-    images = export.load_face_images(str(make_pack(tmp_path_factory.mktemp('calib') / 'bn.bin', num_pairs=4,
-                                                   seed=9)), (3, 112, 112), (0.5,) * 3, (0.5,) * 3, 8)
-    model = timm.create_model('mobileone_112_s0').train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.from_numpy(images))
-    path = tmp_path_factory.mktemp('ckpt') / 's0.pth'
-    torch.save(model.state_dict(), path)
-    return path
+    """S0 with BN statistics calibrated on 8 face-like crops (fresh-init statistics make the outputs meaningless)."""
+    return calibrated_checkpoint(tmp_path_factory.mktemp('calib'), 'mobileone_112_s0', images=8)
 
 
 @pytest.fixture(scope='module')

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import timm
 
+from benchmarks.merged_models import buffer_gap as _buffer_gap, compare, grad_gap as _grad_gap
 from helpers import calibrate_bn, rel_err
 from timm_mobileone.models.merged import patch_moments, plan
 from timm_mobileone.models.mobileone_112 import MobileOneBlock
@@ -23,46 +24,6 @@ def _pair(name, **kwargs):
     merged = copy.deepcopy(model)
     merged.set_train_form('merged')
     return model, merged
-
-
-def _grad_gap(a, b) -> float:
-    """Worst per-tensor gradient gap, relative to the tensor's gradient (floored at 1e-6 of the whole gradient:
-    the head's BN-followed biases have a true gradient of 0 and carry only rounding)."""
-    total = torch.cat([p.grad.flatten() for p in a.parameters()]).norm()
-    return max(((p.grad - q.grad).norm() / (p.grad.norm() + 1e-6 * total)).item()
-               for p, q in zip(a.parameters(), b.parameters()))
-
-
-def _buffer_gap(a, b) -> float:
-    gaps = []
-    for (name, x), (name_b, y) in zip(a.named_buffers(), b.named_buffers()):
-        assert name == name_b
-        # floored at 1e-6: the head's BatchNorm1d sees a zero-mean input (no bias before it), its running mean is
-        # rounding alone (1e-16); calibrated statistics elsewhere are O(1)
-        gaps.append(((x.double() - y.double()).norm() / (x.double().norm() + 1e-6)).item())
-    return max(gaps)
-
-
-def _step(model, x, target, perm=None):
-    """One SGD step on (x, target), the batch fed in the order `perm` (outputs put back in order): the loss, the
-    output, the gradients and the buffers after it."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    out = model(x if perm is None else x[perm])
-    if perm is not None:
-        out = out[torch.argsort(perm)]
-    loss = F.mse_loss(out, target)
-    loss.backward()
-    opt.step()
-    return loss.item(), out.detach(), [p.grad.clone() for p in model.parameters()]
-
-
-def _gaps(a, b, model_a, model_b) -> dict:
-    loss_a, out_a, _ = a
-    loss_b, out_b, _ = b
-    return dict(loss=abs(loss_a - loss_b) / abs(loss_b), output=rel_err(out_a, out_b),
-                grad=_grad_gap(model_a, model_b), buffers=_buffer_gap(model_a, model_b),
-                weights=max(((p - q).norm() / (q.norm() + 1e-6)).item()
-                            for p, q in zip(model_a.parameters(), model_b.parameters())))
 
 
 @pytest.fixture(scope='module')
@@ -122,25 +83,12 @@ def test_merged_equals_branches_in_float64(name, request):
     assert list(model.state_dict()) == list(merged.state_dict())
     x = torch.randn(5, 3, SIZE, SIZE, dtype=torch.float64)
     target = torch.randn(5, 512, dtype=torch.float64)
-    permuted = copy.deepcopy(model)
-    ref = _step(model, x, target)
-    floor = _gaps(_step(permuted, x, target, torch.tensor([3, 0, 4, 1, 2])), ref, permuted, model)
-    gaps = _gaps(_step(merged, x, target), ref, merged, model)
-    for key, gap in gaps.items():
-        assert gap <= 8 * max(floor[key], 1e-13), (key, gap, floor[key])
-    assert all(bool((p == q).all()) for (n, p), (_, q) in zip(model.named_buffers(), merged.named_buffers())
-               if n.endswith('num_batches_tracked'))
-    # eval mode (fused on the fly from the running statistics) and reparameterize(), on the same weights (the
-    # network amplifies the steps' 1e-12 rounding gap by 10-1000x: compare functions, not rounding histories)
-    merged.load_state_dict(model.state_dict())
-    model.eval()
-    merged.eval()
-    with torch.no_grad():
-        expected = model(x)
-        tol = 8 * max(rel_err(model(x.flip(0)).flip(0), expected), 1e-13)
-        assert rel_err(merged(x), expected) <= tol
-        merged.reparameterize()
-        assert rel_err(merged(x), expected) <= tol
+    result = compare(model, merged, x, target, perm=torch.tensor([3, 0, 4, 1, 2]))
+    for key, gap in result['gaps'].items():
+        assert gap <= 8 * max(result['floor'][key], 1e-13), (key, gap, result['floor'][key])
+    assert result['counters_equal']
+    # eval mode and reparameterize(), on the step's reference weights
+    assert result['eval_gap'] <= result['eval_tol'] and result['fused_gap'] <= result['eval_tol'], result
 
 
 def _seeded_outputs(models, x, seed):
