@@ -1,24 +1,26 @@
-"""Fixtures only; the helpers tests import by name are in helpers.py, the synthetic data in train/synthetic.py."""
+"""Fixtures only; the helpers tests import by name are in helpers.py, the synthetic data in train/synthetic.py.
+
+Nothing heavy is imported at this file's top: under `pytest -n N` the controlling process loads it too, and runs no
+test (torch and the models cost it 7 s before any worker starts). Test modules import what they use, models included
+(`import timm_mobileone` registers them)."""
 import os
 
 import pytest
-import torch
-
-import timm_mobileone  # noqa: F401  (registers the models)
-
-from train.synthetic import make_pack
 
 if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N processes share the cores; one intra-op thread each,
-    torch.set_num_threads(1)                 # and in the CLIs they start: N x 2 OpenMP threads spinning on 2 cores
-    os.environ.setdefault('OMP_NUM_THREADS', '1')  # made single steps up to 100x slower (tests/timm_conformance.py)
+    import torch                            # and in the CLIs they start: N x 2 OpenMP threads spinning on 2 cores
+    torch.set_num_threads(1)                # made single steps up to 100x slower (tests/timm_conformance.py)
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 
 @pytest.fixture(autouse=True)
 def _seed():
+    import torch
     torch.manual_seed(0)
 
 
 @pytest.fixture(scope='session')
 def face_pack(tmp_path_factory):
     """20 pairs of generated face-like crops in an insightface pack (the export and deploy tests' data)."""
+    from train.synthetic import make_pack
     return make_pack(tmp_path_factory.mktemp('packs') / 'faces.bin', num_pairs=20, seed=5)

@@ -43,6 +43,19 @@ def calibrated_checkpoint(folder: Path, model_name: str, images: int = 32) -> Pa
     return path
 
 
+def forkserver(*preload: str):
+    """multiprocessing's forkserver context with `preload` imported once in the server: each process is then forked
+    from a server that has imported torch but never computed, at a fork's cost instead of a Python + torch start
+    (6 s here). Not a plain fork of the pytest worker: a child forked after the worker ran a backward pass cannot run
+    autograd ('Unable to handle autograd's threading in combination with fork-based multiprocessing'), and OpenMP's
+    thread pool does not survive a fork. The server is started once per worker; a later call's `preload` applies
+    only if none was started yet (the modules are then imported by each child)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context('forkserver')
+    ctx.set_forkserver_preload(list(preload))
+    return ctx
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import timm
+import timm_mobileone  # noqa: F401  (registers the models)
 
 
 def test_wrong_input_size_names_the_expected_size():

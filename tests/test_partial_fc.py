@@ -14,6 +14,7 @@ import torch.nn as nn
 from train.step import FaceTrainModel
 from train.margin import KINDS, MarginHead
 from train.partial_fc import ShardedMarginHead, shard_range
+from helpers import forkserver
 
 EMBED, CLASSES, BATCH = 16, 7, 4  # 7 classes: shards of 4+3 (2 processes) and 3+2+2 (3 processes)
 
@@ -110,7 +111,7 @@ def _overflow(rank: int, world: int) -> bool:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     try:
         result = {kind: _compare(rank, world, kind) for kind in KINDS}
@@ -124,7 +125,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.parametrize('world', [2, 3])
 def test_sharded_head_equals_the_replicated_head(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / 'init'), str(tmp_path)), nprocs=world)
+    # from a forkserver, not spawned: the processes under test are gloo ranks, not Python starts (a spawned rank
+    # re-imports torch)
+    forkserver('torch', 'train.partial_fc', 'train.step')
+    mp.start_processes(_worker, args=(world, str(tmp_path / 'init'), str(tmp_path)), nprocs=world,
+                       start_method='forkserver')
     for rank in range(world):
         result = json.loads((tmp_path / f'{rank}.json').read_text())
         for kind in KINDS:
