@@ -2,6 +2,7 @@
 torchrun on gloo, and the bad-input contract (one line, exit code 2)."""
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import socket
@@ -130,6 +131,10 @@ def _forked(target, *args):
 
 def _one_thread(target, *args):
     torch.set_num_threads(1)
+    # the platform's default start method, as `python -m train.face` has: a process started by a forkserver takes
+    # 'forkserver' as its own, and its DataLoader workers then came from a second forkserver, which they kept alive
+    # (with themselves: their parent never died) after the run was SIGKILLed
+    multiprocessing.set_start_method(None, force=True)
     target(*args)
 
 
