@@ -121,15 +121,23 @@ def resume_pack(tmp_path_factory):
     return write_rec_pack(tmp_path_factory.mktemp('rec16') / 'faces', identity_images(16, 4, seed=1))
 
 
-def _forked(target, *args):
+def _forked(log: Path, target, *args):
     """`target(*args)` in a process forked from a forkserver (started, not joined): a process to SIGKILL without a
-    Python + torch start. It computes on one intra-op thread, as torchrun's workers do (OMP_NUM_THREADS=1)."""
-    proc = forkserver('train.face').Process(target=_one_thread, args=(target, *args))
+    Python + torch start. It computes on one intra-op thread, as torchrun's workers do (OMP_NUM_THREADS=1). Its
+    stdout and stderr go to `log` (the server's own are those of whichever test started it)."""
+    proc = forkserver('train.face').Process(target=_one_thread, args=(str(log), target, *args))
     proc.start()
     return proc
 
 
-def _one_thread(target, *args):
+def _tail(log: Path) -> str:
+    return log.read_text(errors='replace')[-3000:] if log.is_file() else f'{log}: not written'
+
+
+def _one_thread(log: str, target, *args):
+    with open(log, 'w') as f:  # C++ writes too
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
     torch.set_num_threads(1)
     # the platform's default start method, as `python -m train.face` has: a process started by a forkserver takes
     # 'forkserver' as its own, and its DataLoader workers then came from a second forkserver, which they kept alive
@@ -165,11 +173,12 @@ def test_crash_then_resume_matches_the_uninterrupted_run(resume_pack, val_pack, 
                '--no-export', *RESUME_FLAGS])
     # the killed run: train.face in a process from a forkserver (the CLI's own process is tested by
     # test_cli_subprocess_prints_one_line and the torchrun test), its DataLoader worker forked below it
-    proc = _forked(face.main, ['--data', str(resume_pack), '--output', str(out), '--val', str(val_pack), '-j', '1',
-                               '--no-export', *RESUME_FLAGS])
+    log = tmp_path / 'b.log'
+    proc = _forked(log, face.main, ['--data', str(resume_pack), '--output', str(out), '--val', str(val_pack), '-j',
+                                    '1', '--no-export', *RESUME_FLAGS])
     try:
         _wait_for_step(out, 6, proc.is_alive)
-        assert proc.is_alive(), f'the run ended (exit code {proc.exitcode}) before step 6'
+        assert proc.is_alive(), f'the run ended (exit code {proc.exitcode}) before step 6:\n{_tail(log)}'
     finally:
         proc.kill()  # SIGKILL
         proc.join()
@@ -208,13 +217,13 @@ def _rank(rank: int, world: int, port: int, argv) -> None:
     face.main(argv)
 
 
-def _forked_job(argv, world: int = 2):
+def _forked_job(argv, logs: Path, world: int = 2):
     """`torchrun --nproc-per-node=world -m train.face argv` without its 3 Python + torch starts: the ranks forked from
     a forkserver, each with torchrun's environment and one thread (a real torchrun launch is tested alongside)."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    return [_forked(_rank, rank, world, port, argv) for rank in range(world)]
+    return [_forked(logs / f'rank{rank}.log', _rank, rank, world, port, argv) for rank in range(world)]
 
 
 def _kill(job) -> None:
@@ -254,18 +263,21 @@ def test_torchrun_two_processes_on_gloo_sharded_head_crash_and_resume(tmp_path, 
     assert sorted(p.name for p in out.glob('checkpoint-*')) == sorted([state['checkpoint'], *state['head_shards']])
 
     # the same job again, SIGKILLed whole (both processes) after step 5, then resumed on two processes
-    job = _forked_job([*common, '--output', str(out_b)])
+    killed, resumed = tmp_path / 'killed', tmp_path / 'resumed'  # the ranks' output
+    killed.mkdir()
+    resumed.mkdir()
+    job = _forked_job([*common, '--output', str(out_b)], killed)
     try:
         _wait_for_step(out_b, 5, lambda: all(p.is_alive() for p in job), timeout=240)
-        assert all(p.is_alive() for p in job), [p.exitcode for p in job]
+        assert all(p.is_alive() for p in job), [(p.exitcode, _tail(killed / f'rank{r}.log')) for r, p in enumerate(job)]
     finally:
         _kill(job)
     assert json.loads((out_b / 'last.json').read_text())['step'] == 4
-    job = _forked_job([*common, '--output', str(out_b), '--resume'])
+    job = _forked_job([*common, '--output', str(out_b), '--resume'], resumed)
     try:
         for p in job:
             p.join(300)
-        assert [p.exitcode for p in job] == [0, 0]
+        assert [p.exitcode for p in job] == [0, 0], [_tail(resumed / f'rank{r}.log') for r in range(2)]
     finally:
         _kill(job)
     a = {r['step']: r for r in rows}
