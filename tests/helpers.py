@@ -49,7 +49,9 @@ def forkserver(*preload: str):
     (6 s here). Not a plain fork of the pytest worker: a child forked after the worker ran a backward pass cannot run
     autograd ('Unable to handle autograd's threading in combination with fork-based multiprocessing'), and OpenMP's
     thread pool does not survive a fork. The server is started once per worker; a later call's `preload` applies
-    only if none was started yet (the modules are then imported by each child)."""
+    only if none was started yet (the modules are then imported by each child). A child takes 'forkserver' as its
+    own default start method: one that starts processes of its own (DataLoader workers) and stands in for a command
+    should set the platform's default back (test_train_face's `_one_thread`)."""
     import multiprocessing
     ctx = multiprocessing.get_context('forkserver')
     ctx.set_forkserver_preload(list(preload))
