@@ -7,10 +7,14 @@ import os
 
 import pytest
 
-if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N processes share the cores; one intra-op thread each,
-    import torch                            # and in the CLIs they start: N x 2 OpenMP threads spinning on 2 cores
-    torch.set_num_threads(1)                # made single steps up to 100x slower (tests/timm_conformance.py)
-    os.environ.setdefault('OMP_NUM_THREADS', '1')
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    # pytest -n N: N processes share the cores; one thread each for torch, numpy's OpenBLAS (it read 2 here) and the
+    # CLIs the tests start: N x 2 OpenMP threads spinning on 2 cores made single steps up to 100x slower
+    # (tests/timm_conformance.py). Set before torch and numpy load: the libraries read these once, at their start.
+    for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+        os.environ.setdefault(var, '1')
+    import torch
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
