@@ -20,26 +20,27 @@ from hub_server import HubServer
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _calibrated_safetensors(folder: Path, model_name: str, batch_size: int = 8):
+    """A train-time `model_name` with calibrated BN statistics, and its state dict as safetensors in `folder`."""
+    torch.manual_seed(0)
+    model = calibrate_bn(timm.create_model(model_name), batch_size=batch_size)
+    path = folder / f'{model_name}.safetensors'
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """A train-time S0 checkpoint with calibrated BN statistics, as safetensors (3 train-mode passes of 4 images:
     statistics of the activations, at half the cost of the default 8)."""
-    torch.manual_seed(0)
-    model = calibrate_bn(timm.create_model('mobileone_112_s0'), batch_size=4)
-    path = tmp_path_factory.mktemp('ckpt') / 's0.safetensors'
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return model, path
+    return _calibrated_safetensors(tmp_path_factory.mktemp('ckpt'), 'mobileone_112_s0', batch_size=4)
 
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     """The same for the tiny `mobileone_112_test` (train-time branches, SE block): for the tests of what export does
     when it stops or refuses, where S0's float64 fusion check would be most of the cost."""
-    torch.manual_seed(0)
-    model = calibrate_bn(timm.create_model('mobileone_112_test'))
-    path = tmp_path_factory.mktemp('ckpt') / 'test.safetensors'
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return model, path
+    return _calibrated_safetensors(tmp_path_factory.mktemp('ckpt'), 'mobileone_112_test')
 
 
 @pytest.fixture(scope='module')

@@ -180,8 +180,7 @@ def test_crash_then_resume_matches_the_uninterrupted_run(resume_pack, val_pack, 
         _wait_for_step(out, 6, proc.is_alive)
         assert proc.is_alive(), f'the run ended (exit code {proc.exitcode}) before step 6:\n{_tail(log)}'
     finally:
-        proc.kill()  # SIGKILL
-        proc.join()
+        _kill([proc])
     state = json.loads((out / 'last.json').read_text())
     killed_at = max(r.get('step', 0) for r in _rows(out))
     assert 4 <= state['step'] <= killed_at < 16
