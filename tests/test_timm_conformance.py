@@ -69,7 +69,7 @@ def test_a_file_that_gives_no_model_test_fails_in_one_line(text, message, tmp_pa
         timm_conformance.main(['--timm-tests', str(path), '-n', '0'])
     out, err = capsys.readouterr()
     # exit 1 as a failed test (not 2, a usage error): the file was in hand, and such a file can be this project's
-    # doing too; collected before the Hub cache is made or anything runs, so the error is all stderr holds
+    # doing too; the first pass stops after collecting it, before anything runs, so the error is all stderr holds
     assert e.value.code == 1 and out == '' and err.count('\n') == 1, err
     assert err.startswith(f'error: {path}: ') and message in err, err
 

@@ -83,6 +83,13 @@ def pytest_collectreport(report):
 
 def pytest_collection_finish(session):
     _COLLECTION['selected'] = len(session.items)  # after -k
+    report = os.environ.get('CONFORMANCE_COLLECTION')
+    if report:  # the first pass: the runner reads this before it shows any output, and nothing runs on a problem
+        with open(report + '.tmp', 'w') as f:  # every xdist worker writes the same counts
+            json.dump(_COLLECTION, f)
+        os.replace(report + '.tmp', report)
+        if _COLLECTION['errors'] or not _COLLECTION['selected']:
+            pytest.exit('the file gives no model test to run (the runner says why)', returncode=4)
 
 
 def pytest_runtest_logreport(report):
@@ -98,9 +105,6 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session):
-    if os.environ.get('CONFORMANCE_COLLECTION'):
-        with open(os.environ['CONFORMANCE_COLLECTION'], 'w') as f:
-            json.dump(_COLLECTION, f)
     if os.environ.get('PYTEST_XDIST_WORKER'):  # with workers, the controller receives every report
         return
     with open(os.environ['CONFORMANCE_RESULTS'], 'w') as f:
@@ -238,29 +242,16 @@ def _collect_reason(text: str) -> str:
     return (reason + (f' (line {at[-1]})' if at else ''))[:300]
 
 
-def check_collection(test_file: Path, work: Path, env: Dict[str, str], k: str) -> Dict[str, int]:
-    """Collect (run nothing) `test_file` the way the first pass will: RunFailed, one line, where pytest cannot
-    collect it or it holds no test of this project's models (or none that -k selects). Its counts otherwise."""
-    try:  # Python it is not: said without the seconds an inner pytest takes to import torch, timm and the models
+def check_python(test_file: Path) -> None:
+    """RunFailed, one line, where `test_file` is not Python: said without the seconds an inner pytest takes to import
+    torch, timm and the models."""
+    try:
         compile(test_file.read_bytes(), str(test_file), 'exec', dont_inherit=True)
     except (SyntaxError, ValueError) as e:
         line = getattr(e, 'lineno', None)
         why = first_line(Exception(getattr(e, 'msg', None) or str(e)))  # a SyntaxError's without its location
         raise RunFailed(f'{test_file}: pytest cannot collect it: {type(e).__name__}: {why}'
                         + (f' (line {line})' if line else '')) from None
-    folder = _run_folder('collection', test_file, work)
-    report = folder / 'collection.json'
-    proc = subprocess.run(_pytest(folder) + ['--collect-only'] + (['-k', k] if k else []), cwd=folder,
-                          env=dict(_inner_env(env), CONFORMANCE_COLLECTION=str(report)),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if not report.is_file():  # pytest stopped before its session ended: the conftest or a plugin failed to load
-        raise RunFailed(f'{test_file}: pytest cannot collect it (exit code {proc.returncode}): '
-                        f'{_collect_reason(proc.stdout)}')
-    found = json.loads(report.read_text())
-    problem = collection_problem(found, k)
-    if problem:
-        raise RunFailed(f'{test_file}: {problem}')
-    return found
 
 
 def collection_problem(found: Dict[str, Any], k: str) -> Optional[str]:
@@ -276,8 +267,20 @@ def collection_problem(found: Dict[str, Any], k: str) -> Optional[str]:
     return None
 
 
-def run_pass(label: str, test_file: Path, work: Path, env: Dict[str, str], workers: str,
-             extra: List[str]) -> Dict[str, Any]:
+def _stderr_fd() -> Optional[int]:
+    try:
+        fd = sys.stderr.fileno()
+        return fd if fd >= 0 else None
+    except (AttributeError, OSError, ValueError):  # a captured stderr
+        return None
+
+
+def run_pass(label: str, test_file: Path, work: Path, env: Dict[str, str], workers: str, extra: List[str],
+             check_k: Optional[str] = None) -> Dict[str, Any]:
+    """One pytest run of `test_file`; with `check_k` (the -k expression, '' for none) it is also the collection
+    check: the inner conftest writes its collection counts before any test runs and stops there on a problem, and
+    the run's output is held until the counts are read, so that a file with no model test to run fails with one
+    `error:` line (RunFailed) and nothing else (one pytest start, not a --collect-only run before the pass)."""
     folder = _run_folder(label, test_file, work)
     results = folder / 'results.json'
     cmd = _pytest(folder) + ['--durations', '8', *extra]
@@ -286,16 +289,44 @@ def run_pass(label: str, test_file: Path, work: Path, env: Dict[str, str], worke
         # one intra-op thread per worker: N workers x the default threads oversubscribe the cores, and OpenMP's
         # spinning then made single backward passes 100x slower here (40 s instead of 0.4 s)
         env = dict(env, OMP_NUM_THREADS=env.get('OMP_NUM_THREADS', '1'))
-    print(f'{label}: {" ".join(cmd[2:])}', file=sys.stderr)
-    try:  # pytest's progress straight to our stderr; through a pipe where stderr is no file (a captured one)
-        stream = sys.stderr if sys.stderr.fileno() >= 0 else None
-    except (AttributeError, OSError, ValueError):
-        stream = None
-    proc = subprocess.run(cmd, cwd=folder, env=dict(_inner_env(env), CONFORMANCE_RESULTS=str(results)),
-                          stdout=stream or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if stream is None:
-        sys.stderr.write(proc.stdout)
-    if not results.is_file():  # the file collected (check_collection): pytest crashed or was killed
+    env = dict(_inner_env(env), CONFORMANCE_RESULTS=str(results))
+    report = folder / 'collection.json'
+    if check_k is not None:
+        env['CONFORMANCE_COLLECTION'] = str(report)
+    header = f'{label}: {" ".join(cmd[2:])}\n'
+    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    held, problem, fd = [header.encode()], None, _stderr_fd()
+
+    def show(data: bytes) -> None:  # pytest's progress as it comes, to our stderr (its fd where it has one)
+        if fd is not None:
+            sys.stderr.flush()
+            os.write(fd, data)
+        else:
+            sys.stderr.write(data.decode(errors='replace'))
+            sys.stderr.flush()
+
+    with proc:
+        while True:
+            data = os.read(proc.stdout.fileno(), 1 << 16)
+            if held is not None:  # the first pass, before its collection counts are in
+                held.append(data)
+                if report.is_file() or check_k is None:
+                    found = json.loads(report.read_text()) if check_k is not None else None
+                    problem = found and collection_problem(found, check_k)
+                    if not problem:
+                        show(b''.join(held))
+                        held = None
+            elif data:
+                show(data)
+            if not data:
+                break
+    if problem:
+        raise RunFailed(f'{test_file}: {problem}')
+    if held is not None:  # pytest stopped before its collection ended: the conftest or a plugin failed to load
+        text = b''.join(held[1:]).decode(errors='replace')
+        raise RunFailed(f'{test_file}: pytest cannot collect it (exit code {proc.returncode}): '
+                        f'{_collect_reason(text)}')
+    if not results.is_file():  # it collected: pytest crashed or was killed
         raise RunFailed(f'{label}: pytest ended without results (exit code {proc.returncode}): see the output above')
     rows = json.loads(results.read_text())
     counts = {k: sum(r['outcome'] == k for r in rows) for k in ('passed', 'failed', 'skipped')}
@@ -342,9 +373,10 @@ def _main(argv: Optional[List[str]]) -> Dict[str, Any]:
         work = Path(tmp)
         env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(work / 'hub'), HF_HUB_DISABLE_TELEMETRY='1')
         env.pop('GITHUB_ACTIONS', None)  # test_models.py defines its pretrained tests outside GitHub's runners only
-        check_collection(test_file, work, env, args.k)
+        check_python(test_file)
         repos = populate_hub_cache(work / 'hub')
-        passes = [run_pass('as_released', test_file, work, env, args.workers, ['-k', args.k] if args.k else [])]
+        passes = [run_pass('as_released', test_file, work, env, args.workers, ['-k', args.k] if args.k else [],
+                           check_k=args.k)]
         if FEAT_INTER_LINE in text:
             patched = work / 'test_models_feat_inter.py'
             patched.write_text(text.replace(FEAT_INTER_LINE, FEAT_INTER_LINE + ''.join(f'{m!r}, ' for m in MODULES), 1))
