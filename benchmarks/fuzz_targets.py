@@ -20,7 +20,19 @@ from pathlib import Path
 from typing import Callable, Dict, Tuple
 
 import numpy as np
-from hypothesis import strategies as st
+
+
+class _Strategies:
+    """`hypothesis.strategies`, imported at first use: the file builders here (valid packs, PNG headers, folder
+    snapshots) serve tests that run no property, and under pytest every module of Hypothesis is assertion-rewritten
+    at import (its distribution is a pytest plugin): 2-3 s for each test process that collects such a test."""
+
+    def __getattr__(self, name):
+        from hypothesis import strategies
+        return getattr(strategies, name)
+
+
+st = _Strategies()
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -184,7 +196,7 @@ def text_lines(valid_lines, max_lines: int = 12):
 @dataclass
 class Target:
     name: str
-    strategy: Callable[[], st.SearchStrategy]
+    strategy: 'Callable[[], st.SearchStrategy]'  # a string: no Hypothesis import to define the class
     read: Callable[[Path, object], object]  # (folder, example) -> whatever the reader returns
     errors: Callable[[], Tuple[type, ...]]
 

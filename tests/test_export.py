@@ -1,4 +1,5 @@
 """ONNX export of the fused form, INT8 quantization, and the verification eval on the ONNX artifacts."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from timm_mobileone.deploy import formats
 
 from helpers import calibrated_checkpoint, run_main
 
-onnx = pytest.importorskip('onnx')
-ort = pytest.importorskip('onnxruntime')
+# found, not imported: every pytest-xdist worker collects this file, and importing onnx costs each a second
+_MISSING = [name for name in ('onnx', 'onnxruntime') if importlib.util.find_spec(name) is None]
+pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f'not installed: {", ".join(_MISSING)}')
 TINY = 'mobileone_112_test'  # where the export machinery, not S0's architecture, is under test
 
 
@@ -50,6 +52,7 @@ def quantized(pack, tmp_path_factory):
 
 
 def _node_ops(path):
+    import onnx
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
@@ -80,6 +83,7 @@ def test_int8_model_is_quantized_and_close(quantized):
     assert Path(q['onnx']).is_file()
     assert 'QuantizeLinear' in q['ops'] and 'DequantizeLinear' in q['ops']
     # per-channel weights: the weight DequantizeLinear nodes carry one scale per output channel
+    import onnx
     model = onnx.load(q['onnx'])
     inits = {i.name: i for i in model.graph.initializer}
     per_channel = [n for n in model.graph.node if n.op_type == 'DequantizeLinear' and n.input[1] in inits

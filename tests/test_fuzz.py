@@ -4,6 +4,7 @@ The properties live in benchmarks/fuzz_targets.py, shared with benchmarks/fuzz_s
 minutes and the CLIs end to end. Here: a few dozen examples per format, derandomized (the same inputs on every CI
 run), plus every truncation of a real pack and the regressions the soak found.
 """
+import importlib.util
 import resource
 import struct
 import time
@@ -11,10 +12,11 @@ import time
 import numpy as np
 import pytest
 
-hypothesis = pytest.importorskip('hypothesis')
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from benchmarks import fuzz_targets as F
 
-from benchmarks import fuzz_targets as F  # noqa: E402
+# found, not imported: every pytest-xdist worker collects this file, and Hypothesis's import costs each 2-3 s (see
+# fuzz_targets._Strategies); the tests import it
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('hypothesis') is None, reason='not installed: hypothesis')
 
 # derandomized, so the same inputs on every run; the depth is benchmarks/fuzz_soak.py's (minutes per reader)
 EXAMPLES = {'bin_pack': 125, 'image': 75, 'pairs_txt': 100, 'recordio': 100, 'checkpoint': 125, 'npy': 125,
@@ -30,6 +32,7 @@ def _peak_mb() -> float:
 
 @pytest.mark.parametrize('name', sorted(F.TARGETS))
 def test_reader_refuses_broken_input_cleanly(name, tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
     target = F.TARGETS[name]
     strategy = target.strategy()
     start_peak = _peak_mb()
@@ -210,7 +213,7 @@ def model_state_dict():
 def test_checkpoint_with_wrong_shapes_or_dtypes_is_one_line(model_state_dict, tmp_path_factory):
     # a real model's state dict with tensors of other shapes and dtypes, for every --checkpoint and for hub export
     import torch
-    from hypothesis import strategies as st
+    from hypothesis import HealthCheck, given, settings, strategies as st
     from safetensors.torch import save_file
     from timm_mobileone import hub
     from timm_mobileone.checkpoints import create_model_checked

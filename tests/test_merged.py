@@ -183,8 +183,6 @@ def test_train_form_refusals():
 
 # -- every BatchNorm state, any input offset: a property test on single blocks
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
 # in, out, kernel, stride, group size (1: depthwise, None: full), conv branches: the merged form's three paths
 # (depthwise and pointwise statistics, timm's branches for the rest) and its fused conv in every case
 BLOCKS = {'depthwise': (4, 4, 3, 1, 1, 2), 'depthwise_s2': (4, 4, 3, 2, 1, 2), 'pointwise': (5, 5, 1, 1, None, 3),
@@ -236,17 +234,8 @@ def _errors(got, ref):
             if b.is_floating_point() else (float('inf') if bool((a != b).any()) else 0.0) for a, b in zip(got, ref)]
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None)
-@given(kind=st.sampled_from(sorted(BLOCKS)), seed=st.integers(0, 2 ** 16),
-       bn_train=st.lists(st.booleans(), min_size=1, max_size=4),
-       untracked=st.lists(st.booleans(), min_size=1, max_size=3),
-       momentum=st.sampled_from([None, 0.1, 0.7]), eps=st.lists(st.sampled_from([1e-5, 1e-3, 0.1]), min_size=1,
-                                                                 max_size=3),
-       drop_path=st.sampled_from([0.0, 0.5]), block_train=st.booleans(), batch=st.integers(1, 3),
-       size=st.sampled_from([1, 2, 3, 6]), offset=st.sampled_from([0.0, 3.0, 300.0]),
-       scale=st.sampled_from([0.01, 1.0, 10.0]), dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_merged_block_equals_branches_in_every_state(kind, seed, bn_train, untracked, momentum, eps, drop_path,
-                                                    block_train, batch, size, offset, scale, dtype):
+def _check_block(kind, seed, bn_train, untracked, momentum, eps, drop_path, block_train, batch, size, offset, scale,
+                 dtype):
     # training / eval BatchNorms in any mix (frozen BN fine-tuning among them), track_running_stats switched off
     # after construction, momentum None (cumulative), per-BN eps, stochastic depth on or off by its own mode, an
     # input whose mean is up to 3e4 times its spread, batch 1: merged computes what the branches compute, to a
@@ -283,6 +272,22 @@ def test_merged_block_equals_branches_in_every_state(kind, seed, bn_train, untra
     names = ['output', 'input grad'] + [f'{n} grad' for n, _ in block.named_parameters()] + [
         n for n, _ in block.named_buffers()]
     assert all(e <= b for e, b in zip(errors, bound)), [(n, e, b) for n, e, b in zip(names, errors, bound) if e > b]
+
+
+def test_merged_block_equals_branches_in_every_state():
+    # Hypothesis imported here, not at the top: every pytest-xdist worker collects this file, and the import costs
+    # each 2-3 s (benchmarks/fuzz_targets.py, _Strategies)
+    from hypothesis import given, settings, strategies as st
+    settings(max_examples=30, deadline=None, derandomize=True, database=None)(given(
+        kind=st.sampled_from(sorted(BLOCKS)), seed=st.integers(0, 2 ** 16),
+        bn_train=st.lists(st.booleans(), min_size=1, max_size=4),
+        untracked=st.lists(st.booleans(), min_size=1, max_size=3),
+        momentum=st.sampled_from([None, 0.1, 0.7]), eps=st.lists(st.sampled_from([1e-5, 1e-3, 0.1]), min_size=1,
+                                                                 max_size=3),
+        drop_path=st.sampled_from([0.0, 0.5]), block_train=st.booleans(), batch=st.integers(1, 3),
+        size=st.sampled_from([1, 2, 3, 6]), offset=st.sampled_from([0.0, 3.0, 300.0]),
+        scale=st.sampled_from([0.01, 1.0, 10.0]), dtype=st.sampled_from([torch.float32, torch.float64]))(
+        _check_block))()
 
 
 def test_frozen_batchnorm_fine_tuning_with_drop_path_equals_branches(s0_pair):
