@@ -14,7 +14,6 @@ value and the first threshold of the next one.
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import interpolate
 
 ACC_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -109,6 +108,7 @@ def threshold_at_far(far: np.ndarray, thresholds: np.ndarray, far_target: float)
     lo = int(np.searchsorted(far, far_target, side='right')) - 1
     hi = lo + 1
     # scipy's own linear spline on that interval, so the threshold matches insightface's to the last bit
+    from scipy import interpolate  # here: its import is 0.6 s of every eval command's start
     segment = interpolate.interp1d(far[lo:hi + 1], thresholds[lo:hi + 1], kind='slinear')
     return float(segment(far_target))
 

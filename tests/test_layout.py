@@ -323,3 +323,12 @@ def test_eval_has_one_light_public_module():
     # eval/__init__.py imports nothing: `import eval.x` stays cheap, and no name there shadows a CLI module
     init = ast.parse((EVAL / '__init__.py').read_text())
     assert not [n for n in ast.walk(init) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+def test_every_test_file_has_its_seconds_for_the_schedule():
+    # conftest.FILE_SECONDS orders the files for pytest-xdist, longest first: a new file gets its figure (one
+    # `python -m pytest -q --durations=0`), a renamed or removed one loses it
+    from conftest import FILE_SECONDS
+    files = {p.name for p in (REPO / 'tests').glob('test_*.py')}
+    assert not files - set(FILE_SECONDS), f'add to tests/conftest.py FILE_SECONDS: {sorted(files - set(FILE_SECONDS))}'
+    assert not set(FILE_SECONDS) - files, f'no such test file: {sorted(set(FILE_SECONDS) - files)}'
