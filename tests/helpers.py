@@ -1,5 +1,6 @@
 """Helpers the tests import by name (fixtures stay in conftest.py): model names, BatchNorm calibration, the shared
 real-face data, and the training CLI's resume / error drivers."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -10,6 +11,14 @@ import timm
 import timm_mobileone  # noqa: F401  (registers the models)
 
 MODEL_NAMES = timm.list_models(module=['mobileone_112', 'dbb'])  # MobileOne-112 and its DBB family
+
+
+def needs_modules(*names: str, hint: str = '') -> pytest.MarkDecorator:
+    """Skip where one of the modules `names` is not installed, found without importing it: every pytest-xdist worker
+    collects every test file, and importing onnx, scikit-learn, Hypothesis or coremltools there costs each worker
+    1-5 s for tests it may never run (the tests import them where they use them)."""
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    return pytest.mark.skipif(bool(missing), reason=f'not installed: {", ".join(missing)}{hint}')
 
 
 def calibrate_bn(model: torch.nn.Module, steps: int = 3, batch_size: int = 8, dtype=torch.float32, size: int = 112):

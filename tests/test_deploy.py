@@ -3,7 +3,6 @@ insightface's model zoo as a real client of the ONNX export; what bad input gets
 
 The formats' machinery is under test, on the tiny `mobileone_112_test` (its SE blocks are S4's; a fraction of S0's
 conversion time); every real variant in every format, against the same FP32 gates: benchmarks/deploy_check.py."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,12 +15,10 @@ from timm_mobileone import export
 from timm_mobileone.deploy import formats
 from timm_mobileone.errors import UserError
 
-from helpers import calibrated_checkpoint
+from helpers import calibrated_checkpoint, needs_modules
 
-# skipped where a runtime is missing, found without importing it: every pytest-xdist worker collects this file, and
-# importing coremltools (it imports executorch.exir) at collection costs each of them 5 s
-_MISSING = [name for name in ('executorch', 'ncnn', 'coremltools') if importlib.util.find_spec(name) is None]
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f'not installed: {", ".join(_MISSING)} (the [deploy] extra)')
+# coremltools imports executorch.exir: 5 s per xdist worker at collection
+pytestmark = needs_modules('executorch', 'ncnn', 'coremltools', hint=' (the [deploy] extra)')
 
 
 TINY = 'mobileone_112_test'

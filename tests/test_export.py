@@ -1,5 +1,4 @@
 """ONNX export of the fused form, INT8 quantization, and the verification eval on the ONNX artifacts."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,11 +11,9 @@ from eval import lfw
 from timm_mobileone import export
 from timm_mobileone.deploy import formats
 
-from helpers import calibrated_checkpoint, run_main
+from helpers import calibrated_checkpoint, needs_modules, run_main
 
-# found, not imported: every pytest-xdist worker collects this file, and importing onnx costs each a second
-_MISSING = [name for name in ('onnx', 'onnxruntime') if importlib.util.find_spec(name) is None]
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f'not installed: {", ".join(_MISSING)}')
+pytestmark = needs_modules('onnx', 'onnxruntime')
 TINY = 'mobileone_112_test'  # where the export machinery, not S0's architecture, is under test
 
 

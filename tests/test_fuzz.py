@@ -4,7 +4,6 @@ The properties live in benchmarks/fuzz_targets.py, shared with benchmarks/fuzz_s
 minutes and the CLIs end to end. Here: a few dozen examples per format, derandomized (the same inputs on every CI
 run), plus every truncation of a real pack and the regressions the soak found.
 """
-import importlib.util
 import resource
 import struct
 import time
@@ -13,10 +12,9 @@ import numpy as np
 import pytest
 
 from benchmarks import fuzz_targets as F
+from helpers import needs_modules
 
-# found, not imported: every pytest-xdist worker collects this file, and Hypothesis's import costs each 2-3 s (see
-# fuzz_targets._Strategies); the tests import it
-pytestmark = pytest.mark.skipif(importlib.util.find_spec('hypothesis') is None, reason='not installed: hypothesis')
+pytestmark = needs_modules('hypothesis')  # imported by the tests (fuzz_targets._Strategies says why)
 
 # derandomized, so the same inputs on every run; the depth is benchmarks/fuzz_soak.py's (minutes per reader)
 EXAMPLES = {'bin_pack': 125, 'image': 75, 'pairs_txt': 100, 'recordio': 100, 'checkpoint': 125, 'npy': 125,

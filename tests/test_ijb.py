@@ -1,18 +1,17 @@
 """eval.ijb: insightface's IJB-B/C protocol number for number, alignment, the CLI on a generated IJB folder."""
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 cv2 = pytest.importorskip('cv2')
-# found, not imported: every pytest-xdist worker collects this file, and importing scikit-learn costs each 1.7 s
-_MISSING = [name for name in ('skimage', 'sklearn') if importlib.util.find_spec(name) is None]
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f'not installed: {", ".join(_MISSING)}')
 
 from eval import _ijb as J  # noqa: E402
 from eval import ijb  # noqa: E402
 from eval.ijb_synthetic import write_synthetic_ijb  # noqa: E402
+from helpers import needs_modules  # noqa: E402
+
+pytestmark = needs_modules('skimage', 'sklearn')
 
 
 # ----------------------------------------------------------------------------------------------------------------
