@@ -293,9 +293,8 @@ def run_pass(label: str, test_file: Path, work: Path, env: Dict[str, str], worke
     report = folder / 'collection.json'
     if check_k is not None:
         env['CONFORMANCE_COLLECTION'] = str(report)
-    header = f'{label}: {" ".join(cmd[2:])}\n'
     proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    held, problem, fd = [header.encode()], None, _stderr_fd()
+    fd, found = _stderr_fd(), None  # found: the collection counts, once the inner conftest has written them
 
     def show(data: bytes) -> None:  # pytest's progress as it comes, to our stderr (its fd where it has one)
         if fd is not None:
@@ -305,21 +304,28 @@ def run_pass(label: str, test_file: Path, work: Path, env: Dict[str, str], worke
             sys.stderr.write(data.decode(errors='replace'))
             sys.stderr.flush()
 
+    def counts_fine() -> bool:  # the held output may be shown: no check asked, or the counts are in and fine
+        nonlocal found
+        if check_k is None:
+            return True
+        if found is None and report.is_file():
+            found = json.loads(report.read_text())
+        return found is not None and not collection_problem(found, check_k)
+
+    held = [f'{label}: {" ".join(cmd[2:])}\n'.encode()]  # the header too: a problem is all stderr holds
     with proc:
         while True:
             data = os.read(proc.stdout.fileno(), 1 << 16)
-            if held is not None:  # the first pass, before its collection counts are in
-                held.append(data)
-                if report.is_file() or check_k is None:
-                    found = json.loads(report.read_text()) if check_k is not None else None
-                    problem = found and collection_problem(found, check_k)
-                    if not problem:
-                        show(b''.join(held))
-                        held = None
-            elif data:
+            if held is None:
                 show(data)
+            else:
+                held.append(data)
+                if counts_fine():
+                    show(b''.join(held))
+                    held = None
             if not data:
                 break
+    problem = found and collection_problem(found, check_k)
     if problem:
         raise RunFailed(f'{test_file}: {problem}')
     if held is not None:  # pytest stopped before its collection ended: the conftest or a plugin failed to load
