@@ -17,21 +17,22 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
     torch.set_num_threads(1)
 
 
-# Seconds per test file, one `python -m pytest -q` on the 2-core AMD EPYC box (2026-12-07; each file's tests, setup and
-# teardown included). pytest-xdist (`--dist loadfile`) hands the files out in collection order, so they are collected
-# longest first: the last file a worker starts is then a short one, and both workers end about together (it sorts
-# by test count otherwise, and a 35 s file started last left the other worker idle). A file not listed goes first.
-# Only the order depends on these figures; update them when a file's time changes by much.
+# Seconds per test file (its tests, setup and teardown included), one `python -m pytest -q` with a per-test timeline
+# on the 2-core AMD EPYC box (2026-12-07, the 352.7 s run in docs/install.md). pytest-xdist (`--dist loadfile`) hands
+# the files out in collection order, so they are collected longest first: the last file a worker starts is then a
+# short one, and both workers end about together (it sorts by test count otherwise, and a 35 s file started last
+# left the other worker idle). A file not listed goes first. Only the order depends on these figures; update them
+# when a file's time changes by much.
 FILE_SECONDS = {
-    'test_deploy.py': 73, 'test_train_face.py': 70, 'test_timm_conformance.py': 43, 'test_export.py': 45,
-    'test_merged.py': 44, 'test_hub.py': 32, 'test_reparam.py': 37, 'test_wheel.py': 36, 'test_distill.py': 31,
-    'test_demo.py': 28, 'test_compare_blocks.py': 25, 'test_fuzz.py': 24, 'test_report.py': 22, 'test_dbb.py': 19,
-    'test_mobilefacenet.py': 17, 'test_faces.py': 17, 'test_eval_cli.py': 17, 'test_checkpoint_filter.py': 15,
-    'test_align.py': 15, 'test_eval_imagenet.py': 12, 'test_layout.py': 10, 'test_ijb.py': 9, 'test_models.py': 8,
-    'test_partial_fc.py': 7, 'test_timm_conventions.py': 5, 'test_bad_input.py': 4, 'test_train_face_errors.py': 2,
-    'test_train_data.py': 1, 'test_registry.py': 1, 'test_eval_metrics.py': 1, 'test_augment.py': 0,
-    'test_eval_data.py': 0, 'test_gallery.py': 0, 'test_margin.py': 0, 'test_recordio.py': 0,
-    'test_train_checkpoint.py': 0, 'test_train_optim.py': 0,
+    'test_deploy.py': 80, 'test_train_face.py': 79, 'test_merged.py': 48, 'test_reparam.py': 38, 'test_export.py': 37,
+    'test_distill.py': 36, 'test_timm_conformance.py': 33, 'test_demo.py': 33, 'test_wheel.py': 33, 'test_fuzz.py': 29,
+    'test_hub.py': 28, 'test_compare_blocks.py': 27, 'test_mobilefacenet.py': 21, 'test_report.py': 19,
+    'test_dbb.py': 16, 'test_eval_cli.py': 14, 'test_align.py': 13, 'test_checkpoint_filter.py': 13,
+    'test_faces.py': 13, 'test_eval_imagenet.py': 12, 'test_layout.py': 9, 'test_ijb.py': 8, 'test_partial_fc.py': 7,
+    'test_models.py': 7, 'test_timm_conventions.py': 6, 'test_bad_input.py': 3, 'test_train_face_errors.py': 3,
+    'test_train_data.py': 1, 'test_registry.py': 1, 'test_eval_metrics.py': 1, 'test_margin.py': 0,
+    'test_gallery.py': 0, 'test_eval_data.py': 0, 'test_augment.py': 0, 'test_train_optim.py': 0,
+    'test_recordio.py': 0, 'test_train_checkpoint.py': 0,
 }
 
 
